@@ -1,0 +1,230 @@
+//! Weights as a user has them from the HF hub cache: `model.safetensors`, sharded safetensors
+//! (`model.safetensors.index.json`), `pytorch_model.bin` and its sharded form
+//! (`pytorch_model.bin.index.json`). `.bin` files are read by [`crate::torch_bin`], which
+//! interprets the pickle stream itself and never executes it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+use crate::error::{io_err, ModelError, Result};
+use crate::torch_bin::{self, DType, RawTensor};
+
+/// Every tensor of a checkpoint, on the CPU in its stored dtype, with the file it came from
+/// (so a later shape or dtype complaint can name it).
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    tensors: HashMap<String, (Tensor, PathBuf)>,
+}
+
+impl Checkpoint {
+    /// Loads the weights of `dir`, preferring safetensors over `.bin`, single over sharded.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mut ckpt = Checkpoint { dir: dir.to_path_buf(), tensors: HashMap::new() };
+        let candidates: [(&str, Format, bool); 4] = [
+            ("model.safetensors", Format::SafeTensors, false),
+            ("model.safetensors.index.json", Format::SafeTensors, true),
+            ("pytorch_model.bin", Format::TorchBin, false),
+            ("pytorch_model.bin.index.json", Format::TorchBin, true),
+        ];
+        let Some((file, format, sharded)) =
+            candidates.into_iter().find(|(f, _, _)| dir.join(f).is_file())
+        else {
+            return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
+        };
+        let path = dir.join(file);
+        if sharded {
+            let map = read_index(&path)?;
+            let shards: BTreeSet<&String> = map.values().collect();
+            for shard in shards {
+                ckpt.load_file(&dir.join(shard), format)?;
+            }
+            for (name, shard) in &map {
+                if !ckpt.tensors.contains_key(&normalise(name)) {
+                    return Err(ModelError::MissingTensor {
+                        path: dir.join(shard),
+                        tensor: name.clone(),
+                    });
+                }
+            }
+        } else {
+            ckpt.load_file(&path, format)?;
+        }
+        Ok(ckpt)
+    }
+
+    fn load_file(&mut self, path: &Path, format: Format) -> Result<()> {
+        let loaded = match format {
+            Format::SafeTensors => read_safetensors(path)?,
+            Format::TorchBin => torch_bin::read_torch_bin(path)
+                .map_err(|e| ModelError::CorruptWeights {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+                .into_iter()
+                .map(|(name, raw)| Ok((name.clone(), raw_to_tensor(&raw, path, &name)?)))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        for (name, tensor) in loaded {
+            self.tensors.insert(normalise(&name), (tensor, path.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Takes a tensor out by its HF name, checking its shape against what config.json implies.
+    pub fn take(&mut self, name: &str, expected: &[i64]) -> Result<Tensor> {
+        let Some((tensor, path)) = self.tensors.remove(name) else {
+            return Err(ModelError::MissingTensor { path: self.weights_path(), tensor: name.into() });
+        };
+        let actual = tensor.size();
+        if actual != expected {
+            return Err(ModelError::ShapeMismatch {
+                path,
+                tensor: name.into(),
+                expected: expected.to_vec(),
+                actual,
+            });
+        }
+        if !matches!(tensor.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            return Err(ModelError::UnsupportedDType {
+                path,
+                tensor: name.into(),
+                dtype: format!("{:?}", tensor.kind()),
+            });
+        }
+        Ok(tensor)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The file a message about a tensor that is absent everywhere should point at.
+    fn weights_path(&self) -> PathBuf {
+        let mut files: Vec<&PathBuf> = self.tensors.values().map(|(_, p)| p).collect();
+        files.sort();
+        files.dedup();
+        match files.as_slice() {
+            [one] => (*one).clone(),
+            _ => self.dir.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    SafeTensors,
+    TorchBin,
+}
+
+/// HF saves `OPTForCausalLM` as `model.decoder.*` but bare `OPTModel` checkpoints (as some
+/// facebook/opt-* repos ship) as `decoder.*`; both load.
+fn normalise(name: &str) -> String {
+    if name.starts_with("decoder.") {
+        format!("model.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+fn read_index(path: &Path) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+        ModelError::Config {
+            path: path.to_path_buf(),
+            field: "weight_map".into(),
+            message: "missing or not an object of tensor name -> shard file".into(),
+        }
+    })?;
+    map.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(file) if !file.contains("..") && !file.starts_with('/') => {
+                Ok((k.clone(), file.to_string()))
+            }
+            _ => Err(ModelError::Config {
+                path: path.to_path_buf(),
+                field: format!("weight_map.{k}"),
+                message: format!("{v} is not a shard file name in this directory"),
+            }),
+        })
+        .collect()
+}
+
+fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // SAFETY: the map is read-only and dropped before this function returns; a concurrent
+    // truncation of a checkpoint by another process is outside what we defend against.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+        ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() }
+    })?;
+    let mut out = Vec::with_capacity(st.len());
+    for (name, view) in st.tensors() {
+        use safetensors::Dtype as S;
+        let dtype = match view.dtype() {
+            S::F64 => DType::F64,
+            S::F32 => DType::F32,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::I16 => DType::I16,
+            S::I8 => DType::I8,
+            S::U8 => DType::U8,
+            S::BOOL => DType::Bool,
+            other => {
+                return Err(ModelError::UnsupportedDType {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let raw = RawView { dtype, shape: view.shape(), data: view.data() };
+        out.push((name.clone(), raw.to_tensor(path, &name)?));
+    }
+    Ok(out)
+}
+
+struct RawView<'a> {
+    dtype: DType,
+    shape: &'a [usize],
+    data: &'a [u8],
+}
+
+impl RawView<'_> {
+    fn to_tensor(&self, path: &Path, name: &str) -> Result<Tensor> {
+        let kind = match self.dtype {
+            DType::F64 => Kind::Double,
+            DType::F32 => Kind::Float,
+            DType::F16 => Kind::Half,
+            DType::BF16 => Kind::BFloat16,
+            DType::I64 => Kind::Int64,
+            DType::I32 => Kind::Int,
+            DType::I16 => Kind::Int16,
+            DType::I8 => Kind::Int8,
+            DType::U8 => Kind::Uint8,
+            DType::Bool => Kind::Bool,
+        };
+        let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        let numel: usize = self.shape.iter().product();
+        if numel * self.dtype.size_in_bytes() != self.data.len() {
+            return Err(ModelError::CorruptWeights {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}`: {} bytes for shape {shape:?} of {:?}",
+                    self.data.len(),
+                    self.dtype
+                ),
+            });
+        }
+        Ok(Tensor::f_from_data_size(self.data, &shape, kind)?)
+    }
+}
+
+fn raw_to_tensor(raw: &RawTensor, path: &Path, name: &str) -> Result<Tensor> {
+    RawView { dtype: raw.dtype, shape: &raw.shape, data: &raw.data }.to_tensor(path, name)
+}

@@ -1,0 +1,56 @@
+//! Language models for MeZO in libtorch: HF checkpoints and tokenizers loaded as users have
+//! them, OPT first.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod opt;
+pub mod scoring;
+pub mod tokenizer;
+pub mod torch_bin;
+
+pub use config::OptConfig;
+pub use error::{ModelError, Result};
+pub use opt::{Opt, Padding};
+pub use tokenizer::TextTokenizer;
+
+use tch::{Device, Kind};
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let bad = || ModelError::InvalidArgument {
+        what: "device",
+        value: s.into(),
+        expected: "cpu, cuda or cuda:N",
+    };
+    let device = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => Device::Cuda(s.strip_prefix("cuda:").ok_or_else(bad)?.parse().map_err(|_| bad())?),
+    };
+    if let Device::Cuda(i) = device {
+        let n = tch::Cuda::device_count();
+        if i as i64 >= n {
+            return Err(ModelError::InvalidArgument {
+                what: "device",
+                value: format!("{s} (this machine has {n} CUDA device(s))"),
+                expected: "an existing device: cpu, or cuda:N with N below the count",
+            });
+        }
+    }
+    Ok(device)
+}
+
+/// Parses `fp32`, `fp16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<Kind> {
+    match s {
+        "fp32" | "float32" => Ok(Kind::Float),
+        "fp16" | "float16" => Ok(Kind::Half),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        _ => Err(ModelError::InvalidArgument {
+            what: "dtype",
+            value: s.into(),
+            expected: "fp32, fp16 or bf16",
+        }),
+    }
+}

@@ -1,0 +1,430 @@
+//! OPT (Zhang et al., 2022, "OPT: Open Pre-trained Transformer Language Models") in libtorch,
+//! matching HF transformers' `OPTForCausalLM` to float rounding: pre-LayerNorm (125m, 1.3b, …)
+//! and post-LayerNorm with `project_in`/`project_out` (350m); learned positions offset by 2;
+//! a padding-aware causal mask; the LM head tied to the token embeddings unless config.json
+//! says otherwise. Inference only: callers hold a `tch::no_grad_guard()`.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Activation, OptConfig, OPT_POSITION_OFFSET};
+use crate::error::Result;
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+pub struct LayerNorm {
+    pub weight: Option<Tensor>,
+    pub bias: Option<Tensor>,
+    width: i64,
+}
+
+impl LayerNorm {
+    /// nn.LayerNorm's default, which OPT keeps.
+    const EPS: f64 = 1e-5;
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.width], self.weight.as_ref(), self.bias.as_ref(), Self::EPS, true)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub self_attn_layer_norm: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub final_layer_norm: LayerNorm,
+}
+
+/// How the rows of a batch are padded, which decides the attention mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Pads only after each row's tokens: the causal mask alone keeps them out of every real
+    /// position, so the fused kernels run without an explicit mask.
+    Right,
+    /// Pads anywhere (left padding, say): an explicit causal-and-key mask is built.
+    Any,
+}
+
+pub struct Opt {
+    pub config: OptConfig,
+    pub embed_tokens: Tensor,
+    pub embed_positions: Tensor,
+    pub project_in: Option<Linear>,
+    pub project_out: Option<Linear>,
+    pub layers: Vec<DecoderLayer>,
+    pub final_layer_norm: Option<LayerNorm>,
+    /// `None` when tied to `embed_tokens` (OPT's default).
+    pub lm_head: Option<Tensor>,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// Where the model's tensors come from: a checkpoint, or fresh random values.
+trait Source {
+    fn tensor(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Tensor>;
+}
+
+#[derive(Clone, Copy)]
+enum Init {
+    Normal,
+    Zeros,
+    Ones,
+}
+
+struct FromCheckpoint<'a> {
+    ckpt: &'a mut Checkpoint,
+    device: Device,
+    kind: Kind,
+}
+
+impl Source for FromCheckpoint<'_> {
+    fn tensor(&mut self, name: &str, shape: &[i64], _init: Init) -> Result<Tensor> {
+        let t = self.ckpt.take(name, shape)?;
+        Ok(t.f_to_device(self.device)?.f_to_kind(self.kind)?)
+    }
+}
+
+/// HF's `_init_weights` for OPT: normal(0, init_std=0.02) matrices, zero biases, unit norms.
+struct Random {
+    device: Device,
+    kind: Kind,
+    std: f64,
+}
+
+impl Source for Random {
+    fn tensor(&mut self, _name: &str, shape: &[i64], init: Init) -> Result<Tensor> {
+        let opts = (self.kind, self.device);
+        Ok(match init {
+            Init::Normal => Tensor::f_randn(shape, opts)? * self.std,
+            Init::Zeros => Tensor::f_zeros(shape, opts)?,
+            Init::Ones => Tensor::f_ones(shape, opts)?,
+        })
+    }
+}
+
+impl Opt {
+    /// Loads `dir/config.json` and the weights beside it onto `device` as `kind`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = OptConfig::from_dir(dir)?;
+        let mut ckpt = Checkpoint::load(dir)?;
+        let tied = config.tie_word_embeddings;
+        let mut src = FromCheckpoint { ckpt: &mut ckpt, device, kind };
+        let mut model = Self::build(config, &mut src, device, kind)?;
+        if !tied {
+            let shape = [model.config.vocab_size, model.config.word_embed_proj_dim];
+            model.lm_head = Some(src.tensor("lm_head.weight", &shape, Init::Normal)?);
+        }
+        Ok(model)
+    }
+
+    /// A model of `config`'s shape with HF's random initialisation, seeded: for benchmarks
+    /// (speed does not depend on the values) and tests.
+    pub fn random(config: OptConfig, device: Device, kind: Kind, seed: i64) -> Result<Self> {
+        tch::manual_seed(seed);
+        let tied = config.tie_word_embeddings;
+        let mut src = Random { device, kind, std: 0.02 };
+        let mut model = Self::build(config, &mut src, device, kind)?;
+        if !tied {
+            let shape = [model.config.vocab_size, model.config.word_embed_proj_dim];
+            model.lm_head = Some(src.tensor("lm_head.weight", &shape, Init::Normal)?);
+        }
+        Ok(model)
+    }
+
+    fn build(config: OptConfig, src: &mut dyn Source, device: Device, kind: Kind) -> Result<Self> {
+        let c = &config;
+        let (h, e, f) = (c.hidden_size, c.word_embed_proj_dim, c.ffn_dim);
+        let p = "model.decoder";
+        let linear = |src: &mut dyn Source, name: &str, out: i64, inp: i64, bias: bool| {
+            Ok::<_, crate::ModelError>(Linear {
+                weight: src.tensor(&format!("{name}.weight"), &[out, inp], Init::Normal)?,
+                bias: if bias {
+                    Some(src.tensor(&format!("{name}.bias"), &[out], Init::Zeros)?)
+                } else {
+                    None
+                },
+            })
+        };
+        let norm = |src: &mut dyn Source, name: &str, width: i64, affine: bool| {
+            Ok::<_, crate::ModelError>(if affine {
+                LayerNorm {
+                    weight: Some(src.tensor(&format!("{name}.weight"), &[width], Init::Ones)?),
+                    bias: Some(src.tensor(&format!("{name}.bias"), &[width], Init::Zeros)?),
+                    width,
+                }
+            } else {
+                LayerNorm { weight: None, bias: None, width }
+            })
+        };
+        let affine = c.layer_norm_elementwise_affine;
+        let bias = c.enable_bias;
+        let embed_tokens =
+            src.tensor(&format!("{p}.embed_tokens.weight"), &[c.vocab_size, e], Init::Normal)?;
+        let embed_positions = src.tensor(
+            &format!("{p}.embed_positions.weight"),
+            &[c.max_position_embeddings + OPT_POSITION_OFFSET, h],
+            Init::Normal,
+        )?;
+        let (project_in, project_out) = if c.has_projections() {
+            (
+                Some(linear(src, &format!("{p}.project_in"), h, e, false)?),
+                Some(linear(src, &format!("{p}.project_out"), e, h, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
+        for i in 0..c.num_hidden_layers {
+            let l = format!("{p}.layers.{i}");
+            let a = format!("{l}.self_attn");
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(src, &format!("{a}.q_proj"), h, h, bias)?,
+                    k_proj: linear(src, &format!("{a}.k_proj"), h, h, bias)?,
+                    v_proj: linear(src, &format!("{a}.v_proj"), h, h, bias)?,
+                    out_proj: linear(src, &format!("{a}.out_proj"), h, h, bias)?,
+                    heads: c.num_attention_heads,
+                    head_dim: c.head_dim(),
+                },
+                self_attn_layer_norm: norm(src, &format!("{l}.self_attn_layer_norm"), h, affine)?,
+                fc1: linear(src, &format!("{l}.fc1"), f, h, bias)?,
+                fc2: linear(src, &format!("{l}.fc2"), h, f, bias)?,
+                final_layer_norm: norm(src, &format!("{l}.final_layer_norm"), h, affine)?,
+            });
+        }
+        let final_layer_norm = if c.has_final_layer_norm() {
+            Some(norm(src, &format!("{p}.final_layer_norm"), h, affine)?)
+        } else {
+            None
+        };
+        Ok(Opt {
+            config,
+            embed_tokens,
+            embed_positions,
+            project_in,
+            project_out,
+            layers,
+            final_layer_norm,
+            lm_head: None,
+            device,
+            kind,
+        })
+    }
+
+    /// The last hidden states, `[batch, seq, word_embed_proj_dim]`, ready for the LM head.
+    /// `ids` and `mask` are `[batch, seq]` int64, `mask` 1 on tokens and 0 on padding.
+    pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor, padding: Padding) -> Result<Tensor> {
+        let (_, seq) = ids.size2()?;
+        let max_pos = self.config.max_position_embeddings;
+        if seq > max_pos {
+            return Err(crate::ModelError::InvalidArgument {
+                what: "sequence length",
+                value: seq.to_string(),
+                expected: "at most config.json's max_position_embeddings",
+            });
+        }
+        // HF: positions count real tokens only, so a left-padded row starts at position 0 too.
+        let positions = (mask.cumsum(1, Kind::Int64) * mask - 1) + OPT_POSITION_OFFSET;
+        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        if let Some(p) = &self.project_in {
+            x = p.forward(&x);
+        }
+        x = x + Tensor::embedding(&self.embed_positions, &positions, -1, false, false);
+        let attn_mask = match padding {
+            Padding::Right => None,
+            Padding::Any => Some(self.explicit_mask(mask, seq)),
+        };
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, attn_mask.as_ref());
+        }
+        if let Some(n) = &self.final_layer_norm {
+            x = n.forward(&x);
+        }
+        if let Some(p) = &self.project_out {
+            x = p.forward(&x);
+        }
+        Ok(x)
+    }
+
+    /// Causal and key-padding mask, `[batch, 1, seq, seq]` bool. A pad query may always see
+    /// itself: a row with nothing to attend to would make the softmax NaN.
+    fn explicit_mask(&self, mask: &Tensor, seq: i64) -> Tensor {
+        let causal = Tensor::ones([seq, seq], (Kind::Bool, self.device)).tril(0);
+        let keys = mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
+        let eye = Tensor::eye(seq, (Kind::Bool, self.device));
+        causal.logical_and(&keys).logical_or(&eye)
+    }
+
+    fn layer_forward(&self, layer: &DecoderLayer, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let pre = self.config.do_layer_norm_before;
+        let residual = x;
+        let h = if pre { layer.self_attn_layer_norm.forward(x) } else { x.shallow_clone() };
+        let h = self.attention(&layer.self_attn, &h, mask);
+        let mut x = residual + h;
+        if !pre {
+            x = layer.self_attn_layer_norm.forward(&x);
+        }
+        let residual = &x;
+        let h = if pre { layer.final_layer_norm.forward(&x) } else { x.shallow_clone() };
+        let h = layer.fc2.forward(&self.activation(&layer.fc1.forward(&h)));
+        let mut x = residual + h;
+        if !pre {
+            x = layer.final_layer_norm.forward(&x);
+        }
+        x
+    }
+
+    fn activation(&self, x: &Tensor) -> Tensor {
+        match self.config.activation {
+            Activation::Relu => x.relu(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluTanh => x.gelu("tanh"),
+            Activation::Silu => x.silu(),
+        }
+    }
+
+    fn attention(&self, a: &Attention, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [batch, seq, width]");
+        let split = |y: Tensor| y.view([b, t, a.heads, a.head_dim]).transpose(1, 2);
+        let q = split(a.q_proj.forward(x));
+        let k = split(a.k_proj.forward(x));
+        let v = split(a.v_proj.forward(x));
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask,
+            0.0,
+            mask.is_none(),
+            None::<f64>,
+            false,
+        );
+        a.out_proj.forward(&o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]))
+    }
+
+    /// The LM head over any leading shape of hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None::<&Tensor>)
+    }
+
+    /// Mean log-probability of each row's answer tokens under the model: `rows[i]` is a token
+    /// sequence whose tokens from `answer_start[i]` on are scored given everything before.
+    /// Returns `[rows]` float32 on the model's device; the LM head runs only at the scored
+    /// positions, which is most of the saving for a 50k vocabulary.
+    pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
+        let (ids, mask) = pad_right(rows, self.config.pad_token_id, self.device)?;
+        let mut row_idx = Vec::new();
+        let mut pos_idx = Vec::new();
+        let mut targets = Vec::new();
+        let mut counts = Vec::with_capacity(rows.len());
+        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
+            if start == 0 || start >= row.len() {
+                return Err(crate::ModelError::InvalidArgument {
+                    what: "answer start",
+                    value: format!("{start} in a row of {} tokens", row.len()),
+                    expected: "at least one context token and at least one answer token",
+                });
+            }
+            for p in start..row.len() {
+                row_idx.push(r as i64);
+                pos_idx.push(p as i64 - 1);
+                targets.push(row[p]);
+            }
+            counts.push((row.len() - start) as f32);
+        }
+        let hidden = self.hidden_states(&ids, &mask, Padding::Right)?;
+        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(self.device);
+        let (row_t, pos_t, tgt_t) = (dev(&row_idx), dev(&pos_idx), dev(&targets));
+        let picked = hidden.index(&[Some(&row_t), Some(&pos_t)]);
+        let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+        let token_lp = logp.gather(1, &tgt_t.unsqueeze(1), false).squeeze_dim(1);
+        let sums = Tensor::zeros([rows.len() as i64], (Kind::Float, self.device))
+            .index_add(0, &row_t, &token_lp);
+        Ok(sums / Tensor::from_slice(&counts).to_device(self.device))
+    }
+
+    /// Every parameter by its HF name, for code that walks the weights (full-parameter MeZO,
+    /// checksums). Tied weights appear once.
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        fn linear<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, l: &'a Linear) {
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b));
+            }
+            out.push((format!("{name}.weight"), &l.weight));
+        }
+        fn norm<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, n: &'a LayerNorm) {
+            if let (Some(w), Some(b)) = (&n.weight, &n.bias) {
+                out.push((format!("{name}.weight"), w));
+                out.push((format!("{name}.bias"), b));
+            }
+        }
+        let p = "model.decoder";
+        let mut out: Vec<(String, &Tensor)> = vec![
+            (format!("{p}.embed_tokens.weight"), &self.embed_tokens),
+            (format!("{p}.embed_positions.weight"), &self.embed_positions),
+        ];
+        if let Some(l) = &self.project_in {
+            linear(&mut out, format!("{p}.project_in"), l);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let l = format!("{p}.layers.{i}");
+            let a = &layer.self_attn;
+            linear(&mut out, format!("{l}.self_attn.k_proj"), &a.k_proj);
+            linear(&mut out, format!("{l}.self_attn.v_proj"), &a.v_proj);
+            linear(&mut out, format!("{l}.self_attn.q_proj"), &a.q_proj);
+            linear(&mut out, format!("{l}.self_attn.out_proj"), &a.out_proj);
+            norm(&mut out, format!("{l}.self_attn_layer_norm"), &layer.self_attn_layer_norm);
+            linear(&mut out, format!("{l}.fc1"), &layer.fc1);
+            linear(&mut out, format!("{l}.fc2"), &layer.fc2);
+            norm(&mut out, format!("{l}.final_layer_norm"), &layer.final_layer_norm);
+        }
+        if let Some(n) = &self.final_layer_norm {
+            norm(&mut out, format!("{p}.final_layer_norm"), n);
+        }
+        if let Some(l) = &self.project_out {
+            linear(&mut out, format!("{p}.project_out"), l);
+        }
+        if let Some(w) = &self.lm_head {
+            out.push(("lm_head.weight".into(), w));
+        }
+        out
+    }
+}
+
+/// Right-pads rows into `[rows, longest]` ids and mask on `device`.
+pub fn pad_right(rows: &[Vec<i64>], pad: i64, device: Device) -> Result<(Tensor, Tensor)> {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    let mut mask = Vec::with_capacity(rows.len() * width);
+    for row in rows {
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad, width - row.len()));
+        mask.extend(std::iter::repeat_n(1i64, row.len()));
+        mask.extend(std::iter::repeat_n(0i64, width - row.len()));
+    }
+    let shape = [rows.len() as i64, width as i64];
+    Ok((
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_device(device),
+    ))
+}

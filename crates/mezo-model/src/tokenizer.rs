@@ -1,0 +1,126 @@
+//! The checkpoint's tokenizer as HF transformers would build it: `tokenizer.json` when present,
+//! else a byte-level BPE from `vocab.json` + `merges.txt`, with `tokenizer_config.json`'s
+//! `add_bos_token` honoured (OPT prepends `</s>` as its BOS).
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{io_err, ModelError, Result};
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Prepended by us when the tokenizer's own post-processor does not.
+    bos: Option<u32>,
+    source: PathBuf,
+}
+
+#[derive(Default)]
+struct TokenizerConfig {
+    add_bos_token: Option<bool>,
+    add_prefix_space: bool,
+    bos_token: Option<String>,
+    specials: Vec<String>,
+}
+
+fn token_content(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(TokenizerConfig::default());
+    }
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| ModelError::Json { path: path.clone(), source })?;
+    let mut specials = Vec::new();
+    for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(s) = json.get(key).and_then(token_content) {
+            specials.push(s);
+        }
+    }
+    if let Some(added) = json.get("added_tokens_decoder").and_then(|a| a.as_object()) {
+        specials.extend(added.values().filter_map(token_content));
+    }
+    Ok(TokenizerConfig {
+        add_bos_token: json.get("add_bos_token").and_then(|b| b.as_bool()),
+        add_prefix_space: json.get("add_prefix_space").and_then(|b| b.as_bool()).unwrap_or(false),
+        bos_token: json.get("bos_token").and_then(token_content),
+        specials,
+    })
+}
+
+impl TextTokenizer {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let cfg = read_tokenizer_config(dir)?;
+        let json = dir.join("tokenizer.json");
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let tok_err = |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| {
+            ModelError::Tokenizer { path: path.to_path_buf(), message: e.to_string() }
+        };
+        let (inner, source) = if json.is_file() {
+            (Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?, json)
+        } else if vocab.is_file() && merges.is_file() {
+            for p in [&vocab, &merges] {
+                std::fs::metadata(p).map_err(io_err(p))?;
+            }
+            let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+                .build()
+                .map_err(|e| tok_err(&vocab, e))?;
+            let mut t = Tokenizer::new(bpe);
+            t.with_pre_tokenizer(Some(ByteLevel::new(cfg.add_prefix_space, true, true)));
+            t.with_decoder(Some(ByteLevelDecoder::default()));
+            let specials: Vec<AddedToken> =
+                cfg.specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+            t.add_special_tokens(&specials);
+            (t, vocab)
+        } else {
+            return Err(ModelError::NoTokenizer { dir: dir.to_path_buf() });
+        };
+        let bos = match (cfg.add_bos_token, &cfg.bos_token) {
+            (Some(true), Some(tok)) => Some(inner.token_to_id(tok).ok_or_else(|| {
+                ModelError::Tokenizer {
+                    path: dir.join("tokenizer_config.json"),
+                    message: format!("bos_token `{tok}` is not in the vocabulary"),
+                }
+            })?),
+            (Some(true), None) => {
+                return Err(ModelError::Tokenizer {
+                    path: dir.join("tokenizer_config.json"),
+                    message: "add_bos_token is true but no bos_token is given".into(),
+                })
+            }
+            _ => None,
+        };
+        Ok(TextTokenizer { inner, bos, source })
+    }
+
+    /// Token ids of `text` with the special tokens the checkpoint's tokenizer adds.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self.inner.encode(text, true).map_err(|e| ModelError::Tokenizer {
+            path: self.source.clone(),
+            message: format!("cannot encode {text:?}: {e}"),
+        })?;
+        let mut ids: Vec<i64> = Vec::with_capacity(enc.len() + 1);
+        if let Some(bos) = self.bos {
+            if enc.get_ids().first() != Some(&bos) {
+                ids.push(bos as i64);
+            }
+        }
+        ids.extend(enc.get_ids().iter().map(|&i| i as i64));
+        Ok(ids)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

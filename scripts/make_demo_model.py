@@ -1,0 +1,84 @@
+"""Makes the bundled small OPT (crates/mezo-cli/assets/opt-mini): pretrained by this script as a
+plain language model on SST-2's training sentences (text only, no labels), saved in HF's format.
+
+It knows the language of movie reviews but was never shown a label or a prompt, so its zero-shot
+SST-2 accuracy is near chance; that is the point of a MeZO demo, which must then teach it the task.
+
+Usage: python scripts/make_demo_model.py OUT_DIR --sst2 ../shared/data/sst2/train.jsonl
+         --bpe ../shared/data/gpt2-bpe [--steps N] [--device cpu|cuda] [--seed S]
+The published asset was made with: --steps 4000 --device cuda --seed 0 (see assets/README.md).
+"""
+import argparse, json, os, random, shutil, time
+
+import torch
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+CONFIG = dict(vocab_size=50272, hidden_size=128, num_hidden_layers=4, ffn_dim=512,
+              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
+              do_layer_norm_before=True, pad_token_id=1, bos_token_id=50256, eos_token_id=50256,
+              init_std=0.02, dropout=0.0, attention_dropout=0.0)
+
+
+def write_tokenizer(dst, bpe_dir):
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(bpe_dir, f), dst)
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True,
+                   "add_prefix_space": False, "bos_token": "<|endoftext|>",
+                   "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                   "model_max_length": 128}, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--sst2", required=True)
+    ap.add_argument("--bpe", required=True)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    write_tokenizer(a.out, a.bpe)
+    tok = AutoTokenizer.from_pretrained(a.out)
+
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    sentences = [json.loads(l)["sentence"] for l in open(a.sst2) if l.strip()]
+    # One stream of documents, each starting with BOS as the tokenizer adds it; packed into
+    # fixed-length blocks (the usual causal-LM pretraining recipe).
+    stream = []
+    for s in sentences:
+        stream.extend(tok(s)["input_ids"])
+    data = torch.tensor(stream)
+    n_blocks = len(data) // a.seq
+    blocks = data[: n_blocks * a.seq].view(n_blocks, a.seq)
+    print(f"{len(sentences)} sentences, {len(stream)} tokens, {n_blocks} blocks of {a.seq}", flush=True)
+
+    model = OPTForCausalLM(OPTConfig(**CONFIG)).to(a.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(a.steps):
+        idx = torch.randint(0, n_blocks, (a.batch,))
+        x = blocks[idx].to(a.device)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+        if step % 200 == 0 or step == a.steps - 1:
+            print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
+    model = model.eval().to("cpu").to(torch.float16)
+    model.save_pretrained(a.out)
+    gen = os.path.join(a.out, "generation_config.json")
+    if os.path.exists(gen):
+        os.remove(gen)
+    print("saved", sorted(os.listdir(a.out)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
