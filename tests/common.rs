@@ -4,8 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The checkout: `$MEZO_REPO_ROOT` where the test binary runs away from where it was built
+/// (the GPU machine).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    std::env::var_os("MEZO_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .canonicalize()
+        .unwrap()
+}
+
+/// The `mezo` binary under test: `$MEZO_BIN`, else the one cargo built beside this test.
+pub fn mezo_bin() -> PathBuf {
+    std::env::var_os("MEZO_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_mezo")))
 }
 
 /// `../shared/data` beside the checkout (SST-2, GPT-2 BPE files), or `$MEZO_SHARED_DATA`.
@@ -39,7 +52,7 @@ pub fn run_python(args: &[&str]) -> Output {
 }
 
 pub fn mezo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mezo")).args(args).output().expect("mezo runs")
+    Command::new(mezo_bin()).args(args).output().expect("mezo runs")
 }
 
 /// Runs `mezo` and expects success, returning stdout.

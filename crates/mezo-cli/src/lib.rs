@@ -1,5 +1,7 @@
 //! The `mezo` command line. `main.rs` only parses; each subcommand is a function here.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -19,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Score a task's examples with a model and report accuracy.
     Eval(EvalArgs),
+    /// Time the engine on random weights of an OPT shape (optionally against HF transformers).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -55,6 +59,7 @@ pub struct EvalArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(args) => eval(args),
+        Command::Bench(args) => bench::bench(args),
     }
 }
 

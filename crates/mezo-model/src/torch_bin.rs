@@ -16,7 +16,18 @@ use zip::result::ZipError;
 use zip::ZipArchive;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, Bool }
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
@@ -97,8 +108,8 @@ fn read_from<R: Read + Seek>(
         });
     }
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut zip =
-        ZipArchive::new(reader).map_err(|source| TorchBinError::Zip { path: path.into(), source })?;
+    let mut zip = ZipArchive::new(reader)
+        .map_err(|source| TorchBinError::Zip { path: path.into(), source })?;
 
     // torch names the single top-level folder after the file first saved to: any name goes.
     let pkls: Vec<String> = (zip.file_names())
@@ -132,7 +143,10 @@ fn read_from<R: Read + Seek>(
         },
     })?;
     if !matches!(root, Value::Dict(_)) {
-        return Err(format(format!("top-level object is a {}, not a dict of tensors", root.kind())));
+        return Err(format(format!(
+            "top-level object is a {}, not a dict of tensors",
+            root.kind()
+        )));
     }
     let mut views = Vec::new();
     flatten(&root, "", 0, &mut views).map_err(format)?;
@@ -150,7 +164,8 @@ fn read_from<R: Read + Seek>(
     let mut out = Vec::with_capacity(views.len());
     for (key, view) in views {
         let st = &view.storage;
-        let tensor_err = |reason| TorchBinError::Tensor { path: path.into(), key: key.clone(), reason };
+        let tensor_err =
+            |reason| TorchBinError::Tensor { path: path.into(), key: key.clone(), reason };
         let entry = format!("{prefix}data/{}", st.key);
         if !cache.contains_key(&st.key) {
             let want = (st.numel.checked_mul(st.dtype.size_in_bytes() as u64))
@@ -192,7 +207,8 @@ fn read_entry<R: Read + Seek>(
         return Err(err(format!("holds {size} bytes but its persistent id declares {want}")));
     }
     let mut buf = Vec::new();
-    let cap = usize::try_from(size).map_err(|_| err(format!("{size} bytes do not fit in memory")))?;
+    let cap =
+        usize::try_from(size).map_err(|_| err(format!("{size} bytes do not fit in memory")))?;
     buf.try_reserve_exact(cap).map_err(|e| err(format!("cannot allocate {size} bytes: {e}")))?;
     // One byte past the declared size so that the zip reader hits EOF and checks the CRC, and an
     // entry that inflates beyond its header (a zip bomb) is noticed rather than buffered.
@@ -256,12 +272,14 @@ fn gather(view: &TensorView, bytes: &[u8], entry: &str) -> Result<Vec<u8>, Strin
     for _ in 0..numel {
         out.extend_from_slice(bytes.get(src * es..(src + 1) * es).ok_or("storage too short")?);
         for d in (0..shape.len()).rev() {
+            // Wrapping: a size-1 dimension may carry any stride, even one that overflows here; the
+            // carry below undoes it exactly, so every index actually read was bounds-checked above.
             idx[d] += 1;
-            src += stride[d];
+            src = src.wrapping_add(stride[d]);
             if idx[d] < shape[d] {
                 break;
             }
-            src -= stride[d] * shape[d];
+            src = src.wrapping_sub(stride[d].wrapping_mul(shape[d]));
             idx[d] = 0;
         }
     }
@@ -276,7 +294,8 @@ fn flatten(v: &Value, prefix: &str, depth: usize, out: &mut Views) -> Result<(),
         return Err(format!("dicts nested more than 64 deep under {prefix:?}"));
     }
     let Value::Dict(d) = v else { return Ok(()) };
-    for (k, v) in d.borrow().iter() {
+    for kv in d.0.borrow().chunks_exact(2) {
+        let [k, v] = kv else { continue };
         let Value::Str(k) = k else {
             return Err(format!("a {} dict key under {prefix:?}; expected str keys", k.kind()));
         };
@@ -319,7 +338,28 @@ enum Global {
     StorageClass(DType),
 }
 
-type Dict = Rc<RefCell<Vec<(Value, Value)>>>;
+/// Children of a tuple, list or dict (a dict's as k0, v0, k1, v1, ...).
+#[derive(Default)]
+struct Items(RefCell<Vec<Value>>);
+
+fn items(v: Vec<Value>) -> Rc<Items> {
+    Rc::new(Items(RefCell::new(v)))
+}
+
+impl Drop for Items {
+    // A pickle of a few MB can nest containers a million deep, which a recursive drop would
+    // overflow the stack on: children this container solely owns are unlinked iteratively.
+    fn drop(&mut self) {
+        let mut work = std::mem::take(self.0.get_mut());
+        while let Some(v) = work.pop() {
+            if let Value::Tuple(rc) | Value::List(rc) | Value::Dict(rc) = v {
+                if let Ok(mut sole) = Rc::try_unwrap(rc) {
+                    work.append(sole.0.get_mut());
+                }
+            }
+        }
+    }
+}
 
 /// Containers are shared because pickle memoizes an object before filling it; every variant is
 /// cheap to clone so that repeated BINGETs cannot blow up memory.
@@ -329,9 +369,9 @@ enum Value {
     Other(&'static str),
     Int(i64),
     Str(Rc<str>),
-    Tuple(Rc<[Value]>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Dict),
+    Tuple(Rc<Items>),
+    List(Rc<Items>),
+    Dict(Rc<Items>),
     Global(Global),
     Storage(Rc<Storage>),
     Tensor(Rc<TensorView>),
@@ -440,8 +480,9 @@ impl<'a> Unpickler<'a> {
     fn line(&mut self) -> Result<&'a str, Fault> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
         let n = rest.iter().position(|&b| b == b'\n').ok_or("GLOBAL name without newline")?;
-        let s = self.take(n + 1)?;
-        std::str::from_utf8(&s[..n]).map_err(|_| "GLOBAL name is not UTF-8".into())
+        let s = self.take(n)?;
+        self.take(1)?;
+        std::str::from_utf8(s).map_err(|_| "GLOBAL name is not UTF-8".into())
     }
 
     /// Values below the innermost MARK belong to an enclosing construct, so they are off limits.
@@ -478,7 +519,7 @@ impl<'a> Unpickler<'a> {
             }
             b'}' => Value::Dict(Rc::default()),
             b']' => Value::List(Rc::default()),
-            b')' => Value::Tuple(Rc::new([])),
+            b')' => Value::Tuple(Rc::default()),
             b'N' => Value::Other("None"),
             0x88 | 0x89 => Value::Other("bool"),
             b'G' => {
@@ -544,14 +585,14 @@ impl<'a> Unpickler<'a> {
                 };
                 self.memo.get(&i).ok_or_else(|| format!("memo entry {i} was never stored"))?.clone()
             }
-            b't' => Value::Tuple(self.pop_mark()?.into()),
+            b't' => Value::Tuple(items(self.pop_mark()?)),
             0x85..=0x87 => {
-                let mut items = Vec::new();
+                let mut popped = Vec::new();
                 for _ in 0x84..op {
-                    items.push(self.pop()?);
+                    popped.push(self.pop()?);
                 }
-                items.reverse();
-                Value::Tuple(items.into())
+                popped.reverse();
+                Value::Tuple(items(popped))
             }
             b'R' | 0x81 => {
                 let args = self.pop()?;
@@ -570,30 +611,34 @@ impl<'a> Unpickler<'a> {
                 };
             }
             b's' | b'u' => {
-                let items = match op {
+                let pairs = match op {
                     b's' => vec![self.pop()?, self.pop()?].into_iter().rev().collect(),
                     _ => self.pop_mark()?,
                 };
                 let Value::Dict(d) = self.top()? else {
                     return Err(format!("SETITEM(S) on a {}", self.top()?.kind()).into());
                 };
-                let mut items = items.into_iter();
-                while let Some(k) = items.next() {
-                    let v = items.next().ok_or("SETITEMS with an odd number of items")?;
+                let mut pairs = pairs.into_iter();
+                while let Some(k) = pairs.next() {
+                    let v = pairs.next().ok_or("SETITEMS with an odd number of items")?;
                     dict_set(d, k, v);
                 }
                 return Ok(None);
             }
             b'a' | b'e' => {
-                let items = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
+                let new = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
                 let Value::List(l) = self.top()? else {
                     return Err(format!("APPEND(S) on a {}", self.top()?.kind()).into());
                 };
-                l.borrow_mut().extend(items);
+                l.0.borrow_mut().extend(new);
                 return Ok(None);
             }
             b'Q' => persistent_load(self.pop()?)?,
-            _ => return Err("unsupported opcode (torch.save never writes it for a state dict)".into()),
+            _ => {
+                return Err(
+                    "unsupported opcode (torch.save never writes it for a state dict)".into()
+                )
+            }
         };
         Ok(Some(v))
     }
@@ -616,17 +661,21 @@ fn resolve(module: &str, name: &str) -> Result<Global, Fault> {
     })
 }
 
-fn dict_set(d: &Dict, k: Value, v: Value) {
-    let mut d = d.borrow_mut();
+fn dict_set(d: &Items, k: Value, v: Value) {
+    let mut d = d.0.borrow_mut();
     // As in Python, a repeated key overwrites the value but keeps its first position.
     let same = |a: &Value| match (a, &k) {
         (Value::Str(a), Value::Str(b)) => a == b,
         (Value::Int(a), Value::Int(b)) => a == b,
         _ => false,
     };
-    match d.iter_mut().find(|(a, _)| same(a)) {
-        Some(slot) => slot.1 = v,
-        None => d.push((k, v)),
+    let slot = d.chunks_exact_mut(2).find_map(|kv| match kv {
+        [a, slot] if same(a) => Some(slot),
+        _ => None,
+    });
+    match slot {
+        Some(slot) => *slot = v,
+        None => d.extend([k, v]),
     }
 }
 
@@ -634,12 +683,13 @@ fn call(f: Value, args: Value) -> Result<Value, Fault> {
     let (Value::Global(g), Value::Tuple(args)) = (&f, &args) else {
         return Err(format!("REDUCE of a {} with a {}", f.kind(), args.kind()).into());
     };
+    let args = args.0.borrow();
     let index = |v: &Value| match v {
         Value::Int(i) => usize::try_from(*i).ok(),
         _ => None,
     };
     let indices = |v: &Value| match v {
-        Value::Tuple(t) => t.iter().map(index).collect::<Option<Vec<_>>>(),
+        Value::Tuple(t) => t.0.borrow().iter().map(index).collect::<Option<Vec<_>>>(),
         _ => None,
     };
     match (g, &args[..]) {
@@ -669,16 +719,430 @@ fn call(f: Value, args: Value) -> Result<Value, Fault> {
 
 /// torch.save writes each storage as ('storage', storage_class, key, location, numel).
 fn persistent_load(pid: Value) -> Result<Value, Fault> {
-    if let Value::Tuple(t) = &pid {
-        if let [Value::Str(tag), Value::Global(Global::StorageClass(dtype)), Value::Str(key), _, Value::Int(n)] =
-            &t[..]
+    use Value as V;
+    if let V::Tuple(t) = &pid {
+        if let [V::Str(tag), V::Global(Global::StorageClass(dtype)), V::Str(key), _, V::Int(n)] =
+            &t.0.borrow()[..]
         {
             if &**tag == "storage" {
                 let numel = u64::try_from(*n).map_err(|_| "negative storage size")?;
                 let storage = Storage { dtype: *dtype, key: key.clone(), numel };
-                return Ok(Value::Storage(Rc::new(storage)));
+                return Ok(V::Storage(Rc::new(storage)));
             }
         }
     }
     Err("persistent id is not ('storage', <torch storage class>, key, location, numel)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Write};
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_bin").join(name)
+    }
+
+    fn read_mem(bytes: Vec<u8>) -> Result<Vec<(String, RawTensor)>, TorchBinError> {
+        read_from(Cursor::new(bytes), Path::new("mem.bin"))
+    }
+
+    // ---- decoding, for comparison with the values torch itself printed ----
+
+    fn f16_to_f32(h: u16) -> f32 {
+        let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+        let (exp, frac) = (i32::from((h >> 10) & 0x1f), f32::from(h & 0x3ff));
+        sign * match exp {
+            0 => frac * 2f32.powi(-24),
+            31 if frac == 0.0 => f32::INFINITY,
+            31 => f32::NAN,
+            _ => (1.0 + frac / 1024.0) * 2f32.powi(exp - 15),
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Values {
+        F(Vec<u32>), // f32 bit patterns, so that the comparison is exact (and -0.0 != 0.0)
+        I(Vec<i64>),
+    }
+
+    fn decode(t: &RawTensor) -> Values {
+        let es = t.dtype.size_in_bytes();
+        assert_eq!(t.data.len(), t.shape.iter().product::<usize>() * es, "data length");
+        let c = t.data.chunks_exact(es);
+        let u16s = || c.clone().map(|b| u16::from_le_bytes([b[0], b[1]]));
+        match t.dtype {
+            DType::F32 => Values::F(c.map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect()),
+            DType::F16 => Values::F(u16s().map(|h| f16_to_f32(h).to_bits()).collect()),
+            DType::BF16 => Values::F(u16s().map(|h| u32::from(h) << 16).collect()),
+            DType::F64 => {
+                let f = |b: &[u8]| f64::from_le_bytes(b.try_into().unwrap()) as f32;
+                Values::F(c.map(|b| f(b).to_bits()).collect())
+            }
+            DType::I64 => Values::I(c.map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
+            DType::I32 => {
+                Values::I(c.map(|b| i32::from_le_bytes(b.try_into().unwrap()).into()).collect())
+            }
+            DType::I16 => Values::I(u16s().map(|h| (h as i16).into()).collect()),
+            DType::I8 => Values::I(c.map(|b| (b[0] as i8).into()).collect()),
+            DType::U8 | DType::Bool => Values::I(c.map(|b| b[0].into()).collect()),
+        }
+    }
+
+    fn expected_values(dtype: &str, json: &serde_json::Value) -> Values {
+        let items = json.as_array().unwrap();
+        match dtype {
+            // The JSON floats are exact f32 values, so rounding back to f32 is lossless.
+            "F32" | "F16" | "BF16" | "F64" => {
+                Values::F(items.iter().map(|v| (v.as_f64().unwrap() as f32).to_bits()).collect())
+            }
+            _ => Values::I(items.iter().map(|v| v.as_i64().unwrap()).collect()),
+        }
+    }
+
+    fn keys(tensors: &[(String, RawTensor)]) -> Vec<&str> {
+        tensors.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    #[test]
+    fn fixtures_match_values_written_by_torch() {
+        let text = std::fs::read_to_string(fixture("expected.json")).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let files = expected.as_object().unwrap();
+        assert!(files.len() >= 6, "expected.json lists {} fixtures", files.len());
+        for (file, tensors) in files {
+            let got = read_torch_bin(&fixture(file)).unwrap_or_else(|e| panic!("{e}"));
+            let want = tensors.as_array().unwrap();
+            let want_keys: Vec<&str> = want.iter().map(|t| t["key"].as_str().unwrap()).collect();
+            assert_eq!(keys(&got), want_keys, "{file}: keys in file order");
+            for ((key, t), w) in got.iter().zip(want) {
+                let dtype = w["dtype"].as_str().unwrap();
+                assert_eq!(format!("{:?}", t.dtype), dtype, "{file} {key}: dtype");
+                let shape: Vec<usize> = w["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect();
+                assert_eq!(t.shape, shape, "{file} {key}: shape");
+                assert_eq!(decode(t), expected_values(dtype, &w["values"]), "{file} {key}: values");
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_view_is_made_contiguous() {
+        let got = read_torch_bin(&fixture("transposed.bin")).unwrap();
+        let [(key, t)] = &got[..] else { panic!("one tensor expected") };
+        assert_eq!((key.as_str(), t.shape.as_slice()), ("t", &[4, 3][..]));
+        let want = [0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.].map(|x: f32| x.to_bits());
+        assert_eq!(decode(t), Values::F(want.to_vec()));
+    }
+
+    #[test]
+    fn views_of_one_storage_honour_offset_and_stride() {
+        let got = read_torch_bin(&fixture("shared.bin")).unwrap();
+        assert_eq!(keys(&got), ["full", "tail", "col", "mat", "tied"]);
+        let v: Vec<Values> = got.iter().map(|(_, t)| decode(t)).collect();
+        let Values::F(full) = &v[0] else { panic!() };
+        assert_eq!(v[1], Values::F(full[3..].to_vec()), "tail = full[3:] (storage_offset 3)");
+        assert_eq!(v[4], v[0], "tied weight");
+        let h = |x: f32| x.to_bits();
+        assert_eq!(v[2], Values::F(vec![h(7.), h(12.), h(17.)]), "m[1:, 2]");
+    }
+
+    #[test]
+    fn module_state_dict_with_metadata_and_nested_dicts() {
+        let m = read_torch_bin(&fixture("module.bin")).unwrap();
+        assert_eq!(keys(&m), ["0.weight", "0.bias", "1.weight", "1.bias"]);
+        let n = read_torch_bin(&fixture("nested.bin")).unwrap();
+        assert_eq!(keys(&n), ["encoder.layer.w", "encoder.norm", "param", "head.bias"]);
+        let p4 = read_torch_bin(&fixture("protocol4.bin")).unwrap();
+        assert_eq!(keys(&p4), ["full", "tail", "col", "mat", "tied"]);
+    }
+
+    #[test]
+    fn malicious_globals_are_refused_not_run() {
+        for (file, global) in
+            [("malicious_global.bin", "os.system"), ("malicious_stack_global.bin", "builtins.eval")]
+        {
+            let path = fixture(file);
+            let err = read_torch_bin(&path).unwrap_err();
+            assert!(matches!(err, TorchBinError::ForbiddenGlobal { .. }), "{err:?}");
+            let msg = err.to_string();
+            let want = format!(
+                "refusing to load {global} from {}: not a tensor state dict",
+                path.display()
+            );
+            assert!(msg.starts_with(&want), "{msg}");
+        }
+    }
+
+    #[test]
+    fn broken_files_give_errors_naming_the_file() {
+        let cases = [
+            ("truncated.bin", "corrupt or truncated zip archive"),
+            ("truncated_pickle.bin", "dtypes/data.pkl at byte"),
+            (
+                "out_of_bounds.bin",
+                "tensor w: view (offset 2, size [3], stride [1]) reaches element 4",
+            ),
+            ("big_endian.bin", "byte order \"big\" is not supported"),
+            (
+                "legacy.bin",
+                "legacy pre-1.6 torch.save format; re-save with torch>=1.6 or use safetensors",
+            ),
+            ("does_not_exist.bin", "cannot read"),
+        ];
+        for (file, want) in cases {
+            let path = fixture(file);
+            let msg = read_torch_bin(&path).unwrap_err().to_string();
+            assert!(msg.contains(&*path.to_string_lossy()), "{file}: {msg}");
+            assert!(msg.contains(want), "{file}: {msg}");
+        }
+    }
+
+    // ---- hand-assembled archives for what torch itself would never write ----
+
+    fn s(x: &str) -> Vec<u8> {
+        [&b"X"[..], &(x.len() as u32).to_le_bytes(), x.as_bytes()].concat()
+    }
+
+    /// A tuple of ints: BININT1 where it fits, else an 8-byte LONG1.
+    fn ints(xs: &[u64]) -> Vec<u8> {
+        let mut v = vec![b'('];
+        for &x in xs {
+            match u8::try_from(x) {
+                Ok(b) => v.extend([b'K', b]),
+                Err(_) => v.extend([&[0x8a, 8][..], &x.to_le_bytes()].concat()),
+            }
+        }
+        v.push(b't');
+        v
+    }
+
+    /// `_rebuild_tensor_v2(('storage', torch.<class>, key, 'cpu', numel), offset, size, stride,
+    /// False, {})`
+    fn tensor(
+        class: &str,
+        key: &str,
+        numel: u8,
+        offset: u8,
+        size: &[u64],
+        stride: &[u64],
+    ) -> Vec<u8> {
+        let mut v = b"ctorch._utils\n_rebuild_tensor_v2\n((".to_vec();
+        v.extend(
+            [s("storage"), format!("ctorch\n{class}\n").into_bytes(), s(key), s("cpu")].concat(),
+        );
+        v.extend([b'K', numel, b't', b'Q', b'K', offset]);
+        v.extend([ints(size), ints(stride), b"\x89}tR".to_vec()].concat());
+        v
+    }
+
+    fn state_dict(items: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut v = b"\x80\x02}(".to_vec();
+        items.iter().for_each(|(k, t)| v.extend([s(k), t.clone()].concat()));
+        v.extend(b"u.");
+        v
+    }
+
+    type Storages<'a> = Vec<(&'a str, Vec<u8>)>;
+
+    fn archive(pkl: &[u8], storages: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        w.start_file("arch/data.pkl", opts).unwrap();
+        w.write_all(pkl).unwrap();
+        for (key, data) in storages {
+            w.start_file(format!("arch/data/{key}"), opts).unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    fn f32s(n: usize) -> Vec<u8> {
+        (0..n).flat_map(|i| (i as f32).to_le_bytes()).collect()
+    }
+
+    fn err(pkl: &[u8], storages: &[(&str, Vec<u8>)]) -> String {
+        read_mem(archive(pkl, storages)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn strided_views_and_other_dtypes() {
+        let pkl = state_dict(&[
+            ("a", tensor("FloatStorage", "0", 12, 1, &[2, 2], &[1, 3])),
+            ("b", tensor("FloatStorage", "0", 12, 12, &[0, 5], &[5, 1])),
+            ("c", tensor("FloatStorage", "0", 12, 0, &[1, 3], &[7, 2])),
+            ("d", tensor("DoubleStorage", "1", 2, 0, &[2], &[1])),
+            ("e", tensor("ShortStorage", "2", 2, 1, &[], &[])),
+            ("f", tensor("FloatStorage", "0", 12, 0, &[1, 3], &[i64::MAX as u64, 2])),
+        ]);
+        let doubles = [0.5f64, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let shorts = [-7i16, 300].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let got =
+            read_mem(archive(&pkl, &[("0", f32s(12)), ("1", doubles), ("2", shorts)])).unwrap();
+        let h = |xs: &[f32]| Values::F(xs.iter().map(|x| x.to_bits()).collect());
+        assert_eq!(decode(&got[0].1), h(&[1., 4., 2., 5.]));
+        assert_eq!((got[1].1.shape.as_slice(), got[1].1.data.len()), (&[0, 5][..], 0));
+        assert_eq!(decode(&got[2].1), h(&[0., 2., 4.]));
+        assert_eq!((got[3].1.dtype, decode(&got[3].1)), (DType::F64, h(&[0.5, -2.0])));
+        assert_eq!((got[4].1.dtype, decode(&got[4].1)), (DType::I16, Values::I(vec![300])));
+        assert_eq!(got[4].1.shape, Vec::<usize>::new());
+        assert_eq!(decode(&got[5].1), h(&[0., 2., 4.]), "huge stride on a size-1 dim");
+    }
+
+    #[test]
+    fn memoized_dicts_are_shared_objects() {
+        // {'x': d, 'y': d} where d is memoized while still empty and filled afterwards.
+        let mut pkl = b"\x80\x02}(".to_vec();
+        pkl.extend(
+            [s("x"), b"}q\x07".to_vec(), s("w"), tensor("FloatStorage", "0", 2, 0, &[2], &[1])]
+                .concat(),
+        );
+        pkl.extend([b"s".to_vec(), s("y"), b"h\x07u.".to_vec()].concat());
+        let got = read_mem(archive(&pkl, &[("0", f32s(2))])).unwrap();
+        assert_eq!(keys(&got), ["x.w", "y.w"]);
+    }
+
+    #[test]
+    fn hostile_or_unsupported_pickles_are_rejected() {
+        let t = |class, numel, offset, size: &[u64], stride: &[u64]| {
+            state_dict(&[("w", tensor(class, "0", numel, offset, size, stride))])
+        };
+        let cases: Vec<(Vec<u8>, Storages, &str)> = vec![
+            (
+                b"\x80\x02}X\x01\x00\x00\x00aI1\ns.".to_vec(),
+                vec![],
+                "mem.bin: arch/data.pkl at byte 9, opcode INT (0x49): unsupported opcode",
+            ),
+            (
+                b"\x80\x02].".to_vec(),
+                vec![],
+                "mem.bin: top-level object is a list, not a dict of tensors",
+            ),
+            (b"\x80\x02}K\x01K\x02s.".to_vec(), vec![], "a int dict key"),
+            (
+                b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.".to_vec(),
+                vec![],
+                "dicts nested more than 64 deep",
+            ),
+            (
+                b"\x80\x02ctorch\nload\n.".to_vec(),
+                vec![],
+                "refusing to load torch.load from mem.bin",
+            ),
+            (b"\x80\x06}.".to_vec(), vec![], "pickle protocol 6"),
+            (b"\x80\x02}s.".to_vec(), vec![], "stack underflow"),
+            (b"\x80\x02}h\x05.".to_vec(), vec![], "memo entry 5 was never stored"),
+            (b"\x80\x02}X\xff\xff\xff\xff".to_vec(), vec![], "operand past end of data"),
+            (
+                b"\x80\x02}(X\x01\x00\x00\x00a".to_vec(),
+                vec![],
+                "at byte 10, opcode <end of data>: pickle ends without STOP",
+            ),
+            (b"\x80\x02}(X\x01\x00\x00\x00aK\x01Nu.".to_vec(), vec![], "odd number of items"),
+            (
+                t("ComplexFloatStorage", 4, 0, &[4], &[1]),
+                vec![("0", f32s(8))],
+                "unsupported storage type torch.ComplexFloatStorage",
+            ),
+            (
+                t("FloatStorage", 4, 0, &[4], &[1]),
+                vec![],
+                "zip entry arch/data/0: missing from the archive",
+            ),
+            (
+                t("FloatStorage", 5, 0, &[4], &[1]),
+                vec![("0", f32s(4))],
+                "holds 16 bytes but its persistent id declares 20",
+            ),
+            (
+                t("FloatStorage", 1, 0, &[4], &[0]),
+                vec![("0", f32s(1))],
+                "tensor w: overlapping view of 4 elements over 1",
+            ),
+            (
+                t("FloatStorage", 4, 5, &[0], &[1]),
+                vec![("0", f32s(4))],
+                "view (offset 5, size [0], stride [1]) reaches element 5",
+            ),
+            (
+                t("FloatStorage", 4, 0, &[2, 2], &[3, 1]),
+                vec![("0", f32s(4))],
+                "reaches element 4 but arch/data/0 holds only 4",
+            ),
+        ];
+        for (pkl, storages, want) in cases {
+            let msg = err(&pkl, &storages);
+            assert!(msg.contains(want), "want {want:?} in: {msg}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_neither_overflows_the_stack_nor_recurses() {
+        let n = 1_000_000;
+        let tuples = [&b"\x80\x02)"[..], &vec![0x85; n], b"."].concat();
+        let lists = [&b"\x80\x02"[..], &vec![b']'; n], &vec![b'a'; n - 1], b"."].concat();
+        let key = b"X\x01\x00\x00\x00a}";
+        let dicts = [&b"\x80\x02}"[..], &key.repeat(n / 8), &vec![b's'; n / 8], b"."].concat();
+        for (pkl, want) in [
+            (tuples, "top-level object is a tuple"),
+            (lists, "top-level object is a list"),
+            (dicts, "dicts nested more than 64 deep"),
+        ] {
+            let msg = err(&pkl, &[]);
+            assert!(msg.contains(want), "{msg}");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let raw = std::fs::read(fixture("shared.bin")).unwrap();
+        for n in 0..raw.len() {
+            assert!(read_mem(raw[..n].to_vec()).is_err(), "prefix of {n} bytes accepted");
+        }
+        let mut zip = ZipArchive::new(Cursor::new(raw)).unwrap();
+        let pkl = read_entry(&mut zip, "shared/data.pkl", None, Path::new("x")).unwrap();
+        for n in 0..pkl.len() {
+            assert!(Unpickler::new(&pkl[..n]).run().is_err(), "pickle prefix {n} accepted");
+        }
+    }
+
+    #[test]
+    fn corrupted_pickle_bytes_never_panic() {
+        let raw = std::fs::read(fixture("shared.bin")).unwrap();
+        let mut zip = ZipArchive::new(Cursor::new(raw)).unwrap();
+        let pkl = read_entry(&mut zip, "shared/data.pkl", None, Path::new("x")).unwrap();
+        let storages: Vec<(String, Vec<u8>)> = ["0", "1"]
+            .iter()
+            .map(|k| {
+                (
+                    k.to_string(),
+                    read_entry(&mut zip, &format!("shared/data/{k}"), None, Path::new("x"))
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let storages: Vec<(&str, Vec<u8>)> =
+            storages.iter().map(|(k, d)| (k.as_str(), d.clone())).collect();
+        let mut ok = 0;
+        for i in 0..pkl.len() {
+            for b in [0x00, 0x01, 0x7f, 0xff, b'K', b'(', b'h', 0x8a] {
+                let mut bad = pkl.clone();
+                bad[i] = b;
+                ok += usize::from(read_mem(archive(&bad, &storages)).is_ok());
+            }
+        }
+        assert!(ok > 0, "some corruptions (e.g. of float data) are harmless");
+    }
+
+    #[test]
+    fn dtype_sizes() {
+        use DType::*;
+        let sizes = [F64, F32, F16, BF16, I64, I32, I16, I8, U8, Bool].map(DType::size_in_bytes);
+        assert_eq!(sizes, [8, 4, 2, 2, 8, 4, 2, 1, 1, 1]);
+    }
 }
