@@ -297,7 +297,7 @@ fn flatten(v: &Value, prefix: &str, depth: usize, out: &mut Views) -> Result<(),
     for kv in d.0.borrow().chunks_exact(2) {
         let [k, v] = kv else { continue };
         let Value::Str(k) = k else {
-            return Err(format!("a {} dict key under {prefix:?}; expected str keys", k.kind()));
+            return Err(format!("dict key of type {} under {prefix:?}; expected str", k.kind()));
         };
         let key = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
         match v {
@@ -1023,7 +1023,7 @@ mod tests {
                 vec![],
                 "mem.bin: top-level object is a list, not a dict of tensors",
             ),
-            (b"\x80\x02}K\x01K\x02s.".to_vec(), vec![], "a int dict key"),
+            (b"\x80\x02}K\x01K\x02s.".to_vec(), vec![], "dict key of type int"),
             (
                 b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.".to_vec(),
                 vec![],
