@@ -428,3 +428,67 @@ pub fn pad_right(rows: &[Vec<i64>], pad: i64, device: Device) -> Result<(Tensor,
         Tensor::from_slice(&mask).view(shape).to_device(device),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(pre: bool) -> Opt {
+        let mut json = serde_json::json!({
+            "model_type": "opt", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
+            "ffn_dim": 32, "num_attention_heads": 4, "max_position_embeddings": 32,
+        });
+        if !pre {
+            json["do_layer_norm_before"] = false.into();
+            json["word_embed_proj_dim"] = 8.into();
+        }
+        let cfg = OptConfig::from_json(&json.to_string(), Path::new("t")).unwrap();
+        Opt::random(cfg, Device::Cpu, Kind::Double, 3).unwrap()
+    }
+
+    /// A left-padded row (explicit mask) gives the same states at its tokens as the row alone.
+    #[test]
+    fn left_padding_is_masked_exactly() {
+        let _g = tch::no_grad_guard();
+        for pre in [true, false] {
+            let m = tiny(pre);
+            let row = [5i64, 9, 17, 3, 44];
+            let alone = Tensor::from_slice(&row).view([1, 5]);
+            let ones = Tensor::ones([1, 5], (Kind::Int64, Device::Cpu));
+            let h1 = m.hidden_states(&alone, &ones, Padding::Right).unwrap();
+            let padded = Tensor::from_slice(&[1i64, 1, 1, 5, 9, 17, 3, 44]).view([1, 8]);
+            let mask = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1, 1, 1]).view([1, 8]);
+            let h2 = m.hidden_states(&padded, &mask, Padding::Any).unwrap();
+            let diff = (h2.narrow(1, 3, 5) - &h1).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "pre={pre}: left padding changed real positions by {diff}");
+            assert_eq!(h2.isnan().any().int64_value(&[]), 0, "NaN at pad positions");
+            // Right padding through the causal-only path leaves real positions alone too.
+            let rp = Tensor::from_slice(&[5i64, 9, 17, 3, 44, 1, 1]).view([1, 7]);
+            let rmask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 0, 0]).view([1, 7]);
+            let h3 = m.hidden_states(&rp, &rmask, Padding::Right).unwrap();
+            let diff = (h3.narrow(1, 0, 5) - &h1).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "pre={pre}: right padding changed real positions by {diff}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_named_as_hf() {
+        let m = tiny(false);
+        let names: Vec<String> = m.named_parameters().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"model.decoder.project_in.weight".to_string()));
+        assert!(names.contains(&"model.decoder.layers.1.self_attn.q_proj.bias".to_string()));
+        assert!(!names.iter().any(|n| n == "model.decoder.final_layer_norm.weight"));
+        // 2 embeddings, 2 projections, 2 layers x (4 attn x 2 + 2 norms x 2 + 2 fc x 2).
+        assert_eq!(names.len(), 2 + 2 + 2 * (8 + 4 + 4));
+        let n: i64 = m.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+        assert!(n > 0);
+    }
+
+    #[test]
+    fn too_long_sequences_are_refused() {
+        let m = tiny(true);
+        let ids = Tensor::zeros([1, 33], (Kind::Int64, Device::Cpu));
+        let e = m.hidden_states(&ids, &ids.ones_like(), Padding::Right).unwrap_err().to_string();
+        assert!(e.contains("max_position_embeddings"), "{e}");
+    }
+}
