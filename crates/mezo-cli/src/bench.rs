@@ -76,7 +76,7 @@ fn forward(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> R
     let ids = Tensor::randint_low(4, vocab, [args.batch, args.seq], (Kind::Int64, device));
     let mask = Tensor::ones([args.batch, args.seq], (Kind::Int64, device));
     let step = || -> Result<Tensor> {
-        Ok(model.logits(&model.hidden_states(&ids, &mask, Padding::Right)?))
+        Ok(model.logits(&model.hidden_states(&ids, &mask, Padding::Right, None)?))
     };
     for _ in 0..args.warmup {
         let _ = step()?;

@@ -1,6 +1,7 @@
 //! The `mezo` command line. `main.rs` only parses; each subcommand is a function here.
 
 mod bench;
+pub mod train;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +24,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Time the engine on random weights of an OPT shape (optionally against HF transformers).
     Bench(bench::BenchArgs),
+    /// Fine-tune with MeZO (or first-order Adam, --optimizer adam) in one process.
+    Train(train::TrainArgs),
+    /// Train the bundled small OPT on SST-2 with MeZO on the CPU and show the accuracy gained.
+    Demo(train::DemoArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -51,6 +56,9 @@ pub struct EvalArgs {
     /// Examples per forward pass (each carries one row per candidate).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +68,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(args) => eval(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Train(args) => train::run_train(args),
+        Command::Demo(args) => train::run_demo(args),
     }
 }
 
@@ -81,7 +91,17 @@ fn eval(args: EvalArgs) -> Result<()> {
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
     let model = Opt::load(&args.model, device, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
-    let report = evaluate(&model, &tokenizer, &examples, template, args.batch_size)?;
+    let adapter = match &args.adapter {
+        Some(dir) => {
+            let a = mezo_model::Adapter::load(dir, &model.config)
+                .with_context(|| format!("loading adapter from {}", dir.display()))?;
+            let tensors = a.config.tensors(&model.config);
+            let flat = a.flat.to_device(device).unsqueeze(0);
+            Some(mezo_model::LoraBatch::from_flat(&flat, &a.config, &tensors, kind)?)
+        }
+        None => None,
+    };
+    let report = evaluate(&model, &tokenizer, &examples, template, args.batch_size, adapter.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod lora;
 pub mod opt;
 pub mod scoring;
 pub mod tokenizer;
@@ -11,7 +12,8 @@ pub mod torch_bin;
 
 pub use config::OptConfig;
 pub use error::{ModelError, Result};
-pub use opt::{Opt, Padding};
+pub use lora::{Adapter, LoraBatch, LoraConfig, LoraTensor, Target};
+pub use opt::{Opt, Padding, ScoreBatch};
 pub use tokenizer::TextTokenizer;
 
 use tch::{Device, Kind};

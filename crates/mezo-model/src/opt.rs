@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, OptConfig, OPT_POSITION_OFFSET};
 use crate::error::Result;
+use crate::lora::{LoraBatch, Target};
 
 pub struct Linear {
     pub weight: Tensor,
@@ -233,7 +234,14 @@ impl Opt {
 
     /// The last hidden states, `[batch, seq, word_embed_proj_dim]`, ready for the LM head.
     /// `ids` and `mask` are `[batch, seq]` int64, `mask` 1 on tokens and 0 on padding.
-    pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor, padding: Padding) -> Result<Tensor> {
+    /// With `lora`, rows are grouped by adapter variant (see [`LoraBatch`]).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        padding: Padding,
+        lora: Option<&LoraBatch>,
+    ) -> Result<Tensor> {
         let (_, seq) = ids.size2()?;
         let max_pos = self.config.max_position_embeddings;
         if seq > max_pos {
@@ -254,8 +262,18 @@ impl Opt {
             Padding::Right => None,
             Padding::Any => Some(self.explicit_mask(mask, seq)),
         };
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, attn_mask.as_ref());
+        if let Some(l) = lora {
+            let rows = ids.size()[0];
+            if l.variants < 1 || rows % l.variants != 0 {
+                return Err(crate::ModelError::InvalidArgument {
+                    what: "batch rows",
+                    value: format!("{rows} rows for {} adapter variants", l.variants),
+                    expected: "a multiple of the number of adapter variants",
+                });
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(i, layer, &x, attn_mask.as_ref(), lora);
         }
         if let Some(n) = &self.final_layer_norm {
             x = n.forward(&x);
@@ -275,18 +293,26 @@ impl Opt {
         causal.logical_and(&keys).logical_or(&eye)
     }
 
-    fn layer_forward(&self, layer: &DecoderLayer, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    fn layer_forward(
+        &self,
+        i: usize,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        lora: Option<&LoraBatch>,
+    ) -> Tensor {
         let pre = self.config.do_layer_norm_before;
         let residual = x;
         let h = if pre { layer.self_attn_layer_norm.forward(x) } else { x.shallow_clone() };
-        let h = self.attention(&layer.self_attn, &h, mask);
+        let h = self.attention(i, &layer.self_attn, &h, mask, lora);
         let mut x = residual + h;
         if !pre {
             x = layer.self_attn_layer_norm.forward(&x);
         }
         let residual = &x;
         let h = if pre { layer.final_layer_norm.forward(&x) } else { x.shallow_clone() };
-        let h = layer.fc2.forward(&self.activation(&layer.fc1.forward(&h)));
+        let h = proj(i, Target::Fc1, &layer.fc1, &h, lora);
+        let h = proj(i, Target::Fc2, &layer.fc2, &self.activation(&h), lora);
         let mut x = residual + h;
         if !pre {
             x = layer.final_layer_norm.forward(&x);
@@ -303,12 +329,19 @@ impl Opt {
         }
     }
 
-    fn attention(&self, a: &Attention, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    fn attention(
+        &self,
+        i: usize,
+        a: &Attention,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        lora: Option<&LoraBatch>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("hidden states are [batch, seq, width]");
         let split = |y: Tensor| y.view([b, t, a.heads, a.head_dim]).transpose(1, 2);
-        let q = split(a.q_proj.forward(x));
-        let k = split(a.k_proj.forward(x));
-        let v = split(a.v_proj.forward(x));
+        let q = split(proj(i, Target::Q, &a.q_proj, x, lora));
+        let k = split(proj(i, Target::K, &a.k_proj, x, lora));
+        let v = split(proj(i, Target::V, &a.v_proj, x, lora));
         let o = Tensor::scaled_dot_product_attention(
             &q,
             &k,
@@ -319,7 +352,8 @@ impl Opt {
             None::<f64>,
             false,
         );
-        a.out_proj.forward(&o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]))
+        let o = o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]);
+        proj(i, Target::Out, &a.out_proj, &o, lora)
     }
 
     /// The LM head over any leading shape of hidden states.
@@ -327,40 +361,34 @@ impl Opt {
         hidden.linear(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None::<&Tensor>)
     }
 
-    /// Mean log-probability of each row's answer tokens under the model: `rows[i]` is a token
-    /// sequence whose tokens from `answer_start[i]` on are scored given everything before.
-    /// Returns `[rows]` float32 on the model's device; the LM head runs only at the scored
-    /// positions, which is most of the saving for a 50k vocabulary.
-    pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
-        let (ids, mask) = pad_right(rows, self.config.pad_token_id, self.device)?;
-        let mut row_idx = Vec::new();
-        let mut pos_idx = Vec::new();
-        let mut targets = Vec::new();
-        let mut counts = Vec::with_capacity(rows.len());
-        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
-            if start == 0 || start >= row.len() {
-                return Err(crate::ModelError::InvalidArgument {
-                    what: "answer start",
-                    value: format!("{start} in a row of {} tokens", row.len()),
-                    expected: "at least one context token and at least one answer token",
-                });
-            }
-            for p in start..row.len() {
-                row_idx.push(r as i64);
-                pos_idx.push(p as i64 - 1);
-                targets.push(row[p]);
-            }
-            counts.push((row.len() - start) as f32);
-        }
-        let hidden = self.hidden_states(&ids, &mask, Padding::Right)?;
-        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(self.device);
-        let (row_t, pos_t, tgt_t) = (dev(&row_idx), dev(&pos_idx), dev(&targets));
-        let picked = hidden.index(&[Some(&row_t), Some(&pos_t)]);
+    /// Sum of each row's answer-token log-probabilities, for `variants` copies of the batch
+    /// (one per adapter variant of `lora`; 1 without): `[variants, rows]` float32 on the model's
+    /// device. The LM head runs only at the scored positions, which is most of the saving for a
+    /// 50k vocabulary.
+    pub fn answer_logprob_sums(&self, b: &ScoreBatch, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let v = lora.map_or(1, |l| l.variants);
+        let (ids, mask) = if v == 1 {
+            (b.ids.shallow_clone(), b.mask.shallow_clone())
+        } else {
+            (b.ids.repeat([v, 1]), b.mask.repeat([v, 1]))
+        };
+        let hidden = self.hidden_states(&ids, &mask, Padding::Right, lora)?;
+        let offsets = Tensor::arange(v, (Kind::Int64, self.device)) * b.rows;
+        let row_idx = (b.row_idx.unsqueeze(0) + offsets.unsqueeze(1)).flatten(0, 1);
+        let pos_idx = b.pos_idx.repeat([v]);
+        let targets = b.targets.repeat([v]);
+        let picked = hidden.index(&[Some(&row_idx), Some(&pos_idx)]);
         let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-        let token_lp = logp.gather(1, &tgt_t.unsqueeze(1), false).squeeze_dim(1);
-        let sums = Tensor::zeros([rows.len() as i64], (Kind::Float, self.device))
-            .index_add(0, &row_t, &token_lp);
-        Ok(sums / Tensor::from_slice(&counts).to_device(self.device))
+        let token_lp = logp.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
+        let sums = Tensor::zeros([v * b.rows], (Kind::Float, self.device)).index_add(0, &row_idx, &token_lp);
+        Ok(sums.view([v, b.rows]))
+    }
+
+    /// Mean log-probability of each row's answer tokens (rows from `answer_start[i]` on, given
+    /// everything before): `[rows]` float32.
+    pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
+        let b = ScoreBatch::new(rows, answer_start, self.config.pad_token_id, self.device)?;
+        Ok(self.answer_logprob_sums(&b, None)?.squeeze_dim(0) / &b.counts)
     }
 
     /// Every parameter by its HF name, for code that walks the weights (full-parameter MeZO,
@@ -411,6 +439,63 @@ impl Opt {
     }
 }
 
+/// Applies a linear layer plus its LoRA delta, if any.
+fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
+    let y = lin.forward(x);
+    match lora.and_then(|l| l.delta(i, t, x)) {
+        Some(d) => y + d,
+        None => y,
+    }
+}
+
+/// Token rows prepared for scoring on a device: right-padded ids and mask, and for every answer
+/// token its (row, position predicting it, token id).
+pub struct ScoreBatch {
+    pub ids: Tensor,
+    pub mask: Tensor,
+    pub row_idx: Tensor,
+    pub pos_idx: Tensor,
+    pub targets: Tensor,
+    /// Answer tokens per row, float32 `[rows]`.
+    pub counts: Tensor,
+    pub rows: i64,
+}
+
+impl ScoreBatch {
+    pub fn new(rows: &[Vec<i64>], answer_start: &[usize], pad: i64, device: Device) -> Result<Self> {
+        let mut row_idx = Vec::new();
+        let mut pos_idx = Vec::new();
+        let mut targets = Vec::new();
+        let mut counts = Vec::with_capacity(rows.len());
+        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
+            if start == 0 || start >= row.len() {
+                return Err(crate::ModelError::InvalidArgument {
+                    what: "answer start",
+                    value: format!("{start} in a row of {} tokens", row.len()),
+                    expected: "at least one context token and at least one answer token",
+                });
+            }
+            for p in start..row.len() {
+                row_idx.push(r as i64);
+                pos_idx.push(p as i64 - 1);
+                targets.push(row[p]);
+            }
+            counts.push((row.len() - start) as f32);
+        }
+        let (ids, mask) = pad_right(rows, pad, device)?;
+        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Ok(ScoreBatch {
+            ids,
+            mask,
+            row_idx: dev(&row_idx),
+            pos_idx: dev(&pos_idx),
+            targets: dev(&targets),
+            counts: Tensor::from_slice(&counts).to_device(device),
+            rows: rows.len() as i64,
+        })
+    }
+}
+
 /// Right-pads rows into `[rows, longest]` ids and mask on `device`.
 pub fn pad_right(rows: &[Vec<i64>], pad: i64, device: Device) -> Result<(Tensor, Tensor)> {
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -455,17 +540,17 @@ mod tests {
             let row = [5i64, 9, 17, 3, 44];
             let alone = Tensor::from_slice(&row).view([1, 5]);
             let ones = Tensor::ones([1, 5], (Kind::Int64, Device::Cpu));
-            let h1 = m.hidden_states(&alone, &ones, Padding::Right).unwrap();
+            let h1 = m.hidden_states(&alone, &ones, Padding::Right, None).unwrap();
             let padded = Tensor::from_slice(&[1i64, 1, 1, 5, 9, 17, 3, 44]).view([1, 8]);
             let mask = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1, 1, 1]).view([1, 8]);
-            let h2 = m.hidden_states(&padded, &mask, Padding::Any).unwrap();
+            let h2 = m.hidden_states(&padded, &mask, Padding::Any, None).unwrap();
             let diff = (h2.narrow(1, 3, 5) - &h1).abs().max().double_value(&[]);
             assert!(diff < 1e-12, "pre={pre}: left padding changed real positions by {diff}");
             assert_eq!(h2.isnan().any().int64_value(&[]), 0, "NaN at pad positions");
             // Right padding through the causal-only path leaves real positions alone too.
             let rp = Tensor::from_slice(&[5i64, 9, 17, 3, 44, 1, 1]).view([1, 7]);
             let rmask = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 0, 0]).view([1, 7]);
-            let h3 = m.hidden_states(&rp, &rmask, Padding::Right).unwrap();
+            let h3 = m.hidden_states(&rp, &rmask, Padding::Right, None).unwrap();
             let diff = (h3.narrow(1, 0, 5) - &h1).abs().max().double_value(&[]);
             assert!(diff < 1e-12, "pre={pre}: right padding changed real positions by {diff}");
         }
@@ -488,7 +573,7 @@ mod tests {
     fn too_long_sequences_are_refused() {
         let m = tiny(true);
         let ids = Tensor::zeros([1, 33], (Kind::Int64, Device::Cpu));
-        let e = m.hidden_states(&ids, &ids.ones_like(), Padding::Right).unwrap_err().to_string();
+        let e = m.hidden_states(&ids, &ids.ones_like(), Padding::Right, None).unwrap_err().to_string();
         assert!(e.contains("max_position_embeddings"), "{e}");
     }
 }

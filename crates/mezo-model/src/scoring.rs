@@ -5,7 +5,7 @@ use mezo_data::{candidate_rows, Example, ScoringRow, Template};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::{Opt, TextTokenizer};
+use crate::{LoraBatch, Opt, ScoreBatch, TextTokenizer};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScore {
@@ -38,17 +38,30 @@ pub fn example_rows(
         .collect()
 }
 
-/// Scores every example, `batch_size` examples a forward. Examples are grouped by length so a
-/// batch carries little padding; the report keeps the input order.
+/// Scores every example, `batch_size` examples a forward, with `lora` (one variant) applied if
+/// given. Examples are grouped by length so a batch carries little padding; the report keeps
+/// the input order.
 pub fn evaluate(
     model: &Opt,
     tok: &TextTokenizer,
     examples: &[Example],
     template: Template,
     batch_size: usize,
+    lora: Option<&LoraBatch>,
+) -> Result<EvalReport> {
+    let rows = example_rows(tok, examples, template)?;
+    evaluate_rows(model, examples, &rows, batch_size, lora)
+}
+
+/// [`evaluate`] on examples already tokenised by [`example_rows`].
+pub fn evaluate_rows(
+    model: &Opt,
+    examples: &[Example],
+    rows: &[Vec<ScoringRow>],
+    batch_size: usize,
+    lora: Option<&LoraBatch>,
 ) -> Result<EvalReport> {
     let _guard = tch::no_grad_guard();
-    let rows = example_rows(tok, examples, template)?;
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| rows[i].iter().map(|r| r.tokens.len()).max().unwrap_or(0));
     let mut scores: Vec<Vec<f64>> = vec![Vec::new(); examples.len()];
@@ -56,7 +69,8 @@ pub fn evaluate(
         let flat: Vec<&ScoringRow> = chunk.iter().flat_map(|&i| rows[i].iter()).collect();
         let tokens: Vec<Vec<i64>> = flat.iter().map(|r| r.tokens.clone()).collect();
         let starts: Vec<usize> = flat.iter().map(|r| r.answer_start).collect();
-        let lp = model.answer_logprobs(&tokens, &starts)?;
+        let b = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
+        let lp = model.answer_logprob_sums(&b, lora)?.squeeze_dim(0) / &b.counts;
         let values: Vec<f64> = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))
             .map_err(crate::ModelError::Torch)?
             .into_iter()

@@ -1,0 +1,312 @@
+//! `mezo train` and `mezo demo`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use mezo_train::optim::Schedule;
+use mezo_train::{train, LossKind, ModeSpec, Observer, OptimizerSpec, StepRecord, TrainConfig, TrainReport};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Base checkpoint directory (HF format).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "sst2")]
+    pub task: String,
+    /// Folder with train.jsonl (train and dev are sampled from it) and validation.jsonl (test).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: i64,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Comma-separated modules: q_proj, k_proj, v_proj, out_proj, fc1, fc2.
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Full-parameter MeZO instead of LoRA.
+    #[arg(long)]
+    pub full: bool,
+    /// With --full: train only parameters whose names contain one of these (or match as a glob).
+    #[arg(long, value_delimiter = ',')]
+    pub full_patterns: Vec<String>,
+    #[arg(long, default_value_t = 20000)]
+    pub steps: u64,
+    /// Learning rate [default: 1e-4 with LoRA, 1e-6 with --full, 1e-3 with --optimizer adam].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Perturbation scale ε [default: 1e-2 with LoRA, 1e-3 with --full].
+    #[arg(long)]
+    pub eps: Option<f64>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Random directions per step (2 forward passes' worth each, batched into one pass with LoRA).
+    #[arg(long, default_value_t = 1)]
+    pub directions: usize,
+    /// Micro-batches per step (gradient accumulation; all share the step's perturbations).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate on the dev set every N steps (0: only at the end); the best adapter is kept.
+    #[arg(long, default_value_t = 500)]
+    pub eval_every: u64,
+    /// zo-sgd (MeZO; no extra memory), zo-momentum (+1x the trainable parameters in fp32),
+    /// zo-adam (+2x), or adam: first-order Adam through backprop (the fine-tuning baseline;
+    /// +2x plus gradients and activations kept for the backward pass).
+    #[arg(long, default_value = "zo-sgd")]
+    pub optimizer: String,
+    /// β of zo-momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// constant, linear or cosine (decay to 0 at the last step).
+    #[arg(long, default_value = "constant")]
+    pub schedule: String,
+    /// Decoupled weight decay λ, applied to matrices only.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Perturbation distribution: gaussian or rademacher.
+    #[arg(long, default_value = "gaussian")]
+    pub distribution: String,
+    /// classification (cross-entropy over candidates) or answer-ce (teacher-forced, answer tokens).
+    #[arg(long, default_value = "classification")]
+    pub loss: String,
+    #[arg(long, default_value = "mezo")]
+    pub template: String,
+    /// Training examples sampled from train.jsonl (MeZO: 1000).
+    #[arg(long, default_value_t = 1000)]
+    pub n_train: usize,
+    /// Dev examples sampled from train.jsonl, disjoint from the training ones (MeZO: 500).
+    #[arg(long, default_value_t = 500)]
+    pub n_dev: usize,
+    /// Evaluate on only the first N test examples.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub eval_batch_size: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "fp32")]
+    pub dtype: String,
+    /// Output folder: adapter/ (PEFT) or model/ (--full), train_log.jsonl, report.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print one final JSON object (the report) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl TrainArgs {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let optimizer = OptimizerSpec::parse(&self.optimizer)?;
+        let mode = if self.full {
+            ModeSpec::Full { patterns: self.full_patterns.clone() }
+        } else {
+            ModeSpec::Lora { r: self.lora_r, alpha: self.lora_alpha, targets: self.lora_targets.clone() }
+        };
+        let lr = self.lr.unwrap_or(match (optimizer, self.full) {
+            (OptimizerSpec::Adam, _) => 1e-3,
+            (_, true) => 1e-6,
+            (_, false) => 1e-4,
+        });
+        let eps = self.eps.unwrap_or(if self.full { 1e-3 } else { 1e-2 });
+        Ok(TrainConfig {
+            model: self.model.clone(),
+            task: self.task.clone(),
+            data_dir: self.data_dir.clone(),
+            mode,
+            steps: self.steps,
+            lr,
+            eps,
+            batch_size: self.batch_size,
+            directions: self.directions,
+            grad_accum: self.grad_accum,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            optimizer,
+            momentum: self.momentum,
+            schedule: Schedule::parse(&self.schedule)?,
+            weight_decay: self.weight_decay,
+            distribution: self.distribution.clone(),
+            loss: LossKind::parse(&self.loss)?,
+            template: self.template.clone(),
+            n_train: self.n_train,
+            n_dev: self.n_dev,
+            test_limit: self.test_limit,
+            eval_batch_size: self.eval_batch_size,
+            device: self.device.clone(),
+            dtype: self.dtype.clone(),
+            out: self.out.clone(),
+        })
+    }
+}
+
+/// A progress bar on stderr with steps/s, the running loss and the last dev accuracy; hidden
+/// when stderr is not a terminal.
+struct Bar {
+    bar: ProgressBar,
+    loss: Option<f64>,
+    dev: Option<f64>,
+}
+
+impl Bar {
+    fn new() -> Self {
+        Bar { bar: ProgressBar::hidden(), loss: None, dev: None }
+    }
+}
+
+impl Observer for Bar {
+    fn on_start(&mut self, total: u64) {
+        self.bar = ProgressBar::new(total);
+        self.bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}")
+                .expect("valid template"),
+        );
+    }
+
+    fn on_step(&mut self, r: &StepRecord) {
+        if !r.skipped {
+            // An exponential moving average: single-batch losses are noisy.
+            self.loss = Some(match self.loss { Some(l) => 0.95 * l + 0.05 * r.loss, None => r.loss });
+        }
+        if r.dev_accuracy.is_some() {
+            self.dev = r.dev_accuracy;
+        }
+        let dev = self.dev.map_or("-".into(), |d| format!("{:.1}%", 100.0 * d));
+        self.bar.set_message(format!("loss {:.4} dev {dev}", self.loss.unwrap_or(f64::NAN)));
+        self.bar.inc(1);
+    }
+}
+
+pub fn run_train(args: TrainArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let mut bar = Bar::new();
+    let report = train(cfg, &mut bar)?;
+    bar.bar.finish_and_clear();
+    print_report(&report, args.json, None)
+}
+
+fn print_report(r: &TrainReport, json: bool, extra: Option<serde_json::Value>) -> Result<()> {
+    if json {
+        let mut v = serde_json::to_value(r)?;
+        if let (Some(serde_json::Value::Object(e)), serde_json::Value::Object(m)) = (extra, &mut v) {
+            m.extend(e);
+        }
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "{} steps in {:.1}s ({:.2} steps/s, {} skipped); train loss {:.4}; dev best {:.2}% (step {}); \
+             test {:.2}% (zero-shot {:.2}%); saved {}",
+            r.steps,
+            r.train_seconds,
+            r.steps_per_s,
+            r.skipped_steps,
+            r.final_train_loss,
+            100.0 * r.best_dev_accuracy,
+            r.best_step,
+            100.0 * r.test_accuracy,
+            100.0 * r.zero_shot_accuracy,
+            r.output.display()
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Output folder [default: a fresh folder under the system's temp dir].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print one final JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Fewer steps, for a quicker look (the demo's claim is made with the default).
+    #[arg(long)]
+    pub steps: Option<u64>,
+}
+
+/// The bundled assets, found beside the binary's source tree or under `$MEZO_ASSETS`.
+pub fn assets_dir() -> Result<PathBuf> {
+    let candidates = [
+        std::env::var_os("MEZO_ASSETS").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets")),
+        Some(PathBuf::from("crates/mezo-cli/assets")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("opt-mini/config.json").is_file())
+        .ok_or_else(|| anyhow::anyhow!("bundled assets not found: set MEZO_ASSETS to crates/mezo-cli/assets of a mezo checkout"))
+}
+
+/// The demo's settings: MeZO with LoRA on the bundled small OPT and SST-2, sized for 2 CPU
+/// cores in under 5 minutes.
+pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
+    let assets = assets_dir()?;
+    Ok(TrainArgs {
+        model: assets.join("opt-mini"),
+        task: "sst2".into(),
+        data_dir: assets.join("sst2"),
+        lora_r: 8,
+        lora_alpha: 16.0,
+        lora_targets: vec!["q_proj".into(), "v_proj".into()],
+        full: false,
+        full_patterns: vec![],
+        steps: steps.unwrap_or(DEMO_STEPS),
+        lr: Some(DEMO_LR),
+        eps: Some(1e-2),
+        batch_size: 16,
+        directions: DEMO_DIRECTIONS,
+        grad_accum: 1,
+        seed: 0,
+        eval_every: 250,
+        optimizer: "zo-sgd".into(),
+        momentum: 0.9,
+        schedule: "constant".into(),
+        weight_decay: 0.0,
+        distribution: "gaussian".into(),
+        loss: "classification".into(),
+        template: "mezo".into(),
+        n_train: 1000,
+        n_dev: 500,
+        test_limit: None,
+        eval_batch_size: 64,
+        device: "cpu".into(),
+        dtype: "fp32".into(),
+        out,
+        json: false,
+    })
+}
+
+pub const DEMO_STEPS: u64 = 2000;
+pub const DEMO_LR: f64 = 1e-3;
+pub const DEMO_DIRECTIONS: usize = 4;
+
+pub fn run_demo(args: DemoArgs) -> Result<()> {
+    let out = args.out.unwrap_or_else(|| std::env::temp_dir().join(format!("mezo-demo-{}", std::process::id())));
+    let targs = demo_args(out, args.steps)?;
+    if !args.json {
+        eprintln!(
+            "mezo demo: MeZO (LoRA r=8 on q_proj,v_proj; {} steps, batch 16, {} directions, lr {}) on the bundled \
+             opt-mini and SST-2 (1000 train / 500 dev sampled, 872 test), on the CPU",
+            targs.steps, targs.directions, DEMO_LR
+        );
+    }
+    let mut bar = Bar::new();
+    let report = train(targs.config()?, &mut bar)?;
+    bar.bar.finish_and_clear();
+    if !args.json {
+        println!(
+            "zero-shot test accuracy {:.2}% -> after MeZO {:.2}% ({:+.2} points) in {:.0}s; adapter in {}",
+            100.0 * report.zero_shot_accuracy,
+            100.0 * report.test_accuracy,
+            100.0 * (report.test_accuracy - report.zero_shot_accuracy),
+            report.seconds,
+            report.output.display()
+        );
+        Ok(())
+    } else {
+        print_report(&report, true, None)
+    }
+}

@@ -1,0 +1,391 @@
+//! The MeZO step (see DESIGN.md for the exact definition). A step is split in two halves so the
+//! distributed service can put them on different machines:
+//! [`Engine::direction_losses`] (forward passes only: `L+` and `L-` for each direction seed) and
+//! [`Engine::apply_update`] (regenerates every `z_i` from its seed and applies
+//! `θ ← θ − η(ĝ + λθ)` with `ĝ = (1/n) Σ g_i z_i`). Neither holds `z` for the whole model at once
+//! in full-parameter mode, and neither builds an autograd graph.
+
+use mezo_core::{bits_tensor, z_from_bits, z_tensor, Distribution, GaussTable, StreamKey};
+use mezo_data::ScoringRow;
+use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Opt, ScoreBatch};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TrainError};
+use crate::optim::{self, Rule, Slot};
+
+/// What the model is trained to do on candidate tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Cross-entropy over the candidates' mean log-probabilities (MeZO's
+    /// `train_as_classification`, the default for SST-2).
+    Classification,
+    /// Teacher-forced cross-entropy on the gold answer's tokens only.
+    AnswerCe,
+}
+
+impl LossKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "classification" => Ok(LossKind::Classification),
+            "answer-ce" | "ce" => Ok(LossKind::AnswerCe),
+            _ => Err(TrainError::Config(format!("unknown --loss `{s}`: expected classification or answer-ce"))),
+        }
+    }
+}
+
+/// A batch of examples tokenised and placed on the device, ready for the loss.
+pub struct Prepared {
+    score: ScoreBatch,
+    labels: Tensor,
+    examples: i64,
+    candidates: i64,
+    /// The loss's denominator: examples (classification) or answer tokens (answer-ce).
+    pub weight: f64,
+    kind: LossKind,
+}
+
+impl Prepared {
+    pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Opt) -> Result<Self> {
+        let candidates = rows.first().map_or(0, |r| r.len()) as i64;
+        if rows.iter().any(|r| r.len() as i64 != candidates) || candidates == 0 {
+            return Err(TrainError::Config("every example needs the same, non-zero number of candidates".into()));
+        }
+        let picked: Vec<&ScoringRow> = match kind {
+            LossKind::Classification => rows.iter().flat_map(|r| r.iter()).collect(),
+            LossKind::AnswerCe => rows.iter().zip(labels).map(|(r, &l)| &r[l]).collect(),
+        };
+        let tokens: Vec<Vec<i64>> = picked.iter().map(|r| r.tokens.clone()).collect();
+        let starts: Vec<usize> = picked.iter().map(|r| r.answer_start).collect();
+        let weight = match kind {
+            LossKind::Classification => rows.len() as f64,
+            LossKind::AnswerCe => picked.iter().map(|r| (r.tokens.len() - r.answer_start) as f64).sum(),
+        };
+        let score = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
+        let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        Ok(Prepared {
+            score,
+            labels: Tensor::from_slice(&labels).to_device(model.device),
+            examples: rows.len() as i64,
+            candidates,
+            weight,
+            kind,
+        })
+    }
+
+    /// The summed loss of each adapter variant, `[variants]` float32 (divide by `weight`).
+    pub fn loss_sums(&self, model: &Opt, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let sums = model.answer_logprob_sums(&self.score, lora)?;
+        let v = sums.size()[0];
+        Ok(match self.kind {
+            LossKind::Classification => {
+                let scores = (sums / &self.score.counts).view([v, self.examples, self.candidates]);
+                let logp = scores.log_softmax(-1, Kind::Float);
+                let idx = self.labels.view([1, self.examples, 1]).expand([v, self.examples, 1], false);
+                -logp.gather(2, &idx, false).squeeze_dim(2).sum_dim_intlist(1, false, Kind::Float)
+            }
+            LossKind::AnswerCe => -sums.sum_dim_intlist(1, false, Kind::Float),
+        })
+    }
+}
+
+/// Which parameters train, and their state.
+pub enum Trainable {
+    Lora(LoraState),
+    Full(FullState),
+}
+
+/// LoRA matrices as one float32 vector (PEFT's order), so Z for every matrix and every direction
+/// comes from one vectorised pass rather than one per matrix.
+pub struct LoraState {
+    pub config: LoraConfig,
+    pub tensors: Vec<LoraTensor>,
+    pub flat: Tensor,
+    /// Element index within its own matrix, and the matrix it belongs to, per element.
+    local_idx: Tensor,
+    owner: Tensor,
+    slot: Slot,
+}
+
+impl LoraState {
+    /// PEFT's initialisation: A Kaiming-uniform (bound 1/sqrt(in_features)), B zeros; the uniform
+    /// draws come from the same seeded generator as Z, so every process builds the same A.
+    pub fn init(config: LoraConfig, model: &Opt, seed: u64) -> Result<Self> {
+        if config.r < 1 || config.targets.is_empty() {
+            return Err(TrainError::Config("LoRA needs --lora-r >= 1 and at least one target module".into()));
+        }
+        let tensors = config.tensors(&model.config);
+        let dev = model.device;
+        let mut parts = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            if t.is_a {
+                let k = StreamKey::new(seed, &t.key);
+                let idx = Tensor::arange(t.numel(), (Kind::Int64, dev));
+                let bits = bits_tensor(&idx, &Tensor::from(k.a as i64).to_device(dev), &Tensor::from(k.b as i64).to_device(dev));
+                let bound = 1.0 / (t.shape[1] as f64).sqrt();
+                parts.push((mezo_core::uniform_from_bits(&bits) * 2.0 - 1.0) * bound);
+            } else {
+                parts.push(Tensor::zeros([t.numel()], (Kind::Float, dev)));
+            }
+        }
+        Self::from_flat(config, tensors, Tensor::cat(&parts, 0), dev)
+    }
+
+    pub fn from_flat(config: LoraConfig, tensors: Vec<LoraTensor>, flat: Tensor, dev: Device) -> Result<Self> {
+        let mut local = Vec::new();
+        let mut owner = Vec::new();
+        for (i, t) in tensors.iter().enumerate() {
+            local.extend(0..t.numel());
+            owner.extend(std::iter::repeat_n(i as i64, t.numel() as usize));
+        }
+        if flat.size() != [local.len() as i64] {
+            return Err(TrainError::Config(format!(
+                "LoRA state has {:?} values, the configuration needs {}",
+                flat.size(),
+                local.len()
+            )));
+        }
+        Ok(LoraState {
+            config,
+            tensors,
+            flat: flat.to_kind(Kind::Float).to_device(dev),
+            local_idx: Tensor::from_slice(&local).to_device(dev),
+            owner: Tensor::from_slice(&owner).to_device(dev),
+            slot: Slot::default(),
+        })
+    }
+
+    /// `[seeds, P]` float32: row i is Z(seed_i) for every LoRA element.
+    fn z(&self, seeds: &[u64], dist: Distribution, table: &GaussTable) -> Tensor {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for &s in seeds {
+            for t in &self.tensors {
+                let k = StreamKey::new(s, &t.key);
+                a.push(k.a as i64);
+                b.push(k.b as i64);
+            }
+        }
+        let shape = [seeds.len() as i64, self.tensors.len() as i64];
+        let dev = self.flat.device();
+        let a = Tensor::from_slice(&a).view(shape).to_device(dev).index_select(1, &self.owner);
+        let b = Tensor::from_slice(&b).view(shape).to_device(dev).index_select(1, &self.owner);
+        z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
+    }
+
+    /// One variant (the current θ) for evaluation.
+    pub fn batch(&self, kind: Kind) -> Result<LoraBatch> {
+        Ok(LoraBatch::from_flat(&self.flat.unsqueeze(0), &self.config, &self.tensors, kind)?)
+    }
+
+    pub fn optimizer_state_bytes(&self) -> i64 {
+        self.slot.state_bytes()
+    }
+}
+
+/// Full-parameter training: the model's own tensors, selected by name pattern, perturbed in place.
+pub struct FullState {
+    /// Indices into `Opt::named_parameters()`, with their names and whether weight decay applies.
+    pub selected: Vec<(usize, String, bool)>,
+    slots: Vec<Slot>,
+}
+
+impl FullState {
+    /// `patterns`: empty = every parameter; else a name matches when it contains a pattern, or
+    /// matches it as a glob with `*`.
+    pub fn new(model: &Opt, patterns: &[String]) -> Result<Self> {
+        let selected: Vec<(usize, String, bool)> = model
+            .named_parameters()
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (n, _))| patterns.is_empty() || patterns.iter().any(|p| name_matches(n, p)))
+            .map(|(i, (n, t))| (i, n, t.dim() >= 2))
+            .collect();
+        if selected.is_empty() {
+            return Err(TrainError::Config(format!("--full-patterns {patterns:?} match no parameter of the model")));
+        }
+        let slots = selected.iter().map(|_| Slot::default()).collect();
+        Ok(FullState { selected, slots })
+    }
+
+    pub fn numel(&self, model: &Opt) -> i64 {
+        let params = model.named_parameters();
+        self.selected.iter().map(|(i, _, _)| params[*i].1.numel() as i64).sum()
+    }
+}
+
+fn name_matches(name: &str, pattern: &str) -> bool {
+    if !pattern.contains('*') {
+        return name.contains(pattern);
+    }
+    // A glob where `*` matches any run of characters.
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(p) => rest = &rest[p + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    rest.is_empty()
+}
+
+/// The step's fixed hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub eps: f64,
+    pub dist: Distribution,
+    pub rule: Rule,
+    pub weight_decay: f64,
+}
+
+pub struct Engine {
+    pub trainable: Trainable,
+    pub settings: StepSettings,
+    table: GaussTable,
+}
+
+impl Engine {
+    pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
+        Engine { trainable, settings, table: GaussTable::new(device) }
+    }
+
+    /// `(L+, L-)` of each direction seed, each the loss over all of `micro` (micro-batches
+    /// share every z: gradient accumulation). One host synchronisation at the end.
+    pub fn direction_losses(&self, model: &Opt, micro: &[Prepared], seeds: &[u64]) -> Result<Vec<(f64, f64)>> {
+        let _g = tch::no_grad_guard();
+        let eps = self.settings.eps;
+        let weight: f64 = micro.iter().map(|p| p.weight).sum();
+        let losses = match &self.trainable {
+            Trainable::Lora(l) => {
+                let z = l.z(seeds, self.settings.dist, &self.table) * eps;
+                let theta = l.flat.unsqueeze(0);
+                // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
+                let variants = Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
+                let batch = LoraBatch::from_flat(&variants, &l.config, &l.tensors, model.kind)?;
+                let mut total: Option<Tensor> = None;
+                for p in micro {
+                    let s = p.loss_sums(model, Some(&batch))?;
+                    total = Some(match total { Some(t) => t + s, None => s });
+                }
+                total.expect("at least one micro-batch") / weight
+            }
+            Trainable::Full(f) => {
+                let mut out = Vec::with_capacity(2 * seeds.len());
+                for &seed in seeds {
+                    for scale in [1.0, -2.0] {
+                        self.perturb(model, f, seed, scale * eps)?;
+                        let mut total: Option<Tensor> = None;
+                        for p in micro {
+                            let s = p.loss_sums(model, None)?;
+                            total = Some(match total { Some(t) => t + s, None => s });
+                        }
+                        out.push(total.expect("at least one micro-batch") / weight);
+                    }
+                    self.perturb(model, f, seed, eps)?;
+                }
+                Tensor::cat(&out, 0)
+            }
+        };
+        let v: Vec<f32> = Vec::<f32>::try_from(&losses.to_device(Device::Cpu))?;
+        Ok(v.chunks(2).map(|c| (c[0] as f64, c[1] as f64)).collect())
+    }
+
+    /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
+    /// model's dtype.
+    fn perturb(&self, model: &Opt, f: &FullState, seed: u64, scale: f64) -> Result<()> {
+        let params = model.named_parameters();
+        for (i, name, _) in &f.selected {
+            let p = params[*i].1;
+            let z = z_tensor(seed, name, p.numel() as i64, self.settings.dist, &self.table, p.device())?;
+            let new = p.to_kind(Kind::Float) + (z.view(p.size().as_slice()) * scale);
+            p.shallow_clone().copy_(&new);
+        }
+        Ok(())
+    }
+
+    /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
+    pub fn apply_update(&mut self, model: &Opt, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let n = seeds.len() as f64;
+        let StepSettings { dist, rule, weight_decay, .. } = self.settings;
+        match &mut self.trainable {
+            Trainable::Lora(l) => {
+                let z = l.z(seeds, dist, &self.table);
+                // ĝ summed in a fixed order with element-wise ops: identical bits on every device.
+                let mut ghat = z.get(0) * grads[0];
+                for (i, &g) in grads.iter().enumerate().skip(1) {
+                    ghat = ghat + z.get(i as i64) * g;
+                }
+                if seeds.len() > 1 {
+                    ghat = ghat / n;
+                }
+                l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+            }
+            Trainable::Full(f) => {
+                let params = model.named_parameters();
+                for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
+                    let p = params[*i].1;
+                    let numel = p.numel() as i64;
+                    let mut ghat: Option<Tensor> = None;
+                    for (&s, &g) in seeds.iter().zip(grads) {
+                        let zg = z_tensor(s, name, numel, dist, &self.table, p.device())? * g;
+                        ghat = Some(match ghat { Some(acc) => acc + zg, None => zg });
+                    }
+                    let mut ghat = ghat.expect("at least one direction").view(p.size().as_slice());
+                    if seeds.len() > 1 {
+                        ghat = ghat / n;
+                    }
+                    let new = optim::apply(rule, slot, &p.to_kind(Kind::Float), &ghat, lr, weight_decay, *decay);
+                    p.shallow_clone().copy_(&new);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn optimizer_state_bytes(&self) -> i64 {
+        match &self.trainable {
+            Trainable::Lora(l) => l.optimizer_state_bytes(),
+            Trainable::Full(f) => f.slots.iter().map(Slot::state_bytes).sum(),
+        }
+    }
+}
+
+/// Projected gradients from direction losses; `None` when any loss is NaN or infinite (the step
+/// is then skipped, never applied).
+pub fn projected_grads(losses: &[(f64, f64)], eps: f64) -> Option<Vec<f64>> {
+    if losses.iter().any(|(a, b)| !a.is_finite() || !b.is_finite()) {
+        return None;
+    }
+    Some(losses.iter().map(|(a, b)| (a - b) / (2.0 * eps)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_and_substrings() {
+        assert!(name_matches("model.decoder.layers.3.fc1.weight", "fc1"));
+        assert!(name_matches("model.decoder.layers.3.fc1.weight", "*.layers.*.fc1.*"));
+        assert!(!name_matches("model.decoder.layers.3.fc2.weight", "*.fc1.*"));
+        assert!(name_matches("lm_head.weight", "lm_head*"));
+    }
+
+    #[test]
+    fn non_finite_losses_skip_the_step() {
+        assert_eq!(projected_grads(&[(1.0, 0.5)], 0.25), Some(vec![1.0]));
+        assert_eq!(projected_grads(&[(1.0, 0.5), (f64::NAN, 0.0)], 0.1), None);
+        assert_eq!(projected_grads(&[(f64::INFINITY, 0.5)], 0.1), None);
+    }
+}
