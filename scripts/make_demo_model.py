@@ -13,10 +13,12 @@ import argparse, json, os, random, shutil, time
 import torch
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-CONFIG = dict(vocab_size=50272, hidden_size=128, num_hidden_layers=4, ffn_dim=512,
-              num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
-              do_layer_norm_before=True, pad_token_id=1, bos_token_id=50256, eos_token_id=50256,
-              init_std=0.02, dropout=0.0, attention_dropout=0.0)
+def config(a):
+    return dict(vocab_size=50272, hidden_size=a.hidden, num_hidden_layers=a.layers, ffn_dim=4 * a.hidden,
+                num_attention_heads=a.hidden // 32, max_position_embeddings=128,
+                word_embed_proj_dim=a.embed_dim or a.hidden, do_layer_norm_before=True, pad_token_id=1,
+                bos_token_id=50256, eos_token_id=50256, init_std=0.02, dropout=a.dropout,
+                attention_dropout=a.dropout)
 
 
 def write_tokenizer(dst, bpe_dir):
@@ -40,6 +42,14 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--embed-dim", type=int, default=0, help="word_embed_proj_dim (0: = hidden)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--verbalizer", default="",
+                    help="e.g. 'good,bad': also train on '<sentence> It was good/bad.' for a fraction of "
+                         "the labelled sentences (a verbaliser other than the demo's great/terrible)")
+    ap.add_argument("--verbalizer-fraction", type=float, default=0.5)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     write_tokenizer(a.out, a.bpe)
@@ -47,18 +57,26 @@ def main():
 
     random.seed(a.seed)
     torch.manual_seed(a.seed)
-    sentences = [json.loads(l)["sentence"] for l in open(a.sst2) if l.strip()]
+    rows = [json.loads(l) for l in open(a.sst2) if l.strip()]
+    sentences = [r["sentence"] for r in rows]
+    docs = list(sentences)
+    if a.verbalizer:
+        pos_word, neg_word = a.verbalizer.split(",")  # label 1, label 0
+        for r in rows:
+            if random.random() < a.verbalizer_fraction:
+                docs.append(f"{r['sentence']} It was {pos_word if r['label'] == 1 else neg_word}.")
+        random.shuffle(docs)
     # One stream of documents, each starting with BOS as the tokenizer adds it; packed into
     # fixed-length blocks (the usual causal-LM pretraining recipe).
     stream = []
-    for s in sentences:
+    for s in docs:
         stream.extend(tok(s)["input_ids"])
     data = torch.tensor(stream)
     n_blocks = len(data) // a.seq
     blocks = data[: n_blocks * a.seq].view(n_blocks, a.seq)
     print(f"{len(sentences)} sentences, {len(stream)} tokens, {n_blocks} blocks of {a.seq}", flush=True)
 
-    model = OPTForCausalLM(OPTConfig(**CONFIG)).to(a.device).train()
+    model = OPTForCausalLM(OPTConfig(**config(a))).to(a.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.05)
     t0 = time.time()
@@ -73,6 +91,7 @@ def main():
         if step % 200 == 0 or step == a.steps - 1:
             print(f"step {step} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
     model = model.eval().to("cpu").to(torch.float16)
+    model.config.dropout = model.config.attention_dropout = 0.0
     model.save_pretrained(a.out)
     gen = os.path.join(a.out, "generation_config.json")
     if os.path.exists(gen):
