@@ -1,12 +1,16 @@
-"""Makes the bundled small OPT (crates/mezo-cli/assets/opt-mini): pretrained by this script as a
-plain language model on SST-2's training sentences (text only, no labels), saved in HF's format.
+"""Makes the bundled small OPT (crates/mezo-cli/assets/opt-mini), pretrained by this script as a
+causal language model and saved in HF's format.
 
-It knows the language of movie reviews but was never shown a label or a prompt, so its zero-shot
-SST-2 accuracy is near chance; that is the point of a MeZO demo, which must then teach it the task.
+Its corpus is SST-2's training file only: every phrase as plain text and, with --verbalizer, each
+labelled phrase once more as "<phrase> It was good." / "... It was bad.". The model so learns
+sentiment, but under the verbaliser good/bad, never the demo's great/terrible: zero-shot SST-2
+with the MeZO prompt ("It was" terrible/great) is near chance, and the demo's MeZO run has to
+adapt the model to that prompt, as MeZO adapts pretrained LMs to prompts in the paper. The test
+set (validation.jsonl) is never read here.
 
 Usage: python scripts/make_demo_model.py OUT_DIR --sst2 ../shared/data/sst2/train.jsonl
-         --bpe ../shared/data/gpt2-bpe [--steps N] [--device cpu|cuda] [--seed S]
-The published asset was made with: --steps 4000 --device cuda --seed 0 (see assets/README.md).
+         --bpe ../shared/data/gpt2-bpe [--steps N] [--device cpu|cuda] [--seed S] ...
+The published asset was made with the defaults on one H100 (about 100 s); see assets/README.md.
 """
 import argparse, json, os, random, shutil, time
 
@@ -36,7 +40,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--sst2", required=True)
     ap.add_argument("--bpe", required=True)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -45,11 +49,11 @@ def main():
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--embed-dim", type=int, default=0, help="word_embed_proj_dim (0: = hidden)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--verbalizer", default="",
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--verbalizer", default="good,bad",
                     help="e.g. 'good,bad': also train on '<sentence> It was good/bad.' for a fraction of "
                          "the labelled sentences (a verbaliser other than the demo's great/terrible)")
-    ap.add_argument("--verbalizer-fraction", type=float, default=0.5)
+    ap.add_argument("--verbalizer-fraction", type=float, default=1.0)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     write_tokenizer(a.out, a.bpe)

@@ -8,6 +8,7 @@ use mezo_train::optim::Schedule;
 use mezo_train::{train, LossKind, ModeSpec, Observer, OptimizerSpec, StepRecord, TrainConfig, TrainReport};
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(args_override_self = true)]
 pub struct TrainArgs {
     /// Base checkpoint directory (HF format).
     #[arg(long)]
@@ -80,6 +81,9 @@ pub struct TrainArgs {
     /// Dev examples sampled from train.jsonl, disjoint from the training ones (MeZO: 500).
     #[arg(long, default_value_t = 500)]
     pub n_dev: usize,
+    /// Sample train and dev only among examples of at least N words (0: all, MeZO's protocol).
+    #[arg(long, default_value_t = 0)]
+    pub min_words: usize,
     /// Evaluate on only the first N test examples.
     #[arg(long)]
     pub test_limit: Option<usize>,
@@ -133,6 +137,7 @@ impl TrainArgs {
             template: self.template.clone(),
             n_train: self.n_train,
             n_dev: self.n_dev,
+            min_words: self.min_words,
             test_limit: self.test_limit,
             eval_batch_size: self.eval_batch_size,
             device: self.device.clone(),
@@ -248,9 +253,9 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
         model: assets.join("opt-mini"),
         task: "sst2".into(),
         data_dir: assets.join("sst2"),
-        lora_r: 8,
-        lora_alpha: 16.0,
-        lora_targets: vec!["q_proj".into(), "v_proj".into()],
+        lora_r: DEMO_R,
+        lora_alpha: 2.0 * DEMO_R as f64,
+        lora_targets: DEMO_TARGETS.iter().map(|t| t.to_string()).collect(),
         full: false,
         full_patterns: vec![],
         steps: steps.unwrap_or(DEMO_STEPS),
@@ -270,6 +275,7 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
         template: "mezo".into(),
         n_train: 1000,
         n_dev: 500,
+        min_words: DEMO_MIN_WORDS,
         test_limit: None,
         eval_batch_size: 64,
         device: "cpu".into(),
@@ -279,18 +285,23 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
     })
 }
 
-pub const DEMO_STEPS: u64 = 2000;
-pub const DEMO_LR: f64 = 1e-3;
+pub const DEMO_STEPS: u64 = 1000;
+pub const DEMO_LR: f64 = 3e-3;
+pub const DEMO_R: i64 = 2;
+pub const DEMO_TARGETS: [&str; 2] = ["out_proj", "fc2"];
 pub const DEMO_DIRECTIONS: usize = 4;
+pub const DEMO_MIN_WORDS: usize = 0;
 
 pub fn run_demo(args: DemoArgs) -> Result<()> {
     let out = args.out.unwrap_or_else(|| std::env::temp_dir().join(format!("mezo-demo-{}", std::process::id())));
     let targs = demo_args(out, args.steps)?;
     if !args.json {
         eprintln!(
-            "mezo demo: MeZO (LoRA r=8 on q_proj,v_proj; {} steps, batch 16, {} directions, lr {}) on the bundled \
-             opt-mini and SST-2 (1000 train / 500 dev sampled, 872 test), on the CPU",
-            targs.steps, targs.directions, DEMO_LR
+            "mezo demo: MeZO (LoRA r={DEMO_R} on {}; {} steps, batch 16, {} directions, lr {DEMO_LR}) on the \
+             bundled opt-mini and SST-2 (1000 train / 500 dev sampled, 872 test), on the CPU",
+            DEMO_TARGETS.join(","),
+            targs.steps,
+            targs.directions
         );
     }
     let mut bar = Bar::new();

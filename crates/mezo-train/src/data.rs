@@ -15,18 +15,24 @@ pub struct Splits {
     pub test: Vec<Example>,
 }
 
-/// Samples train and dev without overlap from `train_file` (seeded), test = `test_file`.
+/// Samples train and dev without overlap from `train_file` (seeded), test = `test_file`. With
+/// `min_words > 0`, only training-file examples of at least that many words are sampled (SST-2's
+/// training file is mostly short phrases, its validation file whole sentences).
 pub fn mezo_splits(
     train_file: &Path,
     test_file: &Path,
     n_train: usize,
     n_dev: usize,
     seed: u64,
+    min_words: usize,
 ) -> Result<Splits> {
-    let pool = mezo_data::load_jsonl(train_file)?;
+    let mut pool = mezo_data::load_jsonl(train_file)?;
+    if min_words > 0 {
+        pool.retain(|e| e.sentence.split_whitespace().count() >= min_words);
+    }
     if pool.len() < n_train + n_dev {
         return Err(TrainError::Config(format!(
-            "{}: {} examples, but the protocol samples {n_train} train + {n_dev} dev",
+            "{}: {} examples (of at least {min_words} words), but the protocol samples {n_train} train + {n_dev} dev",
             train_file.display(),
             pool.len()
         )));

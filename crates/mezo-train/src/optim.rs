@@ -150,7 +150,7 @@ mod tests {
         assert!((v[0] - (1.0 - 0.1 * (0.5 + 0.5))).abs() < 1e-7);
         // Momentum accumulates.
         let mut s = Slot::default();
-        apply(Rule::Momentum { beta: 0.9 }, &mut s, &theta, &g, 0.1, 0.0, true);
+        let _ = apply(Rule::Momentum { beta: 0.9 }, &mut s, &theta, &g, 0.1, 0.0, true);
         let out = apply(Rule::Momentum { beta: 0.9 }, &mut s, &theta, &g, 0.1, 0.0, true);
         let v = Vec::<f32>::try_from(&out).unwrap();
         assert!((v[0] - (1.0 - 0.1 * 0.95)).abs() < 1e-6, "{v:?}");

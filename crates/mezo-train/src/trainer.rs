@@ -78,6 +78,9 @@ pub struct TrainConfig {
     pub template: String,
     pub n_train: usize,
     pub n_dev: usize,
+    /// Sample train and dev only among examples of at least this many words (0: all).
+    #[serde(default)]
+    pub min_words: usize,
     pub test_limit: Option<usize>,
     pub eval_batch_size: usize,
     pub device: String,
@@ -212,6 +215,7 @@ impl Session {
             cfg.n_train,
             cfg.n_dev,
             cfg.seed,
+            cfg.min_words,
         )?;
         let mut test = splits.test;
         if let Some(n) = cfg.test_limit {

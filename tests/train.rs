@@ -1,0 +1,182 @@
+//! `mezo train` and `mezo demo` end to end: determinism, PEFT export read back by Python `peft`,
+//! skipped non-finite steps, full-parameter and first-order runs, and the demo's learning claim.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+fn assets() -> PathBuf {
+    repo_root().join("crates/mezo-cli/assets")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let base = std::env::var_os("MEZO_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let d = base.join("train").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A short LoRA run on the bundled model; returns the report.
+fn train(out: &Path, extra: &[&str]) -> Value {
+    let a = assets();
+    let mut args = vec![
+        "train".to_string(), "--model".into(), a.join("opt-mini").to_string_lossy().into(),
+        "--data-dir".into(), a.join("sst2").to_string_lossy().into(),
+        "--steps".into(), "12".into(), "--n-train".into(), "64".into(), "--n-dev".into(), "32".into(),
+        "--test-limit".into(), "32".into(), "--eval-every".into(), "6".into(), "--lr".into(), "1e-3".into(),
+        "--directions".into(), "2".into(), "--out".into(), out.to_string_lossy().into(), "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let stdout = mezo_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    serde_json::from_str(stdout.lines().last().unwrap()).expect("a JSON report")
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn same_seed_same_bits_other_seed_other_bits() {
+    let (a, b, c) = (tmp("seed-a"), tmp("seed-b"), tmp("seed-c"));
+    let ra = train(&a, &["--seed", "3"]);
+    train(&b, &["--seed", "3"]);
+    train(&c, &["--seed", "4"]);
+    let f = "adapter/adapter_model.safetensors";
+    assert_eq!(bytes(&a.join(f)), bytes(&b.join(f)), "same seed must give a bit-identical adapter");
+    assert_ne!(bytes(&a.join(f)), bytes(&c.join(f)), "another seed must give another adapter");
+    for k in ["steps", "final_train_loss", "best_dev_accuracy", "test_accuracy", "seconds"] {
+        assert!(ra.get(k).is_some(), "report lacks {k}: {ra}");
+    }
+    assert_eq!(ra["steps"], 12);
+    // The step log has one line a step, with dev accuracy where evaluated.
+    let log = std::fs::read_to_string(a.join("train_log.jsonl")).unwrap();
+    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 12);
+    assert!(lines[5]["dev_accuracy"].is_number() && lines[4]["dev_accuracy"].is_null());
+}
+
+#[test]
+fn peft_loads_the_adapter_and_agrees_with_mezo_eval() {
+    // A base checkpoint written by transformers itself, and an adapter trained on it by mezo.
+    let base = tmp("peft-base");
+    let data = shared_data();
+    run_python(&[
+        repo_root().join("tests/py/make_parity_fixtures.py").to_str().unwrap(),
+        base.to_str().unwrap(),
+        data.join("sst2/validation.jsonl").to_str().unwrap(),
+        data.join("gpt2-bpe").to_str().unwrap(),
+        "--limit", "2", "--cases", "pre_safetensors",
+    ]);
+    let model = base.join("pre_safetensors");
+    let out = tmp("peft-run");
+    let a = assets();
+    mezo_ok(&[
+        "train", "--model", model.to_str().unwrap(), "--data-dir", a.join("sst2").to_str().unwrap(),
+        "--steps", "20", "--n-train", "64", "--n-dev", "16", "--test-limit", "8", "--eval-every", "0",
+        "--lr", "5e-2", "--lora-targets", "q_proj,v_proj,fc1", "--out", out.to_str().unwrap(),
+    ]);
+    let adapter = out.join("adapter");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    let validation = data.join("sst2/validation.jsonl");
+    let ours: Value = serde_json::from_str(&mezo_ok(&[
+        "eval", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
+        "--data", validation.to_str().unwrap(), "--limit", "16", "--json",
+    ]))
+    .unwrap();
+    let base_scores: Value = serde_json::from_str(&mezo_ok(&[
+        "eval", "--model", model.to_str().unwrap(), "--data", validation.to_str().unwrap(), "--limit", "16", "--json",
+    ]))
+    .unwrap();
+    let peft_json = out.join("peft.json");
+    run_python(&[
+        repo_root().join("tests/py/peft_scores.py").to_str().unwrap(),
+        model.to_str().unwrap(), adapter.to_str().unwrap(), validation.to_str().unwrap(), "16", "mezo",
+        peft_json.to_str().unwrap(),
+    ]);
+    let peft: Value = serde_json::from_str(&std::fs::read_to_string(&peft_json).unwrap()).unwrap();
+    let (o, p, b) = (&ours["per_example"], &peft["per_example"], &base_scores["per_example"]);
+    let mut worst = 0.0f64;
+    let mut moved = 0.0f64;
+    for i in 0..16 {
+        for c in 0..2 {
+            let (x, y, z) = (o[i]["scores"][c].as_f64().unwrap(), p[i]["scores"][c].as_f64().unwrap(), b[i]["scores"][c].as_f64().unwrap());
+            worst = worst.max((x - y).abs());
+            moved = moved.max((x - z).abs());
+        }
+        assert_eq!(o[i]["pred"], p[i]["pred"], "example {i}: prediction differs from PEFT");
+    }
+    eprintln!("mezo eval --adapter vs PEFT: worst |diff| {worst:.2e}; the adapter moved scores by up to {moved:.2e}");
+    assert!(worst <= 1e-4, "scores differ from PEFT's by {worst}");
+    assert!(moved > 1e-3, "the adapter barely changed the model ({moved}): the comparison would prove nothing");
+}
+
+#[test]
+fn non_finite_losses_are_skipped_and_counted() {
+    let out = tmp("nan");
+    // A perturbation this large overflows float32: every loss is NaN or infinite.
+    let r = train(&out, &["--eps", "1e38", "--steps", "5", "--eval-every", "0"]);
+    assert_eq!(r["skipped_steps"], 5, "{r}");
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"skipped\":true")).count(), 5);
+    // Nothing was applied: the adapter is PEFT's initialisation (B = 0), so scores equal the base's.
+    assert_eq!(r["test_accuracy"], r["zero_shot_accuracy"]);
+}
+
+#[test]
+fn full_parameter_and_first_order_runs() {
+    let out = tmp("full");
+    let r = train(&out, &["--full", "--full-patterns", "fc1,fc2", "--lr", "1e-4", "--eps", "1e-3", "--steps", "4"]);
+    assert_eq!(r["steps"], 4);
+    // The trained model is a checkpoint `mezo eval` loads.
+    let model = out.join("model");
+    assert!(model.join("model.safetensors").is_file() && model.join("config.json").is_file());
+    let ev: Value = serde_json::from_str(&mezo_ok(&[
+        "eval", "--model", model.to_str().unwrap(), "--data", assets().join("sst2/validation.jsonl").to_str().unwrap(),
+        "--limit", "8", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(ev["examples"], 8);
+    let fo = tmp("fo");
+    let r = train(&fo, &["--optimizer", "adam", "--lr", "1e-2", "--steps", "6"]);
+    assert!(r["optimizer_state_bytes"].as_i64().unwrap() == 0 || r["final_train_loss"].as_f64().unwrap().is_finite());
+    let log = std::fs::read_to_string(fo.join("train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+}
+
+#[test]
+fn bad_train_arguments_are_named() {
+    let a = assets();
+    let m = a.join("opt-mini");
+    let d = a.join("sst2");
+    let base = ["train", "--model", m.to_str().unwrap(), "--data-dir", d.to_str().unwrap(), "--out", "/tmp/mezo-never"];
+    let with = |extra: &[&str]| mezo_err(&[&base[..], extra].concat());
+    assert!(with(&["--steps", "0"]).contains("--steps"));
+    let e = with(&["--lr=-1"]);
+    assert!(e.contains("--lr must be a positive number"), "{e}");
+    assert!(with(&["--lora-targets", "gate_proj"]).contains("gate_proj"));
+    assert!(with(&["--optimizer", "lion"]).contains("--optimizer `lion`"));
+    assert!(with(&["--distribution", "cauchy"]).contains("cauchy"));
+    assert!(with(&["--n-train", "100000"]).contains("100000 train"));
+    let e = mezo_err(&["train", "--model", m.to_str().unwrap(), "--data-dir", "/nonexistent", "--out", "/tmp/mezo-never"]);
+    assert!(e.contains("/nonexistent/train.jsonl"), "{e}");
+}
+
+/// The README's claim: the demo beats zero-shot by at least 10 points, on the CPU, in its
+/// default (bounded) number of steps.
+#[test]
+fn demo_learns_sst2() {
+    let out = tmp("demo");
+    let stdout = mezo_ok(&["demo", "--json", "--out", out.to_str().unwrap()]);
+    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (zs, test) = (r["zero_shot_accuracy"].as_f64().unwrap(), r["test_accuracy"].as_f64().unwrap());
+    eprintln!("demo: zero-shot {zs:.4} -> {test:.4} in {:.0}s", r["seconds"].as_f64().unwrap());
+    assert!(test >= zs + 0.10, "demo gained {:.2} points, fewer than 10", 100.0 * (test - zs));
+}
