@@ -4,7 +4,9 @@
 //! `Z[seed, name, i]` is defined bit for bit (see [`rng`]) so that a run can be replayed from its
 //! seeds alone, on CPU or CUDA, in any process, without storing a single Z.
 
+pub mod cuda;
 pub mod error;
+pub mod fused;
 pub mod normal;
 pub mod rng;
 pub mod seeds;

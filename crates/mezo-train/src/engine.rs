@@ -5,7 +5,8 @@
 //! `θ ← θ − η(ĝ + λθ)` with `ĝ = (1/n) Σ g_i z_i`). Neither holds `z` for the whole model at once
 //! in full-parameter mode, and neither builds an autograd graph.
 
-use mezo_core::{bits_tensor, z_from_bits, z_tensor, Distribution, GaussTable, StreamKey};
+use mezo_core::fused::{self, SgdUpdate};
+use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
 use mezo_data::ScoringRow;
 use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Opt, ScoreBatch};
 use serde::{Deserialize, Serialize};
@@ -301,14 +302,22 @@ impl Engine {
     }
 
     /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
-    /// model's dtype.
+    /// model's dtype: a fused kernel where the tensor allows, else chunked tensor ops.
     fn perturb(&self, model: &Opt, f: &FullState, seed: u64, scale: f64) -> Result<()> {
         let params = model.named_parameters();
+        let dist = self.settings.dist;
         for (i, name, _) in &f.selected {
             let p = params[*i].1;
-            let z = z_tensor(seed, name, p.numel() as i64, self.settings.dist, &self.table, p.device())?;
-            let new = p.to_kind(Kind::Float) + (z.view(p.size().as_slice()) * scale);
-            p.shallow_clone().copy_(&new);
+            let key = StreamKey::new(seed, name);
+            if fused::supported(p) {
+                fused::perturb_(p, key, scale as f32, dist, &self.table)?;
+            } else {
+                for_chunks(p, |chunk, off| {
+                    let z = z_range(key, off, chunk.numel() as i64, dist, &self.table, p.device());
+                    let new = chunk.to_kind(Kind::Float) + (z * scale as f32 as f64);
+                    chunk.shallow_clone().copy_(&new);
+                });
+            }
         }
         Ok(())
     }
@@ -316,7 +325,9 @@ impl Engine {
     /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
     pub fn apply_update(&mut self, model: &Opt, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
         let _g = tch::no_grad_guard();
-        let n = seeds.len() as f64;
+        // A multiply by the f32 reciprocal, never a division: CUDA turns division by a scalar
+        // into exactly this, the CPU would not, and replicas on both must agree.
+        let inv_n = (1.0 / seeds.len() as f64) as f32 as f64;
         let StepSettings { dist, rule, weight_decay, .. } = self.settings;
         match &mut self.trainable {
             Trainable::Lora(l) => {
@@ -327,7 +338,7 @@ impl Engine {
                     ghat = ghat + z.get(i as i64) * g;
                 }
                 if seeds.len() > 1 {
-                    ghat = ghat / n;
+                    ghat = ghat * inv_n;
                 }
                 l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
             }
@@ -335,16 +346,33 @@ impl Engine {
                 let params = model.named_parameters();
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
                     let p = params[*i].1;
-                    let numel = p.numel() as i64;
-                    let mut ghat: Option<Tensor> = None;
-                    for (&s, &g) in seeds.iter().zip(grads) {
-                        let zg = z_tensor(s, name, numel, dist, &self.table, p.device())? * g;
-                        ghat = Some(match ghat { Some(acc) => acc + zg, None => zg });
+                    let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
+                    if rule == Rule::Sgd && fused::supported(p) {
+                        let u = SgdUpdate {
+                            keys,
+                            grads: grads.iter().map(|&g| g as f32).collect(),
+                            lr: lr as f32,
+                            weight_decay: (*decay && weight_decay != 0.0).then_some(weight_decay as f32),
+                        };
+                        fused::sgd_update_(p, &u, dist, &self.table)?;
+                        continue;
                     }
-                    let mut ghat = ghat.expect("at least one direction").view(p.size().as_slice());
-                    if seeds.len() > 1 {
-                        ghat = ghat / n;
-                    }
+                    // Stateful rules: chunk by chunk, so no temporary is larger than a chunk
+                    // (the state itself is the rule's documented extra memory).
+                    let flat_p = p.view(-1);
+                    let mut new_parts = Vec::new();
+                    for_chunks(&flat_p, |chunk, off| {
+                        let len = chunk.numel() as i64;
+                        let mut ghat = z_range(keys[0], off, len, dist, &self.table, p.device()) * grads[0];
+                        for (k, &g) in keys.iter().zip(grads).skip(1) {
+                            ghat = ghat + z_range(*k, off, len, dist, &self.table, p.device()) * g;
+                        }
+                        if seeds.len() > 1 {
+                            ghat = ghat * inv_n;
+                        }
+                        new_parts.push(ghat);
+                    });
+                    let ghat = Tensor::cat(&new_parts, 0).view(p.size().as_slice());
                     let new = optim::apply(rule, slot, &p.to_kind(Kind::Float), &ghat, lr, weight_decay, *decay);
                     p.shallow_clone().copy_(&new);
                 }
@@ -359,6 +387,29 @@ impl Engine {
             Trainable::Full(f) => f.slots.iter().map(Slot::state_bytes).sum(),
         }
     }
+}
+
+/// Elements a generic (unfused) chunk handles at once: bounds the int64 temporaries of Z.
+const CHUNK: i64 = 1 << 22;
+
+/// Calls `f(chunk, offset)` on consecutive views of the flattened tensor.
+fn for_chunks(p: &Tensor, mut f: impl FnMut(&Tensor, i64)) {
+    let flat = p.view(-1);
+    let n = flat.numel() as i64;
+    let mut off = 0;
+    while off < n {
+        let len = CHUNK.min(n - off);
+        f(&flat.narrow(0, off, len), off);
+        off += len;
+    }
+}
+
+/// Z for elements `off .. off + len` of one parameter stream, float32.
+fn z_range(key: StreamKey, off: i64, len: i64, dist: Distribution, table: &GaussTable, dev: Device) -> Tensor {
+    let idx = Tensor::arange_start(off, off + len, (Kind::Int64, dev));
+    let a = Tensor::from(key.a as i64).to_device(dev);
+    let b = Tensor::from(key.b as i64).to_device(dev);
+    z_from_bits(&bits_tensor(&idx, &a, &b), dist, table)
 }
 
 /// Projected gradients from direction losses; `None` when any loss is NaN or infinite (the step

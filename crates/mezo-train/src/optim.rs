@@ -111,10 +111,9 @@ pub fn apply(rule: Rule, slot: &mut Slot, theta: &Tensor, ghat: &Tensor, lr: f64
             };
             slot.m = Some(m.shallow_clone());
             slot.v = Some(v.shallow_clone());
-            let c1 = 1.0 - beta1.powi(slot.t);
-            let c2 = 1.0 - beta2.powi(slot.t);
-            let mhat = m / c1;
-            let vhat = v / c2;
+            // Reciprocals multiplied, not scalars divided: see `Engine::apply_update`.
+            let mhat = m * (1.0 / (1.0 - beta1.powi(slot.t)));
+            let vhat = v * (1.0 / (1.0 - beta2.powi(slot.t)));
             mhat / (vhat.sqrt() + eps)
         }
     };

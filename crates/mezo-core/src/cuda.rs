@@ -1,0 +1,327 @@
+//! The fused kernels of [`crate::fused`] on CUDA: compiled at run time by NVRTC (no nvcc needed
+//! where mezo is built) and launched through the driver API on the legacy default stream, the
+//! stream libtorch's own kernels use here, so they are ordered with them without any sync.
+//! libnvrtc and libcuda are opened with dlopen on first use, so a CPU-only machine never needs them.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::sync::{Mutex, OnceLock};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{CoreError, Result};
+use crate::fused::SgdUpdate;
+use crate::rng::{Distribution, StreamKey};
+use crate::ztensor::GaussTable;
+
+const SOURCE: &str = r#"
+typedef unsigned int u32;
+typedef unsigned long long u64;
+__device__ __forceinline__ u32 mix32(u32 x) {
+  x ^= x >> 16; x *= 0x21f0aaadu; x ^= x >> 15; x *= 0x735a2d97u; x ^= x >> 15; return x;
+}
+__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* T, const float* D, int dist) {
+  u32 k = mix32(mix32(i ^ b) ^ a);
+  if (dist) return (k >> 31) ? -1.0f : 1.0f;
+  u32 hi = k >> 16;
+  float frac = __fmul_rn((float)(k & 0xffffu), 1.52587890625e-05f);
+  return __fadd_rn(T[hi], __fmul_rn(D[hi], frac));
+}
+__device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
+  if (dt == 0) return ((const float*)p)[i];
+  unsigned short h = ((const unsigned short*)p)[i];
+  if (dt == 1) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+  return __uint_as_float(((u32)h) << 16);
+}
+__device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
+  if (dt == 0) { ((float*)p)[i] = v; return; }
+  unsigned short h;
+  if (dt == 1) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
+  else { asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
+  ((unsigned short*)p)[i] = h;
+}
+extern "C" __global__ void mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale,
+                                        const float* T, const float* D, int dist) {
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+    float z = zval((u32)i, a, b, T, D, dist);
+    st(p, i, dt, __fadd_rn(ld(p, i, dt), __fmul_rn(z, scale)));
+  }
+}
+extern "C" __global__ void mezo_sgd_update(void* p, int dt, u64 n, const u32* a, const u32* b,
+                                           const float* g, int m, float inv_n, int use_inv,
+                                           float wd, int use_wd, float lr,
+                                           const float* T, const float* D, int dist) {
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+    u32 ii = (u32)i;
+    float acc = __fmul_rn(zval(ii, a[0], b[0], T, D, dist), g[0]);
+    for (int j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, a[j], b[j], T, D, dist), g[j]));
+    if (use_inv) acc = __fmul_rn(acc, inv_n);
+    float th = ld(p, i, dt);
+    if (use_wd) acc = __fadd_rn(acc, __fmul_rn(th, wd));
+    st(p, i, dt, __fsub_rn(th, __fmul_rn(acc, lr)));
+  }
+}
+"#;
+
+type CuResult = c_int;
+
+struct Api {
+    _nvrtc: libloading::Library,
+    _cuda: libloading::Library,
+    cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    cu_module_load_data: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> CuResult,
+    cu_module_get_function: unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> CuResult,
+    #[allow(clippy::type_complexity)]
+    cu_launch_kernel: unsafe extern "C" fn(
+        *mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void,
+        *mut *mut c_void, *mut *mut c_void,
+    ) -> CuResult,
+    cu_ctx_get_current: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
+    cu_ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
+    cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    nvrtc_create_program: unsafe extern "C" fn(
+        *mut *mut c_void, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char,
+    ) -> c_int,
+    nvrtc_compile_program: unsafe extern "C" fn(*mut c_void, c_int, *const *const c_char) -> c_int,
+    nvrtc_get_ptx_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    nvrtc_get_ptx: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+    nvrtc_get_program_log_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    nvrtc_get_program_log: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+}
+
+fn open_first(names: &[String]) -> Result<libloading::Library> {
+    let mut errs = Vec::new();
+    for n in names {
+        // SAFETY: loading a vendor library whose initialisers are trusted (NVIDIA's).
+        match unsafe { libloading::Library::new(n) } {
+            Ok(l) => return Ok(l),
+            Err(e) => errs.push(format!("{n}: {e}")),
+        }
+    }
+    Err(CoreError::Cuda(format!("cannot load any of: {}", errs.join("; "))))
+}
+
+fn nvrtc_names() -> Vec<String> {
+    let mut names: Vec<String> = std::env::var("MEZO_NVRTC").into_iter().collect();
+    names.extend(["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"].map(String::from));
+    // pip's torch keeps NVRTC in site-packages/nvidia/cu*/lib beside torch/lib.
+    if let Ok(paths) = std::env::var("LD_LIBRARY_PATH") {
+        for p in paths.split(':').filter(|p| p.ends_with("torch/lib")) {
+            for cu in ["cu13", "cuda_nvrtc"] {
+                for f in ["libnvrtc.so.13", "libnvrtc.so.12"] {
+                    names.push(format!("{p}/../../nvidia/{cu}/lib/{f}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+impl Api {
+    fn load() -> Result<Self> {
+        let nvrtc = open_first(&nvrtc_names())?;
+        let cuda = open_first(&["libcuda.so.1".to_string(), "libcuda.so".to_string()])?;
+        macro_rules! sym {
+            ($lib:expr, $name:literal) => {
+                // SAFETY: the signature matches the documented C API of this symbol.
+                *unsafe { $lib.get($name) }.map_err(|e| CoreError::Cuda(format!("{}: {e}", String::from_utf8_lossy($name))))?
+            };
+        }
+        Ok(Api {
+            cu_get_error_string: sym!(cuda, b"cuGetErrorString"),
+            cu_module_load_data: sym!(cuda, b"cuModuleLoadData"),
+            cu_module_get_function: sym!(cuda, b"cuModuleGetFunction"),
+            cu_launch_kernel: sym!(cuda, b"cuLaunchKernel"),
+            cu_ctx_get_current: sym!(cuda, b"cuCtxGetCurrent"),
+            cu_ctx_get_device: sym!(cuda, b"cuCtxGetDevice"),
+            cu_device_get_attribute: sym!(cuda, b"cuDeviceGetAttribute"),
+            nvrtc_create_program: sym!(nvrtc, b"nvrtcCreateProgram"),
+            nvrtc_compile_program: sym!(nvrtc, b"nvrtcCompileProgram"),
+            nvrtc_get_ptx_size: sym!(nvrtc, b"nvrtcGetPTXSize"),
+            nvrtc_get_ptx: sym!(nvrtc, b"nvrtcGetPTX"),
+            nvrtc_get_program_log_size: sym!(nvrtc, b"nvrtcGetProgramLogSize"),
+            nvrtc_get_program_log: sym!(nvrtc, b"nvrtcGetProgramLog"),
+            _nvrtc: nvrtc,
+            _cuda: cuda,
+        })
+    }
+
+    fn check(&self, r: CuResult, what: &str) -> Result<()> {
+        if r == 0 {
+            return Ok(());
+        }
+        let mut s: *const c_char = std::ptr::null();
+        // SAFETY: cuGetErrorString writes a pointer to a static string.
+        unsafe { (self.cu_get_error_string)(r, &mut s) };
+        let msg = if s.is_null() { format!("error {r}") } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() };
+        Err(CoreError::Cuda(format!("{what}: {msg}")))
+    }
+}
+
+/// Kernels of one CUDA context (one per device that ran them).
+struct Module {
+    perturb: usize,
+    update: usize,
+}
+
+struct Kernels {
+    api: Api,
+    modules: Mutex<Vec<(usize, Module)>>,
+}
+
+fn kernels() -> Result<&'static Kernels> {
+    static K: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
+    K.get_or_init(|| Api::load().map(|api| Kernels { api, modules: Mutex::new(Vec::new()) }).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| CoreError::Cuda(e.clone()))
+}
+
+impl Kernels {
+    /// The functions for the current context, compiling for its device on first use.
+    fn functions(&self) -> Result<(usize, usize)> {
+        let api = &self.api;
+        let mut ctx = std::ptr::null_mut();
+        api.check(unsafe { (api.cu_ctx_get_current)(&mut ctx) }, "cuCtxGetCurrent")?;
+        if ctx.is_null() {
+            return Err(CoreError::Cuda("no current CUDA context (libtorch has not touched this device yet)".into()));
+        }
+        let mut modules = self.modules.lock().expect("kernel cache lock");
+        if let Some((_, m)) = modules.iter().find(|(c, _)| *c == ctx as usize) {
+            return Ok((m.perturb, m.update));
+        }
+        let mut dev = 0;
+        api.check(unsafe { (api.cu_ctx_get_device)(&mut dev) }, "cuCtxGetDevice")?;
+        let (mut major, mut minor) = (0, 0);
+        // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76.
+        api.check(unsafe { (api.cu_device_get_attribute)(&mut major, 75, dev) }, "compute capability")?;
+        api.check(unsafe { (api.cu_device_get_attribute)(&mut minor, 76, dev) }, "compute capability")?;
+        let ptx = self.compile(&format!("--gpu-architecture=compute_{major}{minor}"))?;
+        let mut module = std::ptr::null_mut();
+        api.check(unsafe { (api.cu_module_load_data)(&mut module, ptx.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+        let get = |name: &str| -> Result<usize> {
+            let mut f = std::ptr::null_mut();
+            let c = CString::new(name).expect("no NUL");
+            api.check(unsafe { (api.cu_module_get_function)(&mut f, module, c.as_ptr()) }, name)?;
+            Ok(f as usize)
+        };
+        let m = Module { perturb: get("mezo_perturb")?, update: get("mezo_sgd_update")? };
+        let out = (m.perturb, m.update);
+        modules.push((ctx as usize, m));
+        Ok(out)
+    }
+
+    fn compile(&self, arch: &str) -> Result<Vec<u8>> {
+        let api = &self.api;
+        let src = CString::new(SOURCE).expect("no NUL");
+        let name = CString::new("mezo_fused.cu").expect("no NUL");
+        let mut prog = std::ptr::null_mut();
+        let r = unsafe { (api.nvrtc_create_program)(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
+        if r != 0 {
+            return Err(CoreError::Cuda(format!("nvrtcCreateProgram failed ({r})")));
+        }
+        // --fmad=false: the arithmetic must round exactly like the CPU's (the intrinsics already
+        // say so; this keeps any future edit honest).
+        let opts = [CString::new(arch).expect("no NUL"), CString::new("--fmad=false").expect("no NUL")];
+        let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+        let r = unsafe { (api.nvrtc_compile_program)(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
+        if r != 0 {
+            let mut n = 0usize;
+            unsafe { (api.nvrtc_get_program_log_size)(prog, &mut n) };
+            let mut log = vec![0u8; n.max(1)];
+            unsafe { (api.nvrtc_get_program_log)(prog, log.as_mut_ptr() as *mut c_char) };
+            return Err(CoreError::Cuda(format!("NVRTC ({arch}): {}", String::from_utf8_lossy(&log))));
+        }
+        let mut n = 0usize;
+        unsafe { (api.nvrtc_get_ptx_size)(prog, &mut n) };
+        let mut ptx = vec![0u8; n];
+        unsafe { (api.nvrtc_get_ptx)(prog, ptx.as_mut_ptr() as *mut c_char) };
+        Ok(ptx)
+    }
+
+    fn launch(&self, f: usize, n: u64, args: &mut [*mut c_void]) -> Result<()> {
+        let threads = 256u32;
+        let blocks = n.div_ceil(u64::from(threads)).clamp(1, 132 * 32) as u32;
+        let api = &self.api;
+        let r = unsafe {
+            (api.cu_launch_kernel)(f as *mut c_void, blocks, 1, 1, threads, 1, 1, 0, std::ptr::null_mut(), args.as_mut_ptr(), std::ptr::null_mut())
+        };
+        api.check(r, "cuLaunchKernel")
+    }
+}
+
+fn dtype_code(p: &Tensor) -> c_int {
+    match p.kind() {
+        Kind::Float => 0,
+        Kind::Half => 1,
+        _ => 2,
+    }
+}
+
+fn table_on(p: &Tensor, table: &GaussTable) -> Result<()> {
+    if table.device() != p.device() {
+        return Err(CoreError::InvalidArgument {
+            what: "Gaussian table device",
+            value: format!("{:?} for a tensor on {:?}", table.device(), p.device()),
+            expected: "the table made for the tensor's device",
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn perturb(p: &Tensor, key: StreamKey, scale: f32, dist: Distribution, table: &GaussTable) -> Result<()> {
+    table_on(p, table)?;
+    let k = kernels()?;
+    let (f, _) = k.functions()?;
+    let mut ptr = p.data_ptr();
+    let mut dt = dtype_code(p);
+    let mut n = p.numel() as u64;
+    let (mut a, mut b, mut s) = (key.a, key.b, scale);
+    let (mut tp, mut dp) = (table.t.data_ptr(), table.d.data_ptr());
+    let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
+    let mut args: Vec<*mut c_void> = vec![
+        &mut ptr as *mut _ as *mut c_void, &mut dt as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void,
+        &mut a as *mut _ as *mut c_void, &mut b as *mut _ as *mut c_void, &mut s as *mut _ as *mut c_void,
+        &mut tp as *mut _ as *mut c_void, &mut dp as *mut _ as *mut c_void, &mut di as *mut _ as *mut c_void,
+    ];
+    k.launch(f, n, &mut args)
+}
+
+pub(crate) fn sgd_update(p: &Tensor, u: &SgdUpdate, inv_n: Option<f32>, dist: Distribution, table: &GaussTable) -> Result<()> {
+    table_on(p, table)?;
+    let k = kernels()?;
+    let (_, f) = k.functions()?;
+    let dev = p.device();
+    let to_dev = |v: Vec<i32>| Tensor::from_slice(&v).to_device(dev);
+    let a = to_dev(u.keys.iter().map(|k| k.a as i32).collect());
+    let b = to_dev(u.keys.iter().map(|k| k.b as i32).collect());
+    let g = Tensor::from_slice(&u.grads).to_device(dev);
+    let mut ptr = p.data_ptr();
+    let mut dt = dtype_code(p);
+    let mut n = p.numel() as u64;
+    let (mut ap, mut bp, mut gp) = (a.data_ptr(), b.data_ptr(), g.data_ptr());
+    let mut m = u.keys.len() as c_int;
+    let mut inv = inv_n.unwrap_or(1.0);
+    let mut use_inv: c_int = inv_n.is_some().into();
+    let mut wd = u.weight_decay.unwrap_or(0.0);
+    let mut use_wd: c_int = u.weight_decay.is_some().into();
+    let mut lr = u.lr;
+    let (mut tp, mut dp) = (table.t.data_ptr(), table.d.data_ptr());
+    let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
+    let mut args: Vec<*mut c_void> = vec![
+        &mut ptr as *mut _ as *mut c_void, &mut dt as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void,
+        &mut ap as *mut _ as *mut c_void, &mut bp as *mut _ as *mut c_void, &mut gp as *mut _ as *mut c_void,
+        &mut m as *mut _ as *mut c_void, &mut inv as *mut _ as *mut c_void, &mut use_inv as *mut _ as *mut c_void,
+        &mut wd as *mut _ as *mut c_void, &mut use_wd as *mut _ as *mut c_void, &mut lr as *mut _ as *mut c_void,
+        &mut tp as *mut _ as *mut c_void, &mut dp as *mut _ as *mut c_void, &mut di as *mut _ as *mut c_void,
+    ];
+    k.launch(f, n, &mut args)?;
+    // `a`, `b`, `g` must outlive the kernel: the caching allocator only recycles their memory
+    // for work queued after this point on the same stream, so dropping them here is safe.
+    drop((a, b, g));
+    Ok(())
+}
+
+/// For tests and diagnostics: whether the kernels load and compile on this device.
+pub fn available(device: Device) -> Result<()> {
+    let _ = Tensor::zeros([1], (Kind::Float, device)); // make libtorch create the context
+    kernels()?.functions().map(|_| ())
+}
