@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: sets up when needed, then evaluates the bundled small
-# OPT on SST-2's validation set. Extra arguments go to `mezo eval` (e.g. --json, --limit 100).
+# The main job on its embedded default: sets up when needed, then runs `mezo demo`: MeZO trains
+# the bundled small OPT on SST-2 on the CPU and prints zero-shot and final test accuracy.
+# Extra arguments go to `mezo demo` (e.g. --json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-assets=crates/mezo-cli/assets
-exec "$CARGO_TARGET_DIR/release/mezo" eval --model "$assets/opt-mini" --task sst2 \
-  --data "$assets/sst2/validation.jsonl" "$@"
+exec "$CARGO_TARGET_DIR/release/mezo" demo "$@"
