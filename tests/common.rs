@@ -42,12 +42,7 @@ pub fn python() -> String {
 
 pub fn run_python(args: &[&str]) -> Output {
     let out = Command::new(python()).args(args).output().expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "python {:?} failed:\n{}",
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "python {:?} failed:\n{}", args, String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -58,12 +53,7 @@ pub fn mezo(args: &[&str]) -> Output {
 /// Runs `mezo` and expects success, returning stdout.
 pub fn mezo_ok(args: &[&str]) -> String {
     let out = mezo(args);
-    assert!(
-        out.status.success(),
-        "mezo {:?} failed:\n{}",
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "mezo {:?} failed:\n{}", args, String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 

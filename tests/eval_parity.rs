@@ -88,8 +88,19 @@ fn scores_match_hf_for_every_variant_format_and_template() {
             let model = dir.join(case);
             // A batch size that does not divide the example count: uneven, length-sorted batches.
             let out = mezo_ok(&[
-                "eval", "--model", model.to_str().unwrap(), "--task", "sst2", "--data",
-                &validation(), "--limit", LIMIT, "--template", template, "--batch-size", "5",
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--task",
+                "sst2",
+                "--data",
+                &validation(),
+                "--limit",
+                LIMIT,
+                "--template",
+                template,
+                "--batch-size",
+                "5",
                 "--json",
             ]);
             let ours: Value = serde_json::from_str(&out).expect("one JSON object on stdout");
@@ -108,8 +119,22 @@ fn read_json(path: &Path) -> Value {
 
 fn our_scores(model: &Path, template: &str, device: &str, dtype: &str) -> Value {
     let out = mezo_ok(&[
-        "eval", "--model", model.to_str().unwrap(), "--data", &validation(), "--limit", LIMIT,
-        "--template", template, "--device", device, "--dtype", dtype, "--batch-size", "7", "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &validation(),
+        "--limit",
+        LIMIT,
+        "--template",
+        template,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--batch-size",
+        "7",
+        "--json",
     ]);
     serde_json::from_str(&out).expect("one JSON object on stdout")
 }
@@ -170,7 +195,10 @@ fn half_precision_on_cpu_matches_hf() {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_matches_hf_fp32_and_bf16() {
     let dir = tmp_dir("parity-fixtures-cuda");
-    make_fixtures(&dir, &["--device", "cuda", "--dtypes", "fp32,bf16", "--cases", "pre_safetensors,post_bin"]);
+    make_fixtures(
+        &dir,
+        &["--device", "cuda", "--dtypes", "fp32,bf16", "--cases", "pre_safetensors,post_bin"],
+    );
     for case in ["pre_safetensors", "post_bin"] {
         for template in ["mezo", "classify"] {
             let model = dir.join(case);
@@ -187,9 +215,7 @@ fn cuda_matches_hf_fp32_and_bf16() {
 #[test]
 fn human_summary_without_json() {
     let model = fixtures().join("pre_safetensors");
-    let out = mezo_ok(&[
-        "eval", "--model", model.to_str().unwrap(), "--data", &validation(), "--limit", "4",
-    ]);
+    let out = mezo_ok(&["eval", "--model", model.to_str().unwrap(), "--data", &validation(), "--limit", "4"]);
     assert!(out.contains("accuracy") && out.contains("4 examples"), "{out}");
 }
 

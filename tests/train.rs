@@ -25,11 +25,28 @@ fn tmp(name: &str) -> PathBuf {
 fn train(out: &Path, extra: &[&str]) -> Value {
     let a = assets();
     let mut args = vec![
-        "train".to_string(), "--model".into(), a.join("opt-mini").to_string_lossy().into(),
-        "--data-dir".into(), a.join("sst2").to_string_lossy().into(),
-        "--steps".into(), "12".into(), "--n-train".into(), "64".into(), "--n-dev".into(), "32".into(),
-        "--test-limit".into(), "32".into(), "--eval-every".into(), "6".into(), "--lr".into(), "1e-3".into(),
-        "--directions".into(), "2".into(), "--out".into(), out.to_string_lossy().into(), "--json".into(),
+        "train".to_string(),
+        "--model".into(),
+        a.join("opt-mini").to_string_lossy().into(),
+        "--data-dir".into(),
+        a.join("sst2").to_string_lossy().into(),
+        "--steps".into(),
+        "12".into(),
+        "--n-train".into(),
+        "64".into(),
+        "--n-dev".into(),
+        "32".into(),
+        "--test-limit".into(),
+        "32".into(),
+        "--eval-every".into(),
+        "6".into(),
+        "--lr".into(),
+        "1e-3".into(),
+        "--directions".into(),
+        "2".into(),
+        "--out".into(),
+        out.to_string_lossy().into(),
+        "--json".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let stdout = mezo_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -70,34 +87,75 @@ fn peft_loads_the_adapter_and_agrees_with_mezo_eval() {
         base.to_str().unwrap(),
         data.join("sst2/validation.jsonl").to_str().unwrap(),
         data.join("gpt2-bpe").to_str().unwrap(),
-        "--limit", "2", "--cases", "pre_safetensors",
+        "--limit",
+        "2",
+        "--cases",
+        "pre_safetensors",
     ]);
     let model = base.join("pre_safetensors");
     let out = tmp("peft-run");
     let a = assets();
     mezo_ok(&[
-        "train", "--model", model.to_str().unwrap(), "--data-dir", a.join("sst2").to_str().unwrap(),
-        "--steps", "20", "--n-train", "64", "--n-dev", "16", "--test-limit", "8", "--eval-every", "0",
-        "--lr", "5e-2", "--lora-targets", "q_proj,v_proj,fc1", "--out", out.to_str().unwrap(),
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        a.join("sst2").to_str().unwrap(),
+        "--steps",
+        "20",
+        "--n-train",
+        "64",
+        "--n-dev",
+        "16",
+        "--test-limit",
+        "8",
+        "--eval-every",
+        "0",
+        "--lr",
+        "5e-2",
+        "--lora-targets",
+        "q_proj,v_proj,fc1",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     let adapter = out.join("adapter");
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 8);
     let validation = data.join("sst2/validation.jsonl");
     let ours: Value = serde_json::from_str(&mezo_ok(&[
-        "eval", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(),
-        "--data", validation.to_str().unwrap(), "--limit", "16", "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        validation.to_str().unwrap(),
+        "--limit",
+        "16",
+        "--json",
     ]))
     .unwrap();
     let base_scores: Value = serde_json::from_str(&mezo_ok(&[
-        "eval", "--model", model.to_str().unwrap(), "--data", validation.to_str().unwrap(), "--limit", "16", "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        validation.to_str().unwrap(),
+        "--limit",
+        "16",
+        "--json",
     ]))
     .unwrap();
     let peft_json = out.join("peft.json");
     run_python(&[
         repo_root().join("tests/py/peft_scores.py").to_str().unwrap(),
-        model.to_str().unwrap(), adapter.to_str().unwrap(), validation.to_str().unwrap(), "16", "mezo",
+        model.to_str().unwrap(),
+        adapter.to_str().unwrap(),
+        validation.to_str().unwrap(),
+        "16",
+        "mezo",
         peft_json.to_str().unwrap(),
     ]);
     let peft: Value = serde_json::from_str(&std::fs::read_to_string(&peft_json).unwrap()).unwrap();
@@ -106,7 +164,11 @@ fn peft_loads_the_adapter_and_agrees_with_mezo_eval() {
     let mut moved = 0.0f64;
     for i in 0..16 {
         for c in 0..2 {
-            let (x, y, z) = (o[i]["scores"][c].as_f64().unwrap(), p[i]["scores"][c].as_f64().unwrap(), b[i]["scores"][c].as_f64().unwrap());
+            let (x, y, z) = (
+                o[i]["scores"][c].as_f64().unwrap(),
+                p[i]["scores"][c].as_f64().unwrap(),
+                b[i]["scores"][c].as_f64().unwrap(),
+            );
             worst = worst.max((x - y).abs());
             moved = moved.max((x - z).abs());
         }
@@ -114,7 +176,10 @@ fn peft_loads_the_adapter_and_agrees_with_mezo_eval() {
     }
     eprintln!("mezo eval --adapter vs PEFT: worst |diff| {worst:.2e}; the adapter moved scores by up to {moved:.2e}");
     assert!(worst <= 1e-4, "scores differ from PEFT's by {worst}");
-    assert!(moved > 1e-3, "the adapter barely changed the model ({moved}): the comparison would prove nothing");
+    assert!(
+        moved > 1e-3,
+        "the adapter barely changed the model ({moved}): the comparison would prove nothing"
+    );
 }
 
 #[test]
@@ -132,22 +197,35 @@ fn non_finite_losses_are_skipped_and_counted() {
 #[test]
 fn full_parameter_and_first_order_runs() {
     let out = tmp("full");
-    let r = train(&out, &["--full", "--full-patterns", "fc1,fc2", "--lr", "1e-4", "--eps", "1e-3", "--steps", "4"]);
+    let r = train(
+        &out,
+        &["--full", "--full-patterns", "fc1,fc2", "--lr", "1e-4", "--eps", "1e-3", "--steps", "4"],
+    );
     assert_eq!(r["steps"], 4);
     // The trained model is a checkpoint `mezo eval` loads.
     let model = out.join("model");
     assert!(model.join("model.safetensors").is_file() && model.join("config.json").is_file());
     let ev: Value = serde_json::from_str(&mezo_ok(&[
-        "eval", "--model", model.to_str().unwrap(), "--data", assets().join("sst2/validation.jsonl").to_str().unwrap(),
-        "--limit", "8", "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        assets().join("sst2/validation.jsonl").to_str().unwrap(),
+        "--limit",
+        "8",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(ev["examples"], 8);
     let fo = tmp("fo");
     let r = train(&fo, &["--optimizer", "adam", "--lr", "1e-2", "--steps", "6"]);
-    assert!(r["optimizer_state_bytes"].as_i64().unwrap() == 0 || r["final_train_loss"].as_f64().unwrap().is_finite());
+    assert!(
+        r["optimizer_state_bytes"].as_i64().unwrap() == 0
+            || r["final_train_loss"].as_f64().unwrap().is_finite()
+    );
     let log = std::fs::read_to_string(fo.join("train_log.jsonl")).unwrap();
-    let losses: Vec<f64> = log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> =
+        log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }
 
@@ -156,7 +234,15 @@ fn bad_train_arguments_are_named() {
     let a = assets();
     let m = a.join("opt-mini");
     let d = a.join("sst2");
-    let base = ["train", "--model", m.to_str().unwrap(), "--data-dir", d.to_str().unwrap(), "--out", "/tmp/mezo-never"];
+    let base = [
+        "train",
+        "--model",
+        m.to_str().unwrap(),
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--out",
+        "/tmp/mezo-never",
+    ];
     let with = |extra: &[&str]| mezo_err(&[&base[..], extra].concat());
     assert!(with(&["--steps", "0"]).contains("--steps"));
     let e = with(&["--lr=-1"]);
@@ -165,7 +251,15 @@ fn bad_train_arguments_are_named() {
     assert!(with(&["--optimizer", "lion"]).contains("--optimizer `lion`"));
     assert!(with(&["--distribution", "cauchy"]).contains("cauchy"));
     assert!(with(&["--n-train", "100000"]).contains("100000 train"));
-    let e = mezo_err(&["train", "--model", m.to_str().unwrap(), "--data-dir", "/nonexistent", "--out", "/tmp/mezo-never"]);
+    let e = mezo_err(&[
+        "train",
+        "--model",
+        m.to_str().unwrap(),
+        "--data-dir",
+        "/nonexistent",
+        "--out",
+        "/tmp/mezo-never",
+    ]);
     assert!(e.contains("/nonexistent/train.jsonl"), "{e}");
 }
 

@@ -87,9 +87,8 @@ def make_model(variant, seed):
     return model
 
 
-def hf_scores(model_dir, examples, template, dtype, device):
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+def score(model, tok, examples, template, device="cpu"):
+    """MeZO's candidate scoring with HF: one unbatched forward per candidate."""
     prompt_fn, cands = TEMPLATES[template]
     out = []
     for ex in examples:
@@ -109,6 +108,12 @@ def hf_scores(model_dir, examples, template, dtype, device):
                         prompt_ids=p_ids))
     acc = sum(e["pred"] == e["label"] for e in out) / len(out)
     return dict(examples=len(out), accuracy=acc, per_example=out)
+
+
+def hf_scores(model_dir, examples, template, dtype, device):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    return score(model, tok, examples, template, device)
 
 
 def main():

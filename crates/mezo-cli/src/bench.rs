@@ -89,9 +89,8 @@ fn forward(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> R
     let model = Opt::random(config, device, kind, 0)?;
     let ids = Tensor::randint_low(4, vocab, [args.batch, args.seq], (Kind::Int64, device));
     let mask = Tensor::ones([args.batch, args.seq], (Kind::Int64, device));
-    let step = || -> Result<Tensor> {
-        Ok(model.logits(&model.hidden_states(&ids, &mask, Padding::Right, None)?))
-    };
+    let step =
+        || -> Result<Tensor> { Ok(model.logits(&model.hidden_states(&ids, &mask, Padding::Right, None)?)) };
     for _ in 0..args.warmup {
         let _ = step()?;
     }
@@ -114,7 +113,9 @@ fn forward(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> R
 /// labels), answer-only cross-entropy, one direction seed per step.
 fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> Result<Value> {
     use mezo_data::ScoringRow;
-    use mezo_train::engine::{projected_grads, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
+    use mezo_train::engine::{
+        projected_grads, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable,
+    };
     let vocab = config.vocab_size;
     let model = Opt::random(config, device, kind, 0)?;
     let mut rng = mezo_core::HostRng::new(1);
@@ -129,17 +130,27 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
     let micro = [Prepared::new(&refs, &labels, LossKind::AnswerCe, &model)?];
     let trainable = match args.mode.as_str() {
         "lora" => {
-            let cfg = mezo_model::LoraConfig { r: 8, alpha: 16.0, targets: vec![mezo_model::Target::Q, mezo_model::Target::V] };
+            let cfg = mezo_model::LoraConfig {
+                r: 8,
+                alpha: 16.0,
+                targets: vec![mezo_model::Target::Q, mezo_model::Target::V],
+            };
             Trainable::Lora(LoraState::init(cfg, &model, 0)?)
         }
         "full" => Trainable::Full(FullState::new(&model, &[])?),
         m => bail!("unknown --mode `{m}`: expected lora or full"),
     };
     let eps = if args.mode == "lora" { 1e-2 } else { 1e-3 };
-    let settings = StepSettings { eps, dist: mezo_core::Distribution::Gaussian, rule: mezo_train::optim::Rule::Sgd, weight_decay: 0.0 };
+    let settings = StepSettings {
+        eps,
+        dist: mezo_core::Distribution::Gaussian,
+        rule: mezo_train::optim::Rule::Sgd,
+        weight_decay: 0.0,
+    };
     let mut engine = mezo_train::Engine::new(trainable, settings, device);
     let mut step = |t: u64| -> Result<()> {
-        let seeds: Vec<u64> = (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
+        let seeds: Vec<u64> =
+            (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
         let losses = engine.direction_losses(&model, &micro, &seeds)?;
         let grads = projected_grads(&losses, eps).context("non-finite loss in the benchmark")?;
         engine.apply_update(&model, &seeds, &grads, 1e-6)?;

@@ -165,15 +165,20 @@ impl Observer for Bar {
     fn on_start(&mut self, total: u64) {
         self.bar = ProgressBar::new(total);
         self.bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
+            )
+            .expect("valid template"),
         );
     }
 
     fn on_step(&mut self, r: &StepRecord) {
         if !r.skipped {
             // An exponential moving average: single-batch losses are noisy.
-            self.loss = Some(match self.loss { Some(l) => 0.95 * l + 0.05 * r.loss, None => r.loss });
+            self.loss = Some(match self.loss {
+                Some(l) => 0.95 * l + 0.05 * r.loss,
+                None => r.loss,
+            });
         }
         if r.dev_accuracy.is_some() {
             self.dev = r.dev_accuracy;
@@ -238,11 +243,11 @@ pub fn assets_dir() -> Result<PathBuf> {
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets")),
         Some(PathBuf::from("crates/mezo-cli/assets")),
     ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("opt-mini/config.json").is_file())
-        .ok_or_else(|| anyhow::anyhow!("bundled assets not found: set MEZO_ASSETS to crates/mezo-cli/assets of a mezo checkout"))
+    candidates.into_iter().flatten().find(|d| d.join("opt-mini/config.json").is_file()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "bundled assets not found: set MEZO_ASSETS to crates/mezo-cli/assets of a mezo checkout"
+        )
+    })
 }
 
 /// The demo's settings: MeZO with LoRA on the bundled small OPT and SST-2, sized for 2 CPU
@@ -293,7 +298,8 @@ pub const DEMO_DIRECTIONS: usize = 4;
 pub const DEMO_MIN_WORDS: usize = 0;
 
 pub fn run_demo(args: DemoArgs) -> Result<()> {
-    let out = args.out.unwrap_or_else(|| std::env::temp_dir().join(format!("mezo-demo-{}", std::process::id())));
+    let out =
+        args.out.unwrap_or_else(|| std::env::temp_dir().join(format!("mezo-demo-{}", std::process::id())));
     let targs = demo_args(out, args.steps)?;
     if !args.json {
         eprintln!(

@@ -72,14 +72,28 @@ struct Api {
     cu_module_get_function: unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> CuResult,
     #[allow(clippy::type_complexity)]
     cu_launch_kernel: unsafe extern "C" fn(
-        *mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void,
-        *mut *mut c_void, *mut *mut c_void,
+        *mut c_void,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        *mut c_void,
+        *mut *mut c_void,
+        *mut *mut c_void,
     ) -> CuResult,
     cu_ctx_get_current: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
     cu_ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
     cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
     nvrtc_create_program: unsafe extern "C" fn(
-        *mut *mut c_void, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char,
+        *mut *mut c_void,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
     ) -> c_int,
     nvrtc_compile_program: unsafe extern "C" fn(*mut c_void, c_int, *const *const c_char) -> c_int,
     nvrtc_get_ptx_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
@@ -123,7 +137,8 @@ impl Api {
         macro_rules! sym {
             ($lib:expr, $name:literal) => {
                 // SAFETY: the signature matches the documented C API of this symbol.
-                *unsafe { $lib.get($name) }.map_err(|e| CoreError::Cuda(format!("{}: {e}", String::from_utf8_lossy($name))))?
+                *unsafe { $lib.get($name) }
+                    .map_err(|e| CoreError::Cuda(format!("{}: {e}", String::from_utf8_lossy($name))))?
             };
         }
         Ok(Api {
@@ -152,7 +167,11 @@ impl Api {
         let mut s: *const c_char = std::ptr::null();
         // SAFETY: cuGetErrorString writes a pointer to a static string.
         unsafe { (self.cu_get_error_string)(r, &mut s) };
-        let msg = if s.is_null() { format!("error {r}") } else { unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned() };
+        let msg = if s.is_null() {
+            format!("error {r}")
+        } else {
+            unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+        };
         Err(CoreError::Cuda(format!("{what}: {msg}")))
     }
 }
@@ -170,9 +189,11 @@ struct Kernels {
 
 fn kernels() -> Result<&'static Kernels> {
     static K: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
-    K.get_or_init(|| Api::load().map(|api| Kernels { api, modules: Mutex::new(Vec::new()) }).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| CoreError::Cuda(e.clone()))
+    K.get_or_init(|| {
+        Api::load().map(|api| Kernels { api, modules: Mutex::new(Vec::new()) }).map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| CoreError::Cuda(e.clone()))
 }
 
 impl Kernels {
@@ -182,7 +203,9 @@ impl Kernels {
         let mut ctx = std::ptr::null_mut();
         api.check(unsafe { (api.cu_ctx_get_current)(&mut ctx) }, "cuCtxGetCurrent")?;
         if ctx.is_null() {
-            return Err(CoreError::Cuda("no current CUDA context (libtorch has not touched this device yet)".into()));
+            return Err(CoreError::Cuda(
+                "no current CUDA context (libtorch has not touched this device yet)".into(),
+            ));
         }
         let mut modules = self.modules.lock().expect("kernel cache lock");
         if let Some((_, m)) = modules.iter().find(|(c, _)| *c == ctx as usize) {
@@ -196,7 +219,10 @@ impl Kernels {
         api.check(unsafe { (api.cu_device_get_attribute)(&mut minor, 76, dev) }, "compute capability")?;
         let ptx = self.compile(&format!("--gpu-architecture=compute_{major}{minor}"))?;
         let mut module = std::ptr::null_mut();
-        api.check(unsafe { (api.cu_module_load_data)(&mut module, ptx.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+        api.check(
+            unsafe { (api.cu_module_load_data)(&mut module, ptx.as_ptr() as *const c_void) },
+            "cuModuleLoadData",
+        )?;
         let get = |name: &str| -> Result<usize> {
             let mut f = std::ptr::null_mut();
             let c = CString::new(name).expect("no NUL");
@@ -214,7 +240,16 @@ impl Kernels {
         let src = CString::new(SOURCE).expect("no NUL");
         let name = CString::new("mezo_fused.cu").expect("no NUL");
         let mut prog = std::ptr::null_mut();
-        let r = unsafe { (api.nvrtc_create_program)(&mut prog, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
+        let r = unsafe {
+            (api.nvrtc_create_program)(
+                &mut prog,
+                src.as_ptr(),
+                name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
         if r != 0 {
             return Err(CoreError::Cuda(format!("nvrtcCreateProgram failed ({r})")));
         }
@@ -242,7 +277,19 @@ impl Kernels {
         let blocks = n.div_ceil(u64::from(threads)).clamp(1, 132 * 32) as u32;
         let api = &self.api;
         let r = unsafe {
-            (api.cu_launch_kernel)(f as *mut c_void, blocks, 1, 1, threads, 1, 1, 0, std::ptr::null_mut(), args.as_mut_ptr(), std::ptr::null_mut())
+            (api.cu_launch_kernel)(
+                f as *mut c_void,
+                blocks,
+                1,
+                1,
+                threads,
+                1,
+                1,
+                0,
+                std::ptr::null_mut(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
         };
         api.check(r, "cuLaunchKernel")
     }
@@ -267,7 +314,13 @@ fn table_on(p: &Tensor, table: &GaussTable) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn perturb(p: &Tensor, key: StreamKey, scale: f32, dist: Distribution, table: &GaussTable) -> Result<()> {
+pub(crate) fn perturb(
+    p: &Tensor,
+    key: StreamKey,
+    scale: f32,
+    dist: Distribution,
+    table: &GaussTable,
+) -> Result<()> {
     table_on(p, table)?;
     let k = kernels()?;
     let (f, _) = k.functions()?;
@@ -278,14 +331,26 @@ pub(crate) fn perturb(p: &Tensor, key: StreamKey, scale: f32, dist: Distribution
     let (mut tp, mut dp) = (table.t.data_ptr(), table.d.data_ptr());
     let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
     let mut args: Vec<*mut c_void> = vec![
-        &mut ptr as *mut _ as *mut c_void, &mut dt as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void,
-        &mut a as *mut _ as *mut c_void, &mut b as *mut _ as *mut c_void, &mut s as *mut _ as *mut c_void,
-        &mut tp as *mut _ as *mut c_void, &mut dp as *mut _ as *mut c_void, &mut di as *mut _ as *mut c_void,
+        &mut ptr as *mut _ as *mut c_void,
+        &mut dt as *mut _ as *mut c_void,
+        &mut n as *mut _ as *mut c_void,
+        &mut a as *mut _ as *mut c_void,
+        &mut b as *mut _ as *mut c_void,
+        &mut s as *mut _ as *mut c_void,
+        &mut tp as *mut _ as *mut c_void,
+        &mut dp as *mut _ as *mut c_void,
+        &mut di as *mut _ as *mut c_void,
     ];
     k.launch(f, n, &mut args)
 }
 
-pub(crate) fn sgd_update(p: &Tensor, u: &SgdUpdate, inv_n: Option<f32>, dist: Distribution, table: &GaussTable) -> Result<()> {
+pub(crate) fn sgd_update(
+    p: &Tensor,
+    u: &SgdUpdate,
+    inv_n: Option<f32>,
+    dist: Distribution,
+    table: &GaussTable,
+) -> Result<()> {
     table_on(p, table)?;
     let k = kernels()?;
     let (_, f) = k.functions()?;
@@ -307,11 +372,21 @@ pub(crate) fn sgd_update(p: &Tensor, u: &SgdUpdate, inv_n: Option<f32>, dist: Di
     let (mut tp, mut dp) = (table.t.data_ptr(), table.d.data_ptr());
     let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
     let mut args: Vec<*mut c_void> = vec![
-        &mut ptr as *mut _ as *mut c_void, &mut dt as *mut _ as *mut c_void, &mut n as *mut _ as *mut c_void,
-        &mut ap as *mut _ as *mut c_void, &mut bp as *mut _ as *mut c_void, &mut gp as *mut _ as *mut c_void,
-        &mut m as *mut _ as *mut c_void, &mut inv as *mut _ as *mut c_void, &mut use_inv as *mut _ as *mut c_void,
-        &mut wd as *mut _ as *mut c_void, &mut use_wd as *mut _ as *mut c_void, &mut lr as *mut _ as *mut c_void,
-        &mut tp as *mut _ as *mut c_void, &mut dp as *mut _ as *mut c_void, &mut di as *mut _ as *mut c_void,
+        &mut ptr as *mut _ as *mut c_void,
+        &mut dt as *mut _ as *mut c_void,
+        &mut n as *mut _ as *mut c_void,
+        &mut ap as *mut _ as *mut c_void,
+        &mut bp as *mut _ as *mut c_void,
+        &mut gp as *mut _ as *mut c_void,
+        &mut m as *mut _ as *mut c_void,
+        &mut inv as *mut _ as *mut c_void,
+        &mut use_inv as *mut _ as *mut c_void,
+        &mut wd as *mut _ as *mut c_void,
+        &mut use_wd as *mut _ as *mut c_void,
+        &mut lr as *mut _ as *mut c_void,
+        &mut tp as *mut _ as *mut c_void,
+        &mut dp as *mut _ as *mut c_void,
+        &mut di as *mut _ as *mut c_void,
     ];
     k.launch(f, n, &mut args)?;
     // `a`, `b`, `g` must outlive the kernel: the caching allocator only recycles their memory

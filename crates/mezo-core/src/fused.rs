@@ -11,7 +11,9 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
-use crate::rng::{gaussian_of_bits, host_gauss_table, rademacher_of_bits, Distribution, HostGaussTable, StreamKey};
+use crate::rng::{
+    gaussian_of_bits, host_gauss_table, rademacher_of_bits, Distribution, HostGaussTable, StreamKey,
+};
 use crate::ztensor::GaussTable;
 
 /// The ZO-SGD update of one tensor: direction keys and projected gradients (as f32), the scale
@@ -39,7 +41,13 @@ pub fn supported(p: &Tensor) -> bool {
 }
 
 /// `p += scale * z(key)` in place.
-pub fn perturb_(p: &Tensor, key: StreamKey, scale: f32, dist: Distribution, table: &GaussTable) -> Result<()> {
+pub fn perturb_(
+    p: &Tensor,
+    key: StreamKey,
+    scale: f32,
+    dist: Distribution,
+    table: &GaussTable,
+) -> Result<()> {
     check(p)?;
     match p.device() {
         Device::Cpu => {
@@ -233,8 +241,21 @@ mod tests {
 
     #[test]
     fn half_conversions_match_torch() {
-        let mut vals: Vec<f32> = (0..20000).map(|i| ((i as f32) - 10000.0) * 0.37 + (i as f32).sin() * 1e-3).collect();
-        vals.extend([0.0, -0.0, 1e-8, -6e-8, 65504.0, 65520.0, 1e6, f32::INFINITY, f32::MIN_POSITIVE, 3.0e-5, 6.1e-5]);
+        let mut vals: Vec<f32> =
+            (0..20000).map(|i| ((i as f32) - 10000.0) * 0.37 + (i as f32).sin() * 1e-3).collect();
+        vals.extend([
+            0.0,
+            -0.0,
+            1e-8,
+            -6e-8,
+            65504.0,
+            65520.0,
+            1e6,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+            3.0e-5,
+            6.1e-5,
+        ]);
         let t = Tensor::from_slice(&vals);
         let cases: [(Kind, fn(f32) -> u16); 2] = [(Kind::Half, f32_to_f16), (Kind::BFloat16, f32_to_bf16)];
         for (kind, to) in cases {
@@ -279,7 +300,8 @@ mod tests {
                 let fused = base.copy();
                 sgd_update_(&fused, &u, dist, &table).unwrap();
                 let theta = base.to_kind(Kind::Float);
-                let mut acc = z_tensor(seeds[0], name, n, dist, &table, Device::Cpu).unwrap() * grads[0] as f64;
+                let mut acc =
+                    z_tensor(seeds[0], name, n, dist, &table, Device::Cpu).unwrap() * grads[0] as f64;
                 for (s, g) in seeds.iter().zip(grads).skip(1) {
                     acc = acc + z_tensor(*s, name, n, dist, &table, Device::Cpu).unwrap() * g as f64;
                 }

@@ -14,11 +14,11 @@ pub mod ztensor;
 
 pub use error::{CoreError, Result};
 pub use rng::{
-    gaussian_of_bits, host_gauss_table, mix32, name_hash, rademacher_of_bits, uniform_host,
-    uniform_of_bits, z_host, Distribution, HostGaussTable, StreamKey, GAUSS_TABLE_LEN,
+    gaussian_of_bits, host_gauss_table, mix32, name_hash, rademacher_of_bits, uniform_host, uniform_of_bits,
+    z_host, Distribution, HostGaussTable, StreamKey, GAUSS_TABLE_LEN,
 };
 pub use seeds::{direction_seed, splitmix64, HostRng};
 pub use ztensor::{
-    bits_tensor, gaussian_from_bits, rademacher_from_bits, uniform_from_bits, z_from_bits,
-    z_tensor, GaussTable,
+    bits_tensor, gaussian_from_bits, rademacher_from_bits, uniform_from_bits, z_from_bits, z_tensor,
+    GaussTable,
 };

@@ -17,10 +17,7 @@ const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
 
 /// `2^k` for a normal-range exponent, built from bits (exact).
 fn pow2(k: i64) -> f64 {
-    assert!(
-        (-1022..=1023).contains(&k),
-        "2^{k} out of the normal f64 range"
-    );
+    assert!((-1022..=1023).contains(&k), "2^{k} out of the normal f64 range");
     f64::from_bits(((k + 1023) as u64) << 52)
 }
 
@@ -40,10 +37,7 @@ pub(crate) fn exp(x: f64) -> f64 {
 /// Natural log to a few ulp for normal positive x: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
 /// ln m = 2 atanh(s), s = (m-1)/(m+1), |s| <= 0.172, by its odd series (22 terms).
 pub(crate) fn ln(x: f64) -> f64 {
-    assert!(
-        x.is_normal() && x > 0.0,
-        "ln({x}): only normal positive values"
-    );
+    assert!(x.is_normal() && x > 0.0, "ln({x}): only normal positive values");
     let bits = x.to_bits();
     let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023;
     let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
@@ -133,10 +127,7 @@ pub fn normal_pdf(x: f64) -> f64 {
 /// accuracy of [`normal_cdf`]: relative error ~1e-15 for p <= 1/2. For p > 1/2 it uses the symmetry `Phi^-1(p) = -Phi^-1(1-p)`.
 #[allow(clippy::excessive_precision)] // Acklam's coefficients as published
 pub fn inverse_normal_cdf(p: f64) -> f64 {
-    assert!(
-        p > 0.0 && p < 1.0,
-        "inverse_normal_cdf({p}): p must be in (0, 1)"
-    );
+    assert!(p > 0.0 && p < 1.0, "inverse_normal_cdf({p}): p must be in (0, 1)");
     if p > 0.5 {
         return -inverse_normal_cdf(1.0 - p);
     }
@@ -163,12 +154,8 @@ pub fn inverse_normal_cdf(p: f64) -> f64 {
         4.374_664_141_464_968,
         2.938_163_982_698_783,
     ];
-    const D: [f64; 4] = [
-        7.784_695_709_041_462e-3,
-        3.224_671_290_700_398e-1,
-        2.445_134_137_142_996,
-        3.754_408_661_907_416,
-    ];
+    const D: [f64; 4] =
+        [7.784_695_709_041_462e-3, 3.224_671_290_700_398e-1, 2.445_134_137_142_996, 3.754_408_661_907_416];
     let mut x = if p < 0.02425 {
         let q = (-2.0 * ln(p)).sqrt();
         (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
@@ -183,11 +170,7 @@ pub fn inverse_normal_cdf(p: f64) -> f64 {
     for _ in 0..2 {
         // Near the centre Phi(x) - p cancels: write it as -erf(-x/sqrt2)/2 - (p - 1/2), where
         // p - 1/2 is exact for p in [1/4, 1/2] (Sterbenz), so small x keep their relative accuracy.
-        let e = if p >= 0.25 {
-            -0.5 * erf_series(-x * FRAC_1_SQRT_2) - (p - 0.5)
-        } else {
-            normal_cdf(x) - p
-        };
+        let e = if p >= 0.25 { -0.5 * erf_series(-x * FRAC_1_SQRT_2) - (p - 0.5) } else { normal_cdf(x) - p };
         let u = e * sqrt_2pi * exp(0.5 * x * x);
         x -= u / (1.0 + 0.5 * x * u);
     }
@@ -209,10 +192,7 @@ mod tests {
             let x = f64::from(i) * 0.0173;
             assert!(rel(exp(x), x.exp()) < 4e-16, "exp({x})");
             let y = exp(x * 0.3);
-            assert!(
-                (ln(y) - y.ln()).abs() < 4e-16 * y.ln().abs().max(1.0),
-                "ln({y})"
-            );
+            assert!((ln(y) - y.ln()).abs() < 4e-16 * y.ln().abs().max(1.0), "ln({y})");
         }
     }
 
@@ -241,11 +221,7 @@ mod tests {
         for (x, want) in golden {
             let e = rel(erfc(x), want);
             worst = worst.max(e);
-            assert!(
-                e < 2e-15,
-                "erfc({x}) = {} want {want}: rel err {e:e}",
-                erfc(x)
-            );
+            assert!(e < 2e-15, "erfc({x}) = {} want {want}: rel err {e:e}", erfc(x));
         }
         println!("erfc worst relative error vs mpmath: {worst:e}");
         assert!(rel(erfc(-1.0), 2.0 - 0.15729920705028513066) < 1e-15);

@@ -45,9 +45,7 @@ pub fn mix32(x: u32) -> u32 {
 
 /// FNV-1a 32-bit over the UTF-8 bytes of a parameter name.
 pub fn name_hash(name: &str) -> u32 {
-    name.bytes().fold(0x811c_9dc5, |h: u32, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
+    name.bytes().fold(0x811c_9dc5, |h: u32, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
 }
 
 /// The per-(seed, parameter) key of the element stream.
@@ -145,10 +143,7 @@ pub fn host_gauss_table() -> &'static HostGaussTable {
             t[n - 1 - j] = -x;
         }
         t[n / 2] = 0.0;
-        let mut d: Vec<f32> = t
-            .windows(2)
-            .map(|w| (f64::from(w[1]) - f64::from(w[0])) as f32)
-            .collect();
+        let mut d: Vec<f32> = t.windows(2).map(|w| (f64::from(w[1]) - f64::from(w[0])) as f32).collect();
         d.push(0.0);
         HostGaussTable { t, d }
     })
@@ -210,30 +205,17 @@ mod tests {
         let name = "model.decoder.layers.0.fc1.weight";
         let base = StreamKey::new(0x0123_4567_89ab_cdef, name);
         for bit in 0..64 {
-            assert_ne!(
-                StreamKey::new(0x0123_4567_89ab_cdef ^ (1 << bit), name),
-                base,
-                "bit {bit}"
-            );
+            assert_ne!(StreamKey::new(0x0123_4567_89ab_cdef ^ (1 << bit), name), base, "bit {bit}");
         }
         assert_ne!(StreamKey::new(7, "a.weight"), StreamKey::new(7, "a.bias"));
     }
 
     #[test]
     fn distribution_parses() {
-        assert_eq!(
-            "gaussian".parse::<Distribution>().unwrap(),
-            Distribution::Gaussian
-        );
-        assert_eq!(
-            "rademacher".parse::<Distribution>().unwrap(),
-            Distribution::Rademacher
-        );
+        assert_eq!("gaussian".parse::<Distribution>().unwrap(), Distribution::Gaussian);
+        assert_eq!("rademacher".parse::<Distribution>().unwrap(), Distribution::Rademacher);
         let err = "normal".parse::<Distribution>().unwrap_err().to_string();
-        assert!(
-            err.contains("`normal`") && err.contains("gaussian or rademacher"),
-            "{err}"
-        );
+        assert!(err.contains("`normal`") && err.contains("gaussian or rademacher"), "{err}");
         assert_eq!(Distribution::Gaussian.to_string(), "gaussian");
     }
 
@@ -252,65 +234,19 @@ mod tests {
                 "Z changed for seed {seed}, name {name:?}, i {i}: gaussian {g} uniform {u}"
             );
         }
-        assert_eq!(
-            table_checksum(),
-            GOLDEN_TABLE_CHECKSUM,
-            "Gaussian table bits changed"
-        );
+        assert_eq!(table_checksum(), GOLDEN_TABLE_CHECKSUM, "Gaussian table bits changed");
     }
 
     /// (seed, name, i, Gaussian f32 bits, uniform f32 bits)
     const GOLDEN: [(u64, &str, u32, u32, u32); 8] = [
         (0, "", 0, 0xbfc4_fe25, 0x3d7d_8550), // -1.5390059, 0.061894715
-        (
-            0,
-            "model.decoder.embed_tokens.weight",
-            1,
-            0x3e98_5ab3,
-            0x3f1d_f2b9,
-        ), // 0.29756698, 0.6169849
-        (
-            1,
-            "model.decoder.layers.0.self_attn.q_proj.weight",
-            12345,
-            0x3f9e_e0cc,
-            0x3f64_8b0a,
-        ), // 1.2412353, 0.89274657
-        (
-            42,
-            "model.decoder.layers.11.fc2.bias",
-            999_999,
-            0x3f26_d0f6,
-            0x3f3e_2070,
-        ), // 0.651626, 0.74268246
-        (
-            u64::MAX,
-            "lm_head.weight",
-            u32::MAX,
-            0x3fe9_f698,
-            0x3f77_5a34,
-        ), // 1.827838, 0.96622014
-        (
-            0xDEAD_BEEF_CAFE_BABE,
-            "model.decoder.final_layer_norm.weight",
-            7,
-            0xbfef_ab10,
-            0x3cfa_6980,
-        ), // -1.8724079, 0.030567884
-        (
-            1 << 63,
-            "model.decoder.layers.23.self_attn.out_proj.weight",
-            1 << 31,
-            0xbf3b_c439,
-            0x3e6d_3174,
-        ), // -0.73346287, 0.23163396
-        (
-            12_345_678_901_234_567_890,
-            "ünïcödé",
-            65_536,
-            0xbde5_6271,
-            0x3ee9_2b6a,
-        ), // -0.11200417, 0.45540935
+        (0, "model.decoder.embed_tokens.weight", 1, 0x3e98_5ab3, 0x3f1d_f2b9), // 0.29756698, 0.6169849
+        (1, "model.decoder.layers.0.self_attn.q_proj.weight", 12345, 0x3f9e_e0cc, 0x3f64_8b0a), // 1.2412353, 0.89274657
+        (42, "model.decoder.layers.11.fc2.bias", 999_999, 0x3f26_d0f6, 0x3f3e_2070), // 0.651626, 0.74268246
+        (u64::MAX, "lm_head.weight", u32::MAX, 0x3fe9_f698, 0x3f77_5a34),            // 1.827838, 0.96622014
+        (0xDEAD_BEEF_CAFE_BABE, "model.decoder.final_layer_norm.weight", 7, 0xbfef_ab10, 0x3cfa_6980), // -1.8724079, 0.030567884
+        (1 << 63, "model.decoder.layers.23.self_attn.out_proj.weight", 1 << 31, 0xbf3b_c439, 0x3e6d_3174), // -0.73346287, 0.23163396
+        (12_345_678_901_234_567_890, "ünïcödé", 65_536, 0xbde5_6271, 0x3ee9_2b6a), // -0.11200417, 0.45540935
     ];
     /// FNV-1a 64 of all the f32 bits of the Gaussian table (t then d).
     const GOLDEN_TABLE_CHECKSUM: u64 = 0x82db_bac5_9d54_9a11;
@@ -318,15 +254,9 @@ mod tests {
     /// FNV-1a 64 over the bits of t then d.
     fn table_checksum() -> u64 {
         let tab = host_gauss_table();
-        tab.t
-            .iter()
-            .chain(&tab.d)
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-                x.to_bits()
-                    .to_le_bytes()
-                    .iter()
-                    .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-            })
+        tab.t.iter().chain(&tab.d).fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            x.to_bits().to_le_bytes().iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        })
     }
 
     #[test]
@@ -354,10 +284,7 @@ mod tests {
             let rel = ((got - p) / p).abs();
             worst_rel = worst_rel.max(rel);
             let bound = normal_pdf(xf) * xf.abs().max(1e-30) * f64::from(f32::EPSILON) / p;
-            assert!(
-                rel <= bound,
-                "j {j}: Phi(t) = {got}, p = {p}, rel {rel:e} > {bound:e}"
-            );
+            assert!(rel <= bound, "j {j}: Phi(t) = {got}, p = {p}, rel {rel:e} > {bound:e}");
             // Correct rounding: p lies between Phi at the midpoints to the neighbouring f32s.
             let below = f64::from(f32::from_bits(x.to_bits() + 1)); // x < 0: +1 ulp is more negative
             let above = f64::from(f32::from_bits(x.to_bits() - 1));
@@ -372,9 +299,7 @@ mod tests {
             let p = (j as f64 + 0.5) / n as f64;
             worst_f64 = worst_f64.max(((normal_cdf(inverse_normal_cdf(p)) - p) / p).abs());
         }
-        println!(
-            "table: max rel |Phi(t[j]) - p|/p = {worst_rel:e} (f32 knots), {worst_f64:e} (f64)"
-        );
+        println!("table: max rel |Phi(t[j]) - p|/p = {worst_rel:e} (f32 knots), {worst_f64:e} (f64)");
         assert!(worst_f64 < 1e-14);
     }
 }

@@ -75,11 +75,7 @@ mod tests {
         let mut r = HostRng::new(0);
         assert_eq!(
             [r.next_u64(), r.next_u64(), r.next_u64()],
-            [
-                0xE220_A839_7B1D_CDAF,
-                0x6E78_9E6A_A1B9_65F4,
-                0x06C4_5D18_8009_454F
-            ]
+            [0xE220_A839_7B1D_CDAF, 0x6E78_9E6A_A1B9_65F4, 0x06C4_5D18_8009_454F]
         );
         assert_eq!(splitmix64(0), 0xE220_A839_7B1D_CDAF);
     }
@@ -97,10 +93,7 @@ mod tests {
         }
         // chi-square, 9 degrees of freedom: 99.9% quantile is 27.9
         let expect = f64::from(draws) / n as f64;
-        let chi2: f64 = counts
-            .iter()
-            .map(|&c| (f64::from(c) - expect).powi(2) / expect)
-            .sum();
+        let chi2: f64 = counts.iter().map(|&c| (f64::from(c) - expect).powi(2) / expect).sum();
         assert!(chi2 < 27.9, "chi2 {chi2}, counts {counts:?}");
         assert_eq!(r.below(1), 0);
         // A range just above 2^63 rejects almost half the draws and must still terminate in range.
@@ -136,10 +129,7 @@ mod tests {
         for run in [0, 1, 2, 42, u64::MAX, 1 << 63] {
             for step in 0..200 {
                 for dir in 0..16 {
-                    assert!(
-                        seen.insert(direction_seed(run, step, dir)),
-                        "{run} {step} {dir}"
-                    );
+                    assert!(seen.insert(direction_seed(run, step, dir)), "{run} {step} {dir}");
                 }
             }
         }

@@ -43,11 +43,7 @@ impl GaussTable {
 
 /// [`crate::rng::mix32`] on an int64 tensor of u32 values, in place.
 fn mix32_(x: &mut Tensor) {
-    for (shift, mul) in [
-        (MIX_S[0], Some(MIX_C1)),
-        (MIX_S[1], Some(MIX_C2)),
-        (MIX_S[2], None),
-    ] {
+    for (shift, mul) in [(MIX_S[0], Some(MIX_C1)), (MIX_S[1], Some(MIX_C2)), (MIX_S[2], None)] {
         let s = x.bitwise_right_shift_tensor_scalar(i64::from(shift));
         let _ = x.bitwise_xor_tensor_(&s);
         if let Some(c) = mul {
@@ -71,16 +67,12 @@ pub fn bits_tensor(idx: &Tensor, a: &Tensor, b: &Tensor) -> Tensor {
 /// Uniform in [0, 1), f32: `(bits >> 8) * 2^-24` (conversion of a value < 2^24 and a power-of-two
 /// multiply, both exact).
 pub fn uniform_from_bits(bits: &Tensor) -> Tensor {
-    bits.bitwise_right_shift_tensor_scalar(8)
-        .to_kind(Kind::Float)
-        * f64::from(TWO_POW_M24)
+    bits.bitwise_right_shift_tensor_scalar(8).to_kind(Kind::Float) * f64::from(TWO_POW_M24)
 }
 
 /// +-1, f32, from the top bit: `1 - 2 * (bits >> 31)` (exact).
 pub fn rademacher_from_bits(bits: &Tensor) -> Tensor {
-    let top = bits
-        .bitwise_right_shift_tensor_scalar(31)
-        .to_kind(Kind::Float);
+    let top = bits.bitwise_right_shift_tensor_scalar(31).to_kind(Kind::Float);
     top * -2.0 + 1.0
 }
 
@@ -116,10 +108,7 @@ pub fn z_tensor(
     device: Device,
 ) -> Result<Tensor> {
     if !(0..=1 << 32).contains(&numel) {
-        return Err(CoreError::TooManyElements {
-            name: name.into(),
-            numel,
-        });
+        return Err(CoreError::TooManyElements { name: name.into(), numel });
     }
     let key = StreamKey::new(seed, name);
     let a = Tensor::scalar_tensor(i64::from(key.a), (Kind::Int64, device));
@@ -134,20 +123,9 @@ mod tests {
     use crate::normal::normal_cdf;
     use crate::rng::{uniform_host, z_host};
 
-    const SEEDS: [u64; 6] = [
-        0,
-        1,
-        u64::MAX,
-        0xDEAD_BEEF_CAFE_BABE,
-        1 << 63,
-        12_345_678_901_234_567_890,
-    ];
-    const NAMES: [&str; 4] = [
-        "",
-        "model.decoder.layers.0.self_attn.q_proj.weight",
-        "lm_head.weight",
-        "ünïcödé",
-    ];
+    const SEEDS: [u64; 6] = [0, 1, u64::MAX, 0xDEAD_BEEF_CAFE_BABE, 1 << 63, 12_345_678_901_234_567_890];
+    const NAMES: [&str; 4] =
+        ["", "model.decoder.layers.0.self_attn.q_proj.weight", "lm_head.weight", "ünïcödé"];
 
     fn to_bits(t: &Tensor) -> Vec<u32> {
         Vec::<f32>::try_from(&t.to_device(Device::Cpu).reshape([-1]))
@@ -184,22 +162,15 @@ mod tests {
                 let [u, r, g] = tensor_variates(seed, name, &idx, &table);
                 for (k, &i) in indices.iter().enumerate() {
                     let what = format!("seed {seed} name {name:?} i {i}");
-                    assert_eq!(
-                        u[k],
-                        uniform_host(seed, name, i).to_bits(),
-                        "uniform {what}"
-                    );
+                    assert_eq!(u[k], uniform_host(seed, name, i).to_bits(), "uniform {what}");
                     let rh = z_host(seed, name, i, Distribution::Rademacher);
                     assert_eq!(r[k], rh.to_bits(), "rademacher {what}");
                     let gh = z_host(seed, name, i, Distribution::Gaussian);
                     assert_eq!(g[k], gh.to_bits(), "gaussian {what}");
                 }
                 // The raw bits as well.
-                let bits = bits_tensor(
-                    &idx,
-                    &Tensor::from(i64::from(key.a)),
-                    &Tensor::from(i64::from(key.b)),
-                );
+                let bits =
+                    bits_tensor(&idx, &Tensor::from(i64::from(key.a)), &Tensor::from(i64::from(key.b)));
                 let bits = Vec::<i64>::try_from(&bits).unwrap();
                 for (k, &i) in indices.iter().enumerate() {
                     assert_eq!(bits[k], i64::from(key.bits(i)));
@@ -235,15 +206,9 @@ mod tests {
                 assert_eq!(v, z_host(3, "w", i as u32, dist).to_bits());
             }
         }
-        assert_eq!(
-            z_tensor(3, "w", 0, Distribution::Gaussian, &table, Device::Cpu)
-                .unwrap()
-                .numel(),
-            0
-        );
+        assert_eq!(z_tensor(3, "w", 0, Distribution::Gaussian, &table, Device::Cpu).unwrap().numel(), 0);
         for bad in [-1, (1 << 32) + 1] {
-            let err =
-                z_tensor(3, "w", bad, Distribution::Gaussian, &table, Device::Cpu).unwrap_err();
+            let err = z_tensor(3, "w", bad, Distribution::Gaussian, &table, Device::Cpu).unwrap_err();
             assert!(matches!(err, CoreError::TooManyElements { numel, .. } if numel == bad));
         }
     }
@@ -259,12 +224,7 @@ mod tests {
     fn corr(x: &[f64], y: &[f64]) -> f64 {
         let (mx, vx, _) = mean_var_kurt(x);
         let (my, vy, _) = mean_var_kurt(y);
-        let cov = x
-            .iter()
-            .zip(y)
-            .map(|(a, b)| (a - mx) * (b - my))
-            .sum::<f64>()
-            / x.len() as f64;
+        let cov = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum::<f64>() / x.len() as f64;
         cov / (vx * vy).sqrt()
     }
 
@@ -275,19 +235,12 @@ mod tests {
             None => {
                 let key = StreamKey::new(seed, name);
                 let idx = Tensor::arange(n, (Kind::Int64, Device::Cpu));
-                let bits = bits_tensor(
-                    &idx,
-                    &Tensor::from(i64::from(key.a)),
-                    &Tensor::from(i64::from(key.b)),
-                );
+                let bits =
+                    bits_tensor(&idx, &Tensor::from(i64::from(key.a)), &Tensor::from(i64::from(key.b)));
                 uniform_from_bits(&bits)
             }
         };
-        Vec::<f32>::try_from(&t)
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect()
+        Vec::<f32>::try_from(&t).unwrap().into_iter().map(f64::from).collect()
     }
 
     #[test]
@@ -309,15 +262,8 @@ mod tests {
         let u = sample(17, name, None, &table);
         let umean = u.iter().sum::<f64>() / u.len() as f64;
         assert!(u.iter().all(|&v| (0.0..1.0).contains(&v)));
-        let c_name = corr(
-            &g,
-            &sample(
-                17,
-                "model.decoder.layers.3.fc2.weight",
-                Some(Distribution::Gaussian),
-                &table,
-            ),
-        );
+        let c_name =
+            corr(&g, &sample(17, "model.decoder.layers.3.fc2.weight", Some(Distribution::Gaussian), &table));
         let c_seed = corr(&g, &sample(18, name, Some(Distribution::Gaussian), &table));
         let c_gu = corr(&g[1..], &g[..g.len() - 1]);
         println!("rademacher mean {rmean:.5}; uniform mean {umean:.5}; corr other name {c_name:.5}, other seed {c_seed:.5}, lag 1 {c_gu:.5}");
@@ -340,25 +286,15 @@ mod tests {
             let zc = z_tensor(seed, name, n, dist, &tc, Device::Cpu).unwrap();
             let zg = z_tensor(seed, name, n, dist, &tg, cuda).unwrap();
             assert_eq!(zg.device(), cuda);
-            let diff = to_bits(&zc)
-                .iter()
-                .zip(to_bits(&zg))
-                .filter(|(c, g)| **c != *g)
-                .count();
-            assert_eq!(
-                diff, 0,
-                "{dist}: {diff} of {n} elements differ between CPU and CUDA"
-            );
+            let diff = to_bits(&zc).iter().zip(to_bits(&zg)).filter(|(c, g)| **c != *g).count();
+            assert_eq!(diff, 0, "{dist}: {diff} of {n} elements differ between CPU and CUDA");
         }
         // Uniform, and indices near 2^32, through bits_tensor directly.
         let idx_c = Tensor::arange(n, (Kind::Int64, Device::Cpu)) + ((1i64 << 32) - n);
         for (s, nm) in [(0u64, ""), (u64::MAX, "lm_head.weight"), (seed, name)] {
             let [uc, rc, gc] = tensor_variates(s, nm, &idx_c, &tc);
             let [ug, rg, gg] = tensor_variates(s, nm, &idx_c.to_device(cuda), &tg);
-            assert!(
-                uc == ug && rc == rg && gc == gg,
-                "seed {s} name {nm:?}: CPU and CUDA differ"
-            );
+            assert!(uc == ug && rc == rg && gc == gg, "seed {s} name {nm:?}: CPU and CUDA differ");
             // Spot-check against the host reference too.
             for k in (0..n as usize).step_by(9973) {
                 let i = ((1u64 << 32) - n as u64 + k as u64) as u32;

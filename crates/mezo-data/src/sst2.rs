@@ -25,8 +25,8 @@ struct Line {
 
 /// Reads examples from a JSONL file, one object per line with `sentence` and `label` (0/1).
 pub fn load_jsonl(path: &Path) -> Result<Vec<Example>, DataError> {
-    let file = std::fs::File::open(path)
-        .map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let file =
+        std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
@@ -34,8 +34,7 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Example>, DataError> {
             continue;
         }
         let err = |message: String| DataError::Line { path: path.to_path_buf(), line: i + 1, message };
-        let parsed: Line =
-            serde_json::from_str(&line).map_err(|e| err(format!("not a JSON object: {e}")))?;
+        let parsed: Line = serde_json::from_str(&line).map_err(|e| err(format!("not a JSON object: {e}")))?;
         let sentence = parsed.sentence.ok_or_else(|| err("missing field `sentence`".into()))?;
         let label = match parsed.label {
             Some(serde_json::Value::Number(n)) if n.as_u64() == Some(0) => 0,
@@ -106,7 +105,10 @@ mod tests {
 
     #[test]
     fn reads_sst2_lines() {
-        let p = write("ok", "{\"idx\": 7, \"sentence\": \"fine\", \"label\": 1}\n\n{\"sentence\": \"bad\", \"label\": 0}\n");
+        let p = write(
+            "ok",
+            "{\"idx\": 7, \"sentence\": \"fine\", \"label\": 1}\n\n{\"sentence\": \"bad\", \"label\": 0}\n",
+        );
         let ex = load_jsonl(&p).unwrap();
         assert_eq!(ex.len(), 2);
         assert_eq!(ex[0], Example { idx: 7, sentence: "fine".into(), label: 1 });

@@ -28,8 +28,7 @@ impl Checkpoint {
             ("pytorch_model.bin", Format::TorchBin, false),
             ("pytorch_model.bin.index.json", Format::TorchBin, true),
         ];
-        let Some((file, format, sharded)) =
-            candidates.into_iter().find(|(f, _, _)| dir.join(f).is_file())
+        let Some((file, format, sharded)) = candidates.into_iter().find(|(f, _, _)| dir.join(f).is_file())
         else {
             return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
         };
@@ -42,10 +41,7 @@ impl Checkpoint {
             }
             for (name, shard) in &map {
                 if !ckpt.tensors.contains_key(&normalise(name)) {
-                    return Err(ModelError::MissingTensor {
-                        path: dir.join(shard),
-                        tensor: name.clone(),
-                    });
+                    return Err(ModelError::MissingTensor { path: dir.join(shard), tensor: name.clone() });
                 }
             }
         } else {
@@ -58,10 +54,7 @@ impl Checkpoint {
         let loaded = match format {
             Format::SafeTensors => read_safetensors(path)?,
             Format::TorchBin => torch_bin::read_torch_bin(path)
-                .map_err(|e| ModelError::CorruptWeights {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })?
+                .map_err(|e| ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() })?
                 .into_iter()
                 .map(|(name, raw)| Ok((name.clone(), raw_to_tensor(&raw, path, &name)?)))
                 .collect::<Result<Vec<_>>>()?,
@@ -132,18 +125,14 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-        ModelError::Config {
-            path: path.to_path_buf(),
-            field: "weight_map".into(),
-            message: "missing or not an object of tensor name -> shard file".into(),
-        }
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Config {
+        path: path.to_path_buf(),
+        field: "weight_map".into(),
+        message: "missing or not an object of tensor name -> shard file".into(),
     })?;
     map.iter()
         .map(|(k, v)| match v.as_str() {
-            Some(file) if !file.contains("..") && !file.starts_with('/') => {
-                Ok((k.clone(), file.to_string()))
-            }
+            Some(file) if !file.contains("..") && !file.starts_with('/') => Ok((k.clone(), file.to_string())),
             _ => Err(ModelError::Config {
                 path: path.to_path_buf(),
                 field: format!("weight_map.{k}"),
@@ -158,9 +147,8 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     // SAFETY: the map is read-only and dropped before this function returns; a concurrent
     // truncation of a checkpoint by another process is outside what we defend against.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-        ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() }
-    })?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() })?;
     let mut out = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
         use safetensors::Dtype as S;

@@ -157,10 +157,7 @@ impl OptConfig {
         if raw.hidden_size % raw.num_attention_heads != 0 {
             return Err(field_err(
                 "num_attention_heads",
-                format!(
-                    "{} does not divide hidden_size {}",
-                    raw.num_attention_heads, raw.hidden_size
-                ),
+                format!("{} does not divide hidden_size {}", raw.num_attention_heads, raw.hidden_size),
             ));
         }
         let word_embed_proj_dim = raw.word_embed_proj_dim.unwrap_or(raw.hidden_size);
@@ -275,9 +272,7 @@ mod tests {
         assert!(e.contains("num_attention_heads") && e.contains("hidden_size 10"), "{e}");
         let e = parse(r#"{"model_type":"opt","ffn_dim":-1}"#).unwrap_err().to_string();
         assert!(e.contains("`ffn_dim`"), "{e}");
-        let e = parse(r#"{"model_type":"opt","activation_function":"mish"}"#)
-            .unwrap_err()
-            .to_string();
+        let e = parse(r#"{"model_type":"opt","activation_function":"mish"}"#).unwrap_err().to_string();
         assert!(e.contains("activation_function") && e.contains("mish"), "{e}");
         let e = parse(r#"{"model_type": "opt", "#).unwrap_err().to_string();
         assert!(e.contains("cfg/config.json") && e.contains("JSON"), "{e}");

@@ -20,11 +20,8 @@ use tch::{Device, Kind};
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let bad = || ModelError::InvalidArgument {
-        what: "device",
-        value: s.into(),
-        expected: "cpu, cuda or cuda:N",
-    };
+    let bad =
+        || ModelError::InvalidArgument { what: "device", value: s.into(), expected: "cpu, cuda or cuda:N" };
     let device = match s {
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),

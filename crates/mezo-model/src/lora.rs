@@ -85,8 +85,20 @@ impl LoraConfig {
             for &t in &targets {
                 let (inp, outp) = t.dims(c);
                 let base = format!("base_model.model.{}", t.path(layer));
-                out.push(LoraTensor { key: format!("{base}.lora_A.weight"), layer, target: t, is_a: true, shape: [self.r, inp] });
-                out.push(LoraTensor { key: format!("{base}.lora_B.weight"), layer, target: t, is_a: false, shape: [outp, self.r] });
+                out.push(LoraTensor {
+                    key: format!("{base}.lora_A.weight"),
+                    layer,
+                    target: t,
+                    is_a: true,
+                    shape: [self.r, inp],
+                });
+                out.push(LoraTensor {
+                    key: format!("{base}.lora_B.weight"),
+                    layer,
+                    target: t,
+                    is_a: false,
+                    shape: [outp, self.r],
+                });
             }
         }
         out
@@ -137,7 +149,11 @@ impl LoraBatch {
             let m = flat.narrow(1, off, t.numel()).view([variants, t.shape[0], t.shape[1]]);
             off += t.numel();
             let e = mats.entry((t.layer, t.target)).or_default();
-            if t.is_a { e.0 = Some(m) } else { e.1 = Some(m) }
+            if t.is_a {
+                e.0 = Some(m)
+            } else {
+                e.1 = Some(m)
+            }
         }
         let mats = mats
             .into_iter()
@@ -172,14 +188,20 @@ impl Adapter {
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|source| ModelError::Json { path: cfg_path.clone(), source })?;
-        let field = |f: &str, m: String| ModelError::Config { path: cfg_path.clone(), field: f.into(), message: m };
+        let field =
+            |f: &str, m: String| ModelError::Config { path: cfg_path.clone(), field: f.into(), message: m };
         match json.get("peft_type").and_then(|v| v.as_str()) {
             Some("LORA") => {}
             other => return Err(field("peft_type", format!("{other:?} is not supported (LORA)"))),
         }
-        let r = json.get("r").and_then(|v| v.as_i64()).filter(|&r| r > 0)
+        let r = json
+            .get("r")
+            .and_then(|v| v.as_i64())
+            .filter(|&r| r > 0)
             .ok_or_else(|| field("r", "missing or not a positive integer".into()))?;
-        let alpha = json.get("lora_alpha").and_then(|v| v.as_f64())
+        let alpha = json
+            .get("lora_alpha")
+            .and_then(|v| v.as_f64())
             .ok_or_else(|| field("lora_alpha", "missing or not a number".into()))?;
         if json.get("use_rslora").and_then(|v| v.as_bool()) == Some(true)
             || json.get("use_dora").and_then(|v| v.as_bool()) == Some(true)
@@ -210,10 +232,10 @@ impl Adapter {
         for t in config.tensors(model) {
             // PEFT saves without the adapter name; some tools keep `.default`.
             let alt = t.key.replace(".weight", ".default.weight");
-            let w = loaded.get(&t.key).or_else(|| loaded.get(&alt)).ok_or_else(|| ModelError::MissingTensor {
-                path: st_path.clone(),
-                tensor: t.key.clone(),
-            })?;
+            let w = loaded
+                .get(&t.key)
+                .or_else(|| loaded.get(&alt))
+                .ok_or_else(|| ModelError::MissingTensor { path: st_path.clone(), tensor: t.key.clone() })?;
             if w.size() != t.shape {
                 return Err(ModelError::ShapeMismatch {
                     path: st_path.clone(),

@@ -342,16 +342,8 @@ impl Opt {
         let q = split(proj(i, Target::Q, &a.q_proj, x, lora));
         let k = split(proj(i, Target::K, &a.k_proj, x, lora));
         let v = split(proj(i, Target::V, &a.v_proj, x, lora));
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask,
-            0.0,
-            mask.is_none(),
-            None::<f64>,
-            false,
-        );
+        let o =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None::<f64>, false);
         let o = o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]);
         proj(i, Target::Out, &a.out_proj, &o, lora)
     }

@@ -32,9 +32,7 @@ pub fn example_rows(
     let candidates = template.candidates();
     examples
         .iter()
-        .map(|ex| {
-            candidate_rows(&template.prompt(&ex.sentence), &candidates, &mut |s| tok.encode(s))
-        })
+        .map(|ex| candidate_rows(&template.prompt(&ex.sentence), &candidates, &mut |s| tok.encode(s)))
         .collect()
 }
 

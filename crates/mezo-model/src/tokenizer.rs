@@ -40,8 +40,8 @@ fn read_tokenizer_config(dir: &Path) -> Result<TokenizerConfig> {
         return Ok(TokenizerConfig::default());
     }
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|source| ModelError::Json { path: path.clone(), source })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| ModelError::Json { path: path.clone(), source })?;
     let mut specials = Vec::new();
     for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
         if let Some(s) = json.get(key).and_then(token_content) {
@@ -64,8 +64,9 @@ impl TextTokenizer {
         let cfg = read_tokenizer_config(dir)?;
         let json = dir.join("tokenizer.json");
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        let tok_err = |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| {
-            ModelError::Tokenizer { path: path.to_path_buf(), message: e.to_string() }
+        let tok_err = |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
         };
         let (inner, source) = if json.is_file() {
             (Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?, json)
@@ -87,11 +88,9 @@ impl TextTokenizer {
             return Err(ModelError::NoTokenizer { dir: dir.to_path_buf() });
         };
         let bos = match (cfg.add_bos_token, &cfg.bos_token) {
-            (Some(true), Some(tok)) => Some(inner.token_to_id(tok).ok_or_else(|| {
-                ModelError::Tokenizer {
-                    path: dir.join("tokenizer_config.json"),
-                    message: format!("bos_token `{tok}` is not in the vocabulary"),
-                }
+            (Some(true), Some(tok)) => Some(inner.token_to_id(tok).ok_or_else(|| ModelError::Tokenizer {
+                path: dir.join("tokenizer_config.json"),
+                message: format!("bos_token `{tok}` is not in the vocabulary"),
             })?),
             (Some(true), None) => {
                 return Err(ModelError::Tokenizer {

@@ -86,16 +86,12 @@ pub enum TorchBinError {
 
 /// Reads every tensor of a state dict saved with torch.save, in file order.
 pub fn read_torch_bin(path: &Path) -> Result<Vec<(String, RawTensor)>, TorchBinError> {
-    let file =
-        File::open(path).map_err(|source| TorchBinError::Io { path: path.into(), source })?;
+    let file = File::open(path).map_err(|source| TorchBinError::Io { path: path.into(), source })?;
     read_from(BufReader::new(file), path)
 }
 
 /// `path` only labels errors, so that tests can feed in-memory archives.
-fn read_from<R: Read + Seek>(
-    mut reader: R,
-    path: &Path,
-) -> Result<Vec<(String, RawTensor)>, TorchBinError> {
+fn read_from<R: Read + Seek>(mut reader: R, path: &Path) -> Result<Vec<(String, RawTensor)>, TorchBinError> {
     let io = |source| TorchBinError::Io { path: path.into(), source };
     let format = |reason: String| TorchBinError::Format { path: path.into(), reason };
     let mut magic = Vec::new();
@@ -108,8 +104,8 @@ fn read_from<R: Read + Seek>(
         });
     }
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    let mut zip = ZipArchive::new(reader)
-        .map_err(|source| TorchBinError::Zip { path: path.into(), source })?;
+    let mut zip =
+        ZipArchive::new(reader).map_err(|source| TorchBinError::Zip { path: path.into(), source })?;
 
     // torch names the single top-level folder after the file first saved to: any name goes.
     let pkls: Vec<String> = (zip.file_names())
@@ -143,10 +139,7 @@ fn read_from<R: Read + Seek>(
         },
     })?;
     if !matches!(root, Value::Dict(_)) {
-        return Err(format(format!(
-            "top-level object is a {}, not a dict of tensors",
-            root.kind()
-        )));
+        return Err(format(format!("top-level object is a {}, not a dict of tensors", root.kind())));
     }
     let mut views = Vec::new();
     flatten(&root, "", 0, &mut views).map_err(format)?;
@@ -164,8 +157,7 @@ fn read_from<R: Read + Seek>(
     let mut out = Vec::with_capacity(views.len());
     for (key, view) in views {
         let st = &view.storage;
-        let tensor_err =
-            |reason| TorchBinError::Tensor { path: path.into(), key: key.clone(), reason };
+        let tensor_err = |reason| TorchBinError::Tensor { path: path.into(), key: key.clone(), reason };
         let entry = format!("{prefix}data/{}", st.key);
         if !cache.contains_key(&st.key) {
             let want = (st.numel.checked_mul(st.dtype.size_in_bytes() as u64))
@@ -207,8 +199,7 @@ fn read_entry<R: Read + Seek>(
         return Err(err(format!("holds {size} bytes but its persistent id declares {want}")));
     }
     let mut buf = Vec::new();
-    let cap =
-        usize::try_from(size).map_err(|_| err(format!("{size} bytes do not fit in memory")))?;
+    let cap = usize::try_from(size).map_err(|_| err(format!("{size} bytes do not fit in memory")))?;
     buf.try_reserve_exact(cap).map_err(|e| err(format!("cannot allocate {size} bytes: {e}")))?;
     // One byte past the declared size so that the zip reader hits EOF and checks the CRC, and an
     // entry that inflates beyond its header (a zip bomb) is noticed rather than buffered.
@@ -634,11 +625,7 @@ impl<'a> Unpickler<'a> {
                 return Ok(None);
             }
             b'Q' => persistent_load(self.pop()?)?,
-            _ => {
-                return Err(
-                    "unsupported opcode (torch.save never writes it for a state dict)".into()
-                )
-            }
+            _ => return Err("unsupported opcode (torch.save never writes it for a state dict)".into()),
         };
         Ok(Some(v))
     }
@@ -648,15 +635,11 @@ fn resolve(module: &str, name: &str) -> Result<Global, Fault> {
     Ok(match (module, name) {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
-        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
-            Global::RebuildParameter
-        }
-        ("torch", _) if name.ends_with("Storage") => {
-            match STORAGE_CLASSES.iter().find(|(n, _)| *n == name) {
-                Some(&(_, dtype)) => Global::StorageClass(dtype),
-                None => return Err(format!("unsupported storage type torch.{name}").into()),
-            }
-        }
+        ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => Global::RebuildParameter,
+        ("torch", _) if name.ends_with("Storage") => match STORAGE_CLASSES.iter().find(|(n, _)| *n == name) {
+            Some(&(_, dtype)) => Global::StorageClass(dtype),
+            None => return Err(format!("unsupported storage type torch.{name}").into()),
+        },
         _ => return Err(Fault::Forbidden(format!("{module}.{name}"))),
     })
 }
@@ -780,9 +763,7 @@ mod tests {
                 Values::F(c.map(|b| f(b).to_bits()).collect())
             }
             DType::I64 => Values::I(c.map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
-            DType::I32 => {
-                Values::I(c.map(|b| i32::from_le_bytes(b.try_into().unwrap()).into()).collect())
-            }
+            DType::I32 => Values::I(c.map(|b| i32::from_le_bytes(b.try_into().unwrap()).into()).collect()),
             DType::I16 => Values::I(u16s().map(|h| (h as i16).into()).collect()),
             DType::I8 => Values::I(c.map(|b| (b[0] as i8).into()).collect()),
             DType::U8 | DType::Bool => Values::I(c.map(|b| b[0].into()).collect()),
@@ -818,12 +799,8 @@ mod tests {
             for ((key, t), w) in got.iter().zip(want) {
                 let dtype = w["dtype"].as_str().unwrap();
                 assert_eq!(format!("{:?}", t.dtype), dtype, "{file} {key}: dtype");
-                let shape: Vec<usize> = w["shape"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect();
+                let shape: Vec<usize> =
+                    w["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
                 assert_eq!(t.shape, shape, "{file} {key}: shape");
                 assert_eq!(decode(t), expected_values(dtype, &w["values"]), "{file} {key}: values");
             }
@@ -870,10 +847,7 @@ mod tests {
             let err = read_torch_bin(&path).unwrap_err();
             assert!(matches!(err, TorchBinError::ForbiddenGlobal { .. }), "{err:?}");
             let msg = err.to_string();
-            let want = format!(
-                "refusing to load {global} from {}: not a tensor state dict",
-                path.display()
-            );
+            let want = format!("refusing to load {global} from {}: not a tensor state dict", path.display());
             assert!(msg.starts_with(&want), "{msg}");
         }
     }
@@ -883,15 +857,9 @@ mod tests {
         let cases = [
             ("truncated.bin", "corrupt or truncated zip archive"),
             ("truncated_pickle.bin", "dtypes/data.pkl at byte"),
-            (
-                "out_of_bounds.bin",
-                "tensor w: view (offset 2, size [3], stride [1]) reaches element 4",
-            ),
+            ("out_of_bounds.bin", "tensor w: view (offset 2, size [3], stride [1]) reaches element 4"),
             ("big_endian.bin", "byte order \"big\" is not supported"),
-            (
-                "legacy.bin",
-                "legacy pre-1.6 torch.save format; re-save with torch>=1.6 or use safetensors",
-            ),
+            ("legacy.bin", "legacy pre-1.6 torch.save format; re-save with torch>=1.6 or use safetensors"),
             ("does_not_exist.bin", "cannot read"),
         ];
         for (file, want) in cases {
@@ -923,18 +891,9 @@ mod tests {
 
     /// `_rebuild_tensor_v2(('storage', torch.<class>, key, 'cpu', numel), offset, size, stride,
     /// False, {})`
-    fn tensor(
-        class: &str,
-        key: &str,
-        numel: u8,
-        offset: u8,
-        size: &[u64],
-        stride: &[u64],
-    ) -> Vec<u8> {
+    fn tensor(class: &str, key: &str, numel: u8, offset: u8, size: &[u64], stride: &[u64]) -> Vec<u8> {
         let mut v = b"ctorch._utils\n_rebuild_tensor_v2\n((".to_vec();
-        v.extend(
-            [s("storage"), format!("ctorch\n{class}\n").into_bytes(), s(key), s("cpu")].concat(),
-        );
+        v.extend([s("storage"), format!("ctorch\n{class}\n").into_bytes(), s(key), s("cpu")].concat());
         v.extend([b'K', numel, b't', b'Q', b'K', offset]);
         v.extend([ints(size), ints(stride), b"\x89}tR".to_vec()].concat());
         v
@@ -951,8 +910,8 @@ mod tests {
 
     fn archive(pkl: &[u8], storages: &[(&str, Vec<u8>)]) -> Vec<u8> {
         let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored);
+        let opts =
+            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
         w.start_file("arch/data.pkl", opts).unwrap();
         w.write_all(pkl).unwrap();
         for (key, data) in storages {
@@ -982,8 +941,7 @@ mod tests {
         ]);
         let doubles = [0.5f64, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let shorts = [-7i16, 300].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let got =
-            read_mem(archive(&pkl, &[("0", f32s(12)), ("1", doubles), ("2", shorts)])).unwrap();
+        let got = read_mem(archive(&pkl, &[("0", f32s(12)), ("1", doubles), ("2", shorts)])).unwrap();
         let h = |xs: &[f32]| Values::F(xs.iter().map(|x| x.to_bits()).collect());
         assert_eq!(decode(&got[0].1), h(&[1., 4., 2., 5.]));
         assert_eq!((got[1].1.shape.as_slice(), got[1].1.data.len()), (&[0, 5][..], 0));
@@ -999,8 +957,7 @@ mod tests {
         // {'x': d, 'y': d} where d is memoized while still empty and filled afterwards.
         let mut pkl = b"\x80\x02}(".to_vec();
         pkl.extend(
-            [s("x"), b"}q\x07".to_vec(), s("w"), tensor("FloatStorage", "0", 2, 0, &[2], &[1])]
-                .concat(),
+            [s("x"), b"}q\x07".to_vec(), s("w"), tensor("FloatStorage", "0", 2, 0, &[2], &[1])].concat(),
         );
         pkl.extend([b"s".to_vec(), s("y"), b"h\x07u.".to_vec()].concat());
         let got = read_mem(archive(&pkl, &[("0", f32s(2))])).unwrap();
@@ -1018,22 +975,10 @@ mod tests {
                 vec![],
                 "mem.bin: arch/data.pkl at byte 9, opcode INT (0x49): unsupported opcode",
             ),
-            (
-                b"\x80\x02].".to_vec(),
-                vec![],
-                "mem.bin: top-level object is a list, not a dict of tensors",
-            ),
+            (b"\x80\x02].".to_vec(), vec![], "mem.bin: top-level object is a list, not a dict of tensors"),
             (b"\x80\x02}K\x01K\x02s.".to_vec(), vec![], "dict key of type int"),
-            (
-                b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.".to_vec(),
-                vec![],
-                "dicts nested more than 64 deep",
-            ),
-            (
-                b"\x80\x02ctorch\nload\n.".to_vec(),
-                vec![],
-                "refusing to load torch.load from mem.bin",
-            ),
+            (b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.".to_vec(), vec![], "dicts nested more than 64 deep"),
+            (b"\x80\x02ctorch\nload\n.".to_vec(), vec![], "refusing to load torch.load from mem.bin"),
             (b"\x80\x06}.".to_vec(), vec![], "pickle protocol 6"),
             (b"\x80\x02}s.".to_vec(), vec![], "stack underflow"),
             (b"\x80\x02}h\x05.".to_vec(), vec![], "memo entry 5 was never stored"),
@@ -1049,11 +994,7 @@ mod tests {
                 vec![("0", f32s(8))],
                 "unsupported storage type torch.ComplexFloatStorage",
             ),
-            (
-                t("FloatStorage", 4, 0, &[4], &[1]),
-                vec![],
-                "zip entry arch/data/0: missing from the archive",
-            ),
+            (t("FloatStorage", 4, 0, &[4], &[1]), vec![], "zip entry arch/data/0: missing from the archive"),
             (
                 t("FloatStorage", 5, 0, &[4], &[1]),
                 vec![("0", f32s(4))],
@@ -1121,13 +1062,11 @@ mod tests {
             .map(|k| {
                 (
                     k.to_string(),
-                    read_entry(&mut zip, &format!("shared/data/{k}"), None, Path::new("x"))
-                        .unwrap(),
+                    read_entry(&mut zip, &format!("shared/data/{k}"), None, Path::new("x")).unwrap(),
                 )
             })
             .collect();
-        let storages: Vec<(&str, Vec<u8>)> =
-            storages.iter().map(|(k, d)| (k.as_str(), d.clone())).collect();
+        let storages: Vec<(&str, Vec<u8>)> = storages.iter().map(|(k, d)| (k.as_str(), d.clone())).collect();
         let mut ok = 0;
         for i in 0..pkl.len() {
             for b in [0x00, 0x01, 0x7f, 0xff, b'K', b'(', b'h', 0x8a] {

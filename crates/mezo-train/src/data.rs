@@ -122,7 +122,10 @@ mod tests {
         let next = a.next_batch();
         assert_eq!(a.epoch(), 2);
         let mut c = Batcher::new(lengths, 16, 8).unwrap();
-        assert_ne!(c.next_batch(), Batcher::new((0..100).map(|i| (i * 37) % 23).collect(), 16, 7).unwrap().next_batch());
+        assert_ne!(
+            c.next_batch(),
+            Batcher::new((0..100).map(|i| (i * 37) % 23).collect(), 16, 7).unwrap().next_batch()
+        );
         assert_eq!(next.len(), 16);
     }
 

@@ -31,7 +31,9 @@ impl LossKind {
         match s {
             "classification" => Ok(LossKind::Classification),
             "answer-ce" | "ce" => Ok(LossKind::AnswerCe),
-            _ => Err(TrainError::Config(format!("unknown --loss `{s}`: expected classification or answer-ce"))),
+            _ => {
+                Err(TrainError::Config(format!("unknown --loss `{s}`: expected classification or answer-ce")))
+            }
         }
     }
 }
@@ -51,7 +53,9 @@ impl Prepared {
     pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Opt) -> Result<Self> {
         let candidates = rows.first().map_or(0, |r| r.len()) as i64;
         if rows.iter().any(|r| r.len() as i64 != candidates) || candidates == 0 {
-            return Err(TrainError::Config("every example needs the same, non-zero number of candidates".into()));
+            return Err(TrainError::Config(
+                "every example needs the same, non-zero number of candidates".into(),
+            ));
         }
         let picked: Vec<&ScoringRow> = match kind {
             LossKind::Classification => rows.iter().flat_map(|r| r.iter()).collect(),
@@ -123,7 +127,11 @@ impl LoraState {
             if t.is_a {
                 let k = StreamKey::new(seed, &t.key);
                 let idx = Tensor::arange(t.numel(), (Kind::Int64, dev));
-                let bits = bits_tensor(&idx, &Tensor::from(k.a as i64).to_device(dev), &Tensor::from(k.b as i64).to_device(dev));
+                let bits = bits_tensor(
+                    &idx,
+                    &Tensor::from(k.a as i64).to_device(dev),
+                    &Tensor::from(k.b as i64).to_device(dev),
+                );
                 let bound = 1.0 / (t.shape[1] as f64).sqrt();
                 parts.push((mezo_core::uniform_from_bits(&bits) * 2.0 - 1.0) * bound);
             } else {
@@ -133,7 +141,12 @@ impl LoraState {
         Self::from_flat(config, tensors, Tensor::cat(&parts, 0), dev)
     }
 
-    pub fn from_flat(config: LoraConfig, tensors: Vec<LoraTensor>, flat: Tensor, dev: Device) -> Result<Self> {
+    pub fn from_flat(
+        config: LoraConfig,
+        tensors: Vec<LoraTensor>,
+        flat: Tensor,
+        dev: Device,
+    ) -> Result<Self> {
         let mut local = Vec::new();
         let mut owner = Vec::new();
         for (i, t) in tensors.iter().enumerate() {
@@ -203,7 +216,9 @@ impl FullState {
             .map(|(i, (n, t))| (i, n, t.dim() >= 2))
             .collect();
         if selected.is_empty() {
-            return Err(TrainError::Config(format!("--full-patterns {patterns:?} match no parameter of the model")));
+            return Err(TrainError::Config(format!(
+                "--full-patterns {patterns:?} match no parameter of the model"
+            )));
         }
         let slots = selected.iter().map(|_| Slot::default()).collect();
         Ok(FullState { selected, slots })
@@ -262,7 +277,12 @@ impl Engine {
 
     /// `(L+, L-)` of each direction seed, each the loss over all of `micro` (micro-batches
     /// share every z: gradient accumulation). One host synchronisation at the end.
-    pub fn direction_losses(&self, model: &Opt, micro: &[Prepared], seeds: &[u64]) -> Result<Vec<(f64, f64)>> {
+    pub fn direction_losses(
+        &self,
+        model: &Opt,
+        micro: &[Prepared],
+        seeds: &[u64],
+    ) -> Result<Vec<(f64, f64)>> {
         let _g = tch::no_grad_guard();
         let eps = self.settings.eps;
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
@@ -271,12 +291,16 @@ impl Engine {
                 let z = l.z(seeds, self.settings.dist, &self.table) * eps;
                 let theta = l.flat.unsqueeze(0);
                 // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
-                let variants = Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
+                let variants =
+                    Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
                 let batch = LoraBatch::from_flat(&variants, &l.config, &l.tensors, model.kind)?;
                 let mut total: Option<Tensor> = None;
                 for p in micro {
                     let s = p.loss_sums(model, Some(&batch))?;
-                    total = Some(match total { Some(t) => t + s, None => s });
+                    total = Some(match total {
+                        Some(t) => t + s,
+                        None => s,
+                    });
                 }
                 total.expect("at least one micro-batch") / weight
             }
@@ -288,7 +312,10 @@ impl Engine {
                         let mut total: Option<Tensor> = None;
                         for p in micro {
                             let s = p.loss_sums(model, None)?;
-                            total = Some(match total { Some(t) => t + s, None => s });
+                            total = Some(match total {
+                                Some(t) => t + s,
+                                None => s,
+                            });
                         }
                         out.push(total.expect("at least one micro-batch") / weight);
                     }
@@ -373,7 +400,8 @@ impl Engine {
                         new_parts.push(ghat);
                     });
                     let ghat = Tensor::cat(&new_parts, 0).view(p.size().as_slice());
-                    let new = optim::apply(rule, slot, &p.to_kind(Kind::Float), &ghat, lr, weight_decay, *decay);
+                    let new =
+                        optim::apply(rule, slot, &p.to_kind(Kind::Float), &ghat, lr, weight_decay, *decay);
                     p.shallow_clone().copy_(&new);
                 }
             }
@@ -405,7 +433,14 @@ fn for_chunks(p: &Tensor, mut f: impl FnMut(&Tensor, i64)) {
 }
 
 /// Z for elements `off .. off + len` of one parameter stream, float32.
-fn z_range(key: StreamKey, off: i64, len: i64, dist: Distribution, table: &GaussTable, dev: Device) -> Tensor {
+fn z_range(
+    key: StreamKey,
+    off: i64,
+    len: i64,
+    dist: Distribution,
+    table: &GaussTable,
+    dev: Device,
+) -> Tensor {
     let idx = Tensor::arange_start(off, off + len, (Kind::Int64, dev));
     let a = Tensor::from(key.a as i64).to_device(dev);
     let b = Tensor::from(key.b as i64).to_device(dev);

@@ -24,7 +24,9 @@ impl Schedule {
             "constant" => Ok(Schedule::Constant),
             "linear" => Ok(Schedule::Linear),
             "cosine" => Ok(Schedule::Cosine),
-            _ => Err(TrainError::Config(format!("unknown --schedule `{s}`: expected constant, linear or cosine"))),
+            _ => Err(TrainError::Config(format!(
+                "unknown --schedule `{s}`: expected constant, linear or cosine"
+            ))),
         }
     }
 
@@ -86,7 +88,15 @@ impl Slot {
 
 /// Returns θ' from θ (float32) and ĝ: `θ - η(u + λθ)` with `u` the rule's direction; the
 /// decay term only where `decay` (matrices, not biases or norms).
-pub fn apply(rule: Rule, slot: &mut Slot, theta: &Tensor, ghat: &Tensor, lr: f64, wd: f64, decay: bool) -> Tensor {
+pub fn apply(
+    rule: Rule,
+    slot: &mut Slot,
+    theta: &Tensor,
+    ghat: &Tensor,
+    lr: f64,
+    wd: f64,
+    decay: bool,
+) -> Tensor {
     debug_assert_eq!(theta.kind(), Kind::Float);
     slot.t += 1;
     let u = match rule {
@@ -156,7 +166,8 @@ mod tests {
         assert_eq!(s.state_bytes(), 8);
         // Adam's first step moves each coordinate by about lr.
         let mut s = Slot::default();
-        let out = apply(Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, &mut s, &theta, &g, 0.1, 0.0, true);
+        let out =
+            apply(Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }, &mut s, &theta, &g, 0.1, 0.0, true);
         let v = Vec::<f32>::try_from(&out).unwrap();
         assert!((v[0] - 0.9).abs() < 1e-5 && (v[1] + 2.1).abs() < 1e-5, "{v:?}");
         assert_eq!(s.state_bytes(), 16);

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::data::{mezo_splits, Batcher};
-use crate::engine::{projected_grads, Engine, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
+use crate::engine::{
+    projected_grads, Engine, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable,
+};
 use crate::error::{Result, TrainError};
 use crate::optim::{self, Rule, Schedule, Slot};
 
@@ -21,9 +23,15 @@ use crate::optim::{self, Rule, Schedule, Slot};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum ModeSpec {
-    Lora { r: i64, alpha: f64, targets: Vec<String> },
+    Lora {
+        r: i64,
+        alpha: f64,
+        targets: Vec<String>,
+    },
     /// Empty patterns: every parameter.
-    Full { patterns: Vec<String> },
+    Full {
+        patterns: Vec<String>,
+    },
 }
 
 /// The optimizer: zeroth-order (MeZO) rules, or first-order Adam through autograd (the
@@ -105,7 +113,9 @@ impl TrainConfig {
             return bad(format!("--eps must be a positive number, got {}", self.eps));
         }
         if self.batch_size == 0 || self.directions == 0 || self.grad_accum == 0 || self.eval_batch_size == 0 {
-            return bad("--batch-size, --directions, --grad-accum and --eval-batch-size must be at least 1".into());
+            return bad(
+                "--batch-size, --directions, --grad-accum and --eval-batch-size must be at least 1".into()
+            );
         }
         if self.grad_accum > self.batch_size {
             return bad(format!("--grad-accum {} exceeds --batch-size {}", self.grad_accum, self.batch_size));
@@ -118,7 +128,10 @@ impl TrainConfig {
         }
         if let ModeSpec::Lora { r, alpha, targets } = &self.mode {
             if *r < 1 || !alpha.is_finite() || targets.is_empty() {
-                return bad("LoRA needs --lora-r >= 1, a finite --lora-alpha and at least one --lora-targets module".into());
+                return bad(
+                    "LoRA needs --lora-r >= 1, a finite --lora-alpha and at least one --lora-targets module"
+                        .into(),
+                );
             }
             for t in targets {
                 Target::parse(t)?;
@@ -226,7 +239,8 @@ impl Session {
         let test = tokenise(&tok, test, template)?;
         let trainable = match &cfg.mode {
             ModeSpec::Lora { r, alpha, targets } => {
-                let targets = targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
+                let targets =
+                    targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
                 let lc = LoraConfig { r: *r, alpha: *alpha, targets };
                 Trainable::Lora(LoraState::init(lc, &model, splitmix64(cfg.seed ^ 0x1A17_0A11))?)
             }
@@ -254,7 +268,8 @@ impl Session {
             Trainable::Lora(l) => Some(l.batch(self.kind)?),
             Trainable::Full(_) => None,
         };
-        Ok(evaluate_rows(&self.model, &set.examples, &set.rows, self.cfg.eval_batch_size, lora.as_ref())?.accuracy)
+        Ok(evaluate_rows(&self.model, &set.examples, &set.rows, self.cfg.eval_batch_size, lora.as_ref())?
+            .accuracy)
     }
 
     pub fn dev_accuracy(&self) -> Result<f64> {
@@ -283,12 +298,21 @@ impl Session {
 
     /// One MeZO step; returns the record, or a skipped record when a loss was not finite.
     pub fn zo_step(&mut self, step: u64, micro: &[Prepared]) -> Result<StepRecord> {
-        let seeds: Vec<u64> = (0..self.cfg.directions as u32).map(|i| direction_seed(self.cfg.seed, step, i)).collect();
+        let seeds: Vec<u64> =
+            (0..self.cfg.directions as u32).map(|i| direction_seed(self.cfg.seed, step, i)).collect();
         let losses = self.engine.direction_losses(&self.model, micro, &seeds)?;
         let loss = losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / losses.len() as f64;
         let lr = self.cfg.schedule.lr(self.cfg.lr, step, self.cfg.steps);
         let Some(grads) = projected_grads(&losses, self.cfg.eps) else {
-            return Ok(StepRecord { step, loss, projected_grad: f64::NAN, lr, skipped: true, dev_accuracy: None, seconds: 0.0 });
+            return Ok(StepRecord {
+                step,
+                loss,
+                projected_grad: f64::NAN,
+                lr,
+                skipped: true,
+                dev_accuracy: None,
+                seconds: 0.0,
+            });
         };
         self.engine.apply_update(&self.model, &seeds, &grads, lr)?;
         let g = grads.iter().sum::<f64>() / grads.len() as f64;
@@ -306,7 +330,12 @@ impl Session {
             Trainable::Lora(l) => {
                 let leaf = l.flat.detach().set_requires_grad(true);
                 for p in micro {
-                    let batch = mezo_model::LoraBatch::from_flat(&leaf.unsqueeze(0), &l.config, &l.tensors, self.kind)?;
+                    let batch = mezo_model::LoraBatch::from_flat(
+                        &leaf.unsqueeze(0),
+                        &l.config,
+                        &l.tensors,
+                        self.kind,
+                    )?;
                     let loss = p.loss_sums(&self.model, Some(&batch))?.sum(Kind::Float) / weight;
                     total += loss.double_value(&[]);
                     loss.backward();
@@ -320,7 +349,8 @@ impl Session {
             }
             Trainable::Full(f) => {
                 let params = self.model.named_parameters();
-                let trained: Vec<Tensor> = f.selected.iter().map(|(i, _, _)| params[*i].1.shallow_clone()).collect();
+                let trained: Vec<Tensor> =
+                    f.selected.iter().map(|(i, _, _)| params[*i].1.shallow_clone()).collect();
                 for t in &trained {
                     let _ = t.shallow_clone().set_requires_grad(true);
                 }
@@ -333,9 +363,19 @@ impl Session {
                 if self.fo_slots.is_empty() {
                     self.fo_slots = trained.iter().map(|_| Slot::default()).collect();
                 }
-                for ((t, (_, _, decay)), slot) in trained.iter().zip(&f.selected).zip(self.fo_slots.iter_mut()) {
+                for ((t, (_, _, decay)), slot) in
+                    trained.iter().zip(&f.selected).zip(self.fo_slots.iter_mut())
+                {
                     let mut grad = t.grad();
-                    let new = optim::apply(rule, slot, &t.to_kind(Kind::Float), &grad.to_kind(Kind::Float), lr, wd, *decay);
+                    let new = optim::apply(
+                        rule,
+                        slot,
+                        &t.to_kind(Kind::Float),
+                        &grad.to_kind(Kind::Float),
+                        lr,
+                        wd,
+                        *decay,
+                    );
                     t.shallow_clone().copy_(&new);
                     let _ = grad.zero_();
                 }
@@ -345,7 +385,15 @@ impl Session {
             }
         }
         let skipped = !total.is_finite();
-        Ok(StepRecord { step, loss: total, projected_grad: 0.0, lr, skipped, dev_accuracy: None, seconds: 0.0 })
+        Ok(StepRecord {
+            step,
+            loss: total,
+            projected_grad: 0.0,
+            lr,
+            skipped,
+            dev_accuracy: None,
+            seconds: 0.0,
+        })
     }
 
     /// The trained state as a PEFT adapter (LoRA runs).
@@ -368,7 +416,9 @@ fn snapshot(s: &Session) -> Snapshot {
         Trainable::Lora(l) => Snapshot::Lora(l.flat.copy()),
         Trainable::Full(f) => {
             let params = s.model.named_parameters();
-            Snapshot::Full(f.selected.iter().map(|(i, _, _)| params[*i].1.to_device(tch::Device::Cpu)).collect())
+            Snapshot::Full(
+                f.selected.iter().map(|(i, _, _)| params[*i].1.to_device(tch::Device::Cpu)).collect(),
+            )
         }
     }
 }
@@ -410,7 +460,11 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
     let (mut skipped, mut recent) = (0u64, Vec::new());
     for step in 0..cfg.steps {
         let micro = s.prepare(&batcher.next_batch())?;
-        let mut rec = if cfg.optimizer == OptimizerSpec::Adam { s.fo_step(step, &micro)? } else { s.zo_step(step, &micro)? };
+        let mut rec = if cfg.optimizer == OptimizerSpec::Adam {
+            s.fo_step(step, &micro)?
+        } else {
+            s.zo_step(step, &micro)?
+        };
         if rec.skipped {
             skipped += 1;
         } else {
@@ -444,7 +498,11 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
         None => save_full_model(&s, &out.join("model"))?,
     };
     let tail = recent.len().saturating_sub(recent.len().div_ceil(10).max(1).min(50));
-    let final_train_loss = if recent.is_empty() { f64::NAN } else { recent[tail..].iter().sum::<f64>() / (recent.len() - tail) as f64 };
+    let final_train_loss = if recent.is_empty() {
+        f64::NAN
+    } else {
+        recent[tail..].iter().sum::<f64>() / (recent.len() - tail) as f64
+    };
     let report = TrainReport {
         steps: cfg.steps,
         final_train_loss,
@@ -461,7 +519,8 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
         output,
     };
     let report_path = out.join("report.json");
-    std::fs::write(&report_path, serde_json::to_string_pretty(&report).expect("report serialises")).map_err(io(&report_path))?;
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report).expect("report serialises"))
+        .map_err(io(&report_path))?;
     Ok(report)
 }
 
@@ -469,7 +528,14 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
 /// copied from the base, the weights as model.safetensors in the run's dtype.
 fn save_full_model(s: &Session, dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for f in ["config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let src = s.cfg.model.join(f);
         if src.is_file() {
             std::fs::copy(&src, dir.join(f)).map_err(io(&src))?;
