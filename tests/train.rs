@@ -217,16 +217,27 @@ fn full_parameter_and_first_order_runs() {
     ]))
     .unwrap();
     assert_eq!(ev["examples"], 8);
-    let fo = tmp("fo");
-    let r = train(&fo, &["--optimizer", "adam", "--lr", "1e-2", "--steps", "6"]);
-    assert!(
-        r["optimizer_state_bytes"].as_i64().unwrap() == 0
-            || r["final_train_loss"].as_f64().unwrap().is_finite()
-    );
-    let log = std::fs::read_to_string(fo.join("train_log.jsonl")).unwrap();
-    let losses: Vec<f64> =
-        log.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap()).collect();
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    // Adam's extra memory is what --help says: two float32 buffers the size of the trained
+    // parameters, first-order (LoRA and full) and zeroth-order alike.
+    for (name, extra) in [
+        ("fo-lora", vec!["--optimizer", "adam", "--lr", "1e-2"]),
+        ("fo-full", vec!["--optimizer", "adam", "--lr", "1e-3", "--full", "--full-patterns", "fc2"]),
+        ("zo-adam", vec!["--optimizer", "zo-adam", "--full", "--full-patterns", "fc2", "--eps", "1e-3"]),
+        ("zo-momentum", vec!["--optimizer", "zo-momentum"]),
+    ] {
+        let out = tmp(name);
+        let mut args = extra.clone();
+        args.extend(["--steps", "4", "--eval-every", "0"]);
+        let r = train(&out, &args);
+        let params = r["trainable_params"].as_i64().unwrap();
+        let buffers = if name == "zo-momentum" { 1 } else { 2 };
+        assert_eq!(r["optimizer_state_bytes"].as_i64().unwrap(), buffers * 4 * params, "{name}: {r}");
+        let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+        for line in log.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert!(v["loss"].as_f64().unwrap().is_finite(), "{name}: {line}");
+        }
+    }
 }
 
 #[test]

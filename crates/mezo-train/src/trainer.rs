@@ -515,7 +515,8 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
         train_seconds,
         steps_per_s: cfg.steps as f64 / train_seconds,
         trainable_params: s.trainable_params(),
-        optimizer_state_bytes: s.engine.optimizer_state_bytes(),
+        optimizer_state_bytes: s.engine.optimizer_state_bytes()
+            + s.fo_slots.iter().map(Slot::state_bytes).sum::<i64>(),
         output,
     };
     let report_path = out.join("report.json");
