@@ -1,0 +1,18 @@
+// Generates the gRPC code from ../../proto into OUT_DIR (never committed). protoc comes from the
+// protoc-bin-vendored crate, so building needs no system protobuf compiler.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let protos: Vec<_> =
+        ["run.proto", "mezo.proto", "worker.proto"].iter().map(|f| root.join("mezo/v1").join(f)).collect();
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    // SAFETY: build scripts are single-threaded.
+    unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(
+            std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("mezo_descriptor.bin"),
+        )
+        .compile_protos(&protos, &[root])?;
+    Ok(())
+}
