@@ -135,7 +135,7 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
                 alpha: 16.0,
                 targets: vec![mezo_model::Target::Q, mezo_model::Target::V],
             };
-            Trainable::Lora(LoraState::init(cfg, &model, 0)?)
+            Trainable::Lora(LoraState::init(cfg, &model.config, model.device, 0)?)
         }
         "full" => Trainable::Full(FullState::new(&model, &[])?),
         m => bail!("unknown --mode `{m}`: expected lora or full"),
@@ -153,7 +153,7 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
             (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
         let losses = engine.direction_losses(&model, &micro, &seeds)?;
         let grads = projected_grads(&losses, eps).context("non-finite loss in the benchmark")?;
-        engine.apply_update(&model, &seeds, &grads, 1e-6)?;
+        engine.apply_update(Some(&model), &seeds, &grads, 1e-6)?;
         Ok(())
     };
     for t in 0..args.warmup as u64 {

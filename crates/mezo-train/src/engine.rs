@@ -8,7 +8,7 @@
 use mezo_core::fused::{self, SgdUpdate};
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
 use mezo_data::ScoringRow;
-use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Opt, ScoreBatch};
+use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, ScoreBatch};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -116,12 +116,12 @@ pub struct LoraState {
 impl LoraState {
     /// PEFT's initialisation: A Kaiming-uniform (bound 1/sqrt(in_features)), B zeros; the uniform
     /// draws come from the same seeded generator as Z, so every process builds the same A.
-    pub fn init(config: LoraConfig, model: &Opt, seed: u64) -> Result<Self> {
+    /// Needs only the model's configuration, so a coordinator can hold the state without weights.
+    pub fn init(config: LoraConfig, model: &OptConfig, dev: Device, seed: u64) -> Result<Self> {
         if config.r < 1 || config.targets.is_empty() {
             return Err(TrainError::Config("LoRA needs --lora-r >= 1 and at least one target module".into()));
         }
-        let tensors = config.tensors(&model.config);
-        let dev = model.device;
+        let tensors = config.tensors(model);
         let mut parts = Vec::with_capacity(tensors.len());
         for t in &tensors {
             if t.is_a {
@@ -350,7 +350,8 @@ impl Engine {
     }
 
     /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
-    pub fn apply_update(&mut self, model: &Opt, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+    /// `model` is needed for full-parameter state only (LoRA state lives here).
+    pub fn apply_update(&mut self, model: Option<&Opt>, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
         let _g = tch::no_grad_guard();
         // A multiply by the f32 reciprocal, never a division: CUDA turns division by a scalar
         // into exactly this, the CPU would not, and replicas on both must agree.
@@ -370,6 +371,9 @@ impl Engine {
                 l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
             }
             Trainable::Full(f) => {
+                let model = model.ok_or_else(|| {
+                    TrainError::Config("a full-parameter update needs the model's weights".into())
+                })?;
                 let params = model.named_parameters();
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
                     let p = params[*i].1;

@@ -152,6 +152,11 @@ impl TrainConfig {
     }
 }
 
+/// The seed of a run's LoRA initialisation, derived from the run seed (every process agrees).
+pub fn lora_init_seed(run_seed: u64) -> u64 {
+    splitmix64(run_seed ^ 0x1A17_0A11)
+}
+
 /// One line of `OUT/train_log.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -242,7 +247,7 @@ impl Session {
                 let targets =
                     targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
                 let lc = LoraConfig { r: *r, alpha: *alpha, targets };
-                Trainable::Lora(LoraState::init(lc, &model, splitmix64(cfg.seed ^ 0x1A17_0A11))?)
+                Trainable::Lora(LoraState::init(lc, &model.config, model.device, lora_init_seed(cfg.seed))?)
             }
             ModeSpec::Full { patterns } => Trainable::Full(FullState::new(&model, patterns)?),
         };
@@ -314,7 +319,7 @@ impl Session {
                 seconds: 0.0,
             });
         };
-        self.engine.apply_update(&self.model, &seeds, &grads, lr)?;
+        self.engine.apply_update(Some(&self.model), &seeds, &grads, lr)?;
         let g = grads.iter().sum::<f64>() / grads.len() as f64;
         Ok(StepRecord { step, loss, projected_grad: g, lr, skipped: false, dev_accuracy: None, seconds: 0.0 })
     }
