@@ -15,5 +15,15 @@ if [ "$(cat "$MEZO_VENV/.requirements" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$MEZO_VENV/.requirements"
 fi
 
+# promtool (Debian's prometheus package) checks the coordinator's /metrics in the tests.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing promtool (Debian package prometheus)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+  else
+    echo "setup: promtool missing; install Debian's prometheus package (the metrics test needs it)" >&2
+  fi
+fi
+
 echo "setup: building mezo (release; the first build compiles libtorch bindings, a few minutes)"
 cargo build --release --locked --bin mezo

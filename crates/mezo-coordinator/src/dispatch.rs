@@ -299,7 +299,7 @@ pub fn aggregate(results: &[(TaskSpec, TaskResult)]) -> Result<StepLosses, Strin
         let TaskResult::Losses { per_seed, weight } = result else {
             return Err(format!("task {} of step {}: not a loss result", spec.task_id, spec.step));
         };
-        if per_seed.len() != spec.seeds.len() || !(*weight > 0.0) {
+        if per_seed.len() != spec.seeds.len() || weight.is_nan() || *weight <= 0.0 {
             return Err(format!(
                 "task {} of step {}: {} losses for {} seeds, weight {weight}",
                 spec.task_id,

@@ -5,5 +5,6 @@
 //! the gRPC services drive it.
 
 pub mod dispatch;
+pub mod metrics;
 
 pub use dispatch::{Completion, Dispatcher, StepLosses, TaskKind, TaskResult, TaskSpec, WorkerId};

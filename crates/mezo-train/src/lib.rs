@@ -6,8 +6,12 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod optim;
+pub mod spec;
 pub mod trainer;
 
 pub use engine::{Engine, LossKind, Prepared, StepSettings, Trainable};
 pub use error::{Result, TrainError};
-pub use trainer::{train, ModeSpec, Observer, OptimizerSpec, Session, StepRecord, TrainConfig, TrainReport};
+pub use trainer::{
+    state_checksum, train, DataPlan, EvalSet, ModeSpec, Observer, OptimizerSpec, Session, StepRecord,
+    TrainConfig, TrainReport,
+};

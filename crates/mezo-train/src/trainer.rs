@@ -410,6 +410,143 @@ impl Session {
     }
 }
 
+/// Which evaluation set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalSet {
+    Dev,
+    Test,
+}
+
+/// What the distributed service needs from a session: replicas that take their state from the
+/// coordinator, replay logged updates, and evaluate given examples.
+impl Session {
+    /// The LoRA state as little-endian f32 bytes (PEFT order); empty for full-parameter runs.
+    pub fn state_bytes(&self) -> Vec<u8> {
+        match &self.engine.trainable {
+            Trainable::Lora(l) => {
+                let v: Vec<f32> = Vec::try_from(&l.flat.to_device(tch::Device::Cpu)).expect("f32 state");
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            Trainable::Full(_) => Vec::new(),
+        }
+    }
+
+    /// Replaces the LoRA state with `bytes` (as from [`Session::state_bytes`]).
+    pub fn set_state_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let Trainable::Lora(l) = &mut self.engine.trainable else {
+            return if bytes.is_empty() {
+                Ok(())
+            } else {
+                Err(TrainError::Config("a full-parameter replica takes no state bytes".into()))
+            };
+        };
+        if bytes.len() != l.flat.numel() * 4 {
+            return Err(TrainError::Config(format!(
+                "state of {} bytes for {} LoRA values",
+                bytes.len(),
+                l.flat.numel()
+            )));
+        }
+        let v: Vec<f32> =
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        l.flat = Tensor::from_slice(&v).to_device(l.flat.device());
+        Ok(())
+    }
+
+    /// Applies a logged update (the same code path as the single-process trainer's).
+    pub fn apply_logged(&mut self, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+        self.engine.apply_update(Some(&self.model), seeds, grads, lr)
+    }
+
+    /// `(L+, L-)` per seed over the given training examples, and the loss's weight.
+    pub fn train_losses(&self, seeds: &[u64], examples: &[usize]) -> Result<(Vec<(f64, f64)>, f64)> {
+        let micro = self.prepare(examples)?;
+        let weight = micro.iter().map(|p| p.weight).sum();
+        Ok((self.engine.direction_losses(&self.model, &micro, seeds)?, weight))
+    }
+
+    /// Examples of `set` predicted correctly, of those given.
+    pub fn eval_subset(&self, set: EvalSet, idx: &[usize]) -> Result<(usize, usize)> {
+        let src = match set {
+            EvalSet::Dev => &self.dev,
+            EvalSet::Test => &self.test,
+        };
+        if let Some(&bad) = idx.iter().find(|&&i| i >= src.examples.len()) {
+            return Err(TrainError::Config(format!(
+                "example {bad} is outside the set of {}",
+                src.examples.len()
+            )));
+        }
+        let examples: Vec<Example> = idx.iter().map(|&i| src.examples[i].clone()).collect();
+        let rows: Vec<Vec<ScoringRow>> = idx.iter().map(|&i| src.rows[i].clone()).collect();
+        let lora = match &self.engine.trainable {
+            Trainable::Lora(l) => Some(l.batch(self.kind)?),
+            Trainable::Full(_) => None,
+        };
+        let r = evaluate_rows(&self.model, &examples, &rows, self.cfg.eval_batch_size, lora.as_ref())?;
+        Ok((r.per_example.iter().filter(|e| e.pred == e.label).count(), r.examples))
+    }
+
+    pub fn set_sizes(&self) -> (usize, usize, usize) {
+        (self.train.examples.len(), self.dev.examples.len(), self.test.examples.len())
+    }
+}
+
+/// A checksum of state bytes (FNV-1a 64 forward and backward, and the length), hex: how replicas
+/// and the coordinator compare their states. It catches divergence, not tampering; the store
+/// keeps SHA-256 for files.
+pub fn state_checksum(bytes: &[u8]) -> String {
+    let mut h1: u64 = 0xcbf29ce484222325;
+    let mut h2: u64 = 0x84222325cbf29ce4;
+    for (i, &b) in bytes.iter().enumerate() {
+        h1 = (h1 ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        h2 = (h2 ^ u64::from(bytes[bytes.len() - 1 - i])).wrapping_mul(0x100000001b3);
+    }
+    format!("{h1:016x}{h2:016x}-{}", bytes.len())
+}
+
+/// The data side of a run without the model: what a coordinator needs to plan batches and evals.
+pub struct DataPlan {
+    /// Token length of each training example's longest candidate row (for length-aware batches).
+    pub train_lengths: Vec<usize>,
+    pub n_dev: usize,
+    pub n_test: usize,
+}
+
+impl DataPlan {
+    pub fn new(cfg: &TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let template = Template::parse(&cfg.template)?;
+        let tok = TextTokenizer::from_dir(&cfg.model)?;
+        // A bad config.json fails here, before any worker loads it.
+        mezo_model::OptConfig::from_dir(&cfg.model)?;
+        let splits = mezo_splits(
+            &cfg.data_dir.join("train.jsonl"),
+            &cfg.data_dir.join("validation.jsonl"),
+            cfg.n_train,
+            cfg.n_dev,
+            cfg.seed,
+            cfg.min_words,
+        )?;
+        let n_test = cfg.test_limit.map_or(splits.test.len(), |n| n.min(splits.test.len()));
+        let train = tokenise(&tok, splits.train, template)?;
+        let train_lengths =
+            train.rows.iter().map(|r| r.iter().map(|x| x.tokens.len()).max().unwrap_or(0)).collect();
+        Ok(DataPlan { train_lengths, n_dev: splits.dev.len(), n_test })
+    }
+
+    /// The LoRA state a run starts from (empty for full-parameter runs), built on the CPU.
+    pub fn initial_state(cfg: &TrainConfig) -> Result<Vec<u8>> {
+        let ModeSpec::Lora { r, alpha, targets } = &cfg.mode else { return Ok(Vec::new()) };
+        let targets = targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
+        let lc = LoraConfig { r: *r, alpha: *alpha, targets };
+        let model_cfg = mezo_model::OptConfig::from_dir(&cfg.model)?;
+        let st = LoraState::init(lc, &model_cfg, tch::Device::Cpu, lora_init_seed(cfg.seed))?;
+        let v: Vec<f32> = Vec::try_from(&st.flat)?;
+        Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
 /// A copy of the trained values, to keep the best by dev accuracy.
 enum Snapshot {
     Lora(Tensor),
