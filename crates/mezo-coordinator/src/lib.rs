@@ -5,6 +5,7 @@
 //! the gRPC services drive it.
 
 pub mod dispatch;
+pub mod server;
 pub mod metrics;
 
 pub use dispatch::{Completion, Dispatcher, StepLosses, TaskKind, TaskResult, TaskSpec, WorkerId};

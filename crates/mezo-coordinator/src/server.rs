@@ -1,0 +1,631 @@
+//! The coordinator process: the gRPC services (public `MezoService`, internal `WorkerService`),
+//! one driver task per run, and the dispatch loop that hands tasks to workers' streams.
+//!
+//! A run's driver owns its step loop: plan the step's tasks, wait for their results, aggregate
+//! the projected gradients, apply the update to the coordinator's copy of the LoRA state, append
+//! the step to the store (flushed before anyone hears of it), then publish it. Workers keep their
+//! replicas in step by replaying that log, so after joining no tensor crosses the network.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mezo_core::direction_seed;
+use mezo_proto::v1 as pb;
+use mezo_store::{RunStatus, StepRecord, Store};
+use mezo_train::data::Batcher;
+use mezo_train::engine::{projected_grads, LoraState, StepSettings, Trainable};
+use mezo_train::spec::{config_from_spec, spec_from_config, Split};
+use mezo_train::trainer::{lora_init_seed, state_checksum, DataPlan, ModeSpec};
+use mezo_train::{Engine, TrainConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::dispatch::{aggregate, plan_train, Completion, Dispatcher, TaskKind, TaskResult, WorkerId};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub lease: Duration,
+    /// Default snapshot interval in steps when a run's spec gives none.
+    pub snapshot_every: u64,
+}
+
+/// What the store keeps as a run's spec.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSpec {
+    config: TrainConfig,
+    data_parallel: bool,
+    snapshot_every: u64,
+}
+
+struct Run {
+    stored: StoredSpec,
+    /// `(version, state bytes)`: the LoRA state after `version` steps (empty for full-parameter).
+    state: Mutex<(u64, Vec<u8>)>,
+    events: broadcast::Sender<pb::StreamMetricsResponse>,
+    history: Mutex<Vec<pb::StreamMetricsResponse>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+pub struct Inner {
+    opts: Options,
+    store: Store,
+    dispatch: Mutex<Dispatcher>,
+    streams: Mutex<HashMap<WorkerId, mpsc::Sender<Result<pb::Task, Status>>>>,
+    runs: Mutex<HashMap<String, Arc<Run>>>,
+    results: Notify,
+    wake: Notify,
+    pub metrics: Arc<Metrics>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn store_status(e: mezo_store::StoreError) -> Status {
+    use mezo_store::StoreError as E;
+    match e {
+        E::NotFound { .. } => Status::not_found(e.to_string()),
+        E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        E::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+        E::DataLoss { .. } => Status::data_loss(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn pb_status(s: RunStatus) -> pb::RunStatus {
+    match s {
+        RunStatus::Pending => pb::RunStatus::Pending,
+        RunStatus::Running => pb::RunStatus::Running,
+        RunStatus::Completed => pb::RunStatus::Completed,
+        RunStatus::Failed => pb::RunStatus::Failed,
+        RunStatus::Stopped => pb::RunStatus::Stopped,
+    }
+}
+
+impl Inner {
+    pub fn open(opts: Options) -> Result<Arc<Self>, mezo_store::StoreError> {
+        let store = Store::open(&opts.data_dir)?;
+        let inner = Arc::new(Inner {
+            dispatch: Mutex::new(Dispatcher::new(opts.lease)),
+            opts,
+            store,
+            streams: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+            results: Notify::new(),
+            wake: Notify::new(),
+            metrics: Arc::new(Metrics::new()),
+        });
+        Ok(inner)
+    }
+
+    /// Resumes every run the store says was pending or running (after a restart).
+    pub fn resume_runs(self: &Arc<Self>) -> Result<usize, Status> {
+        let mut n = 0;
+        for (id, status) in self.store.list_runs().map_err(store_status)? {
+            if matches!(status, RunStatus::Pending | RunStatus::Running) {
+                let stored: StoredSpec =
+                    serde_json::from_str(&self.store.run_spec(&id).map_err(store_status)?).map_err(internal)?;
+                self.launch(id, stored);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn launch(self: &Arc<Self>, run_id: String, stored: StoredSpec) {
+        let (events, _) = broadcast::channel(1024);
+        let run = Arc::new(Run {
+            stored,
+            state: Mutex::new((0, Vec::new())),
+            events,
+            history: Mutex::new(Vec::new()),
+            stop: false.into(),
+        });
+        self.runs.lock().expect("runs").insert(run_id.clone(), run.clone());
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let result = inner.drive(&run_id, &run).await;
+            let (status, message) = match result {
+                Ok(s) => (s, String::new()),
+                Err(e) => (RunStatus::Failed, e),
+            };
+            if !message.is_empty() {
+                eprintln!("run {run_id}: failed: {message}");
+            }
+            let _ = inner.store.set_status(&run_id, status, &message);
+            inner.dispatch.lock().expect("dispatch").cancel_run(&run_id);
+            let done = pb::StreamMetricsResponse { done: true, status: pb_status(status) as i32, ..Default::default() };
+            run.history.lock().expect("history").push(done.clone());
+            let _ = run.events.send(done);
+        });
+    }
+
+    /// The dispatch loop: expire leases, hand queued tasks to workers' streams.
+    pub async fn dispatch_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            let now = Instant::now();
+            let (assigned, dead, counters, workers) = {
+                let mut d = self.dispatch.lock().expect("dispatch");
+                let dead = d.expire(now);
+                let assigned = d.assign(now, 1);
+                (assigned, dead, d.counters, d.workers())
+            };
+            let m = &self.metrics;
+            m.workers.set(workers as i64);
+            m.tasks_reassigned.inc_by(counters.tasks_reassigned.saturating_sub(m.tasks_reassigned.get()));
+            m.leases_expired.inc_by(counters.leases_expired.saturating_sub(m.leases_expired.get()));
+            m.tasks_failed.inc_by(counters.tasks_failed.saturating_sub(m.tasks_failed.get()));
+            m.duplicate_results.inc_by(counters.duplicate_results.saturating_sub(m.duplicate_results.get()));
+            let mut streams = self.streams.lock().expect("streams");
+            for id in dead {
+                streams.remove(&id);
+            }
+            let mut gone = Vec::new();
+            for (wid, t) in assigned {
+                let task = pb::Task {
+                    task_id: format!("{}", t.task_id),
+                    run_id: t.run_id.clone(),
+                    step: t.step,
+                    seeds: t.seeds.clone(),
+                    eps: 0.0,
+                    examples: t.examples.clone(),
+                    version: t.version,
+                    kind: match t.kind {
+                        TaskKind::Train => pb::TaskKind::Train,
+                        TaskKind::EvalDev => pb::TaskKind::EvalDev,
+                        TaskKind::EvalTest => pb::TaskKind::EvalTest,
+                    } as i32,
+                };
+                let ok = streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok());
+                if !ok {
+                    gone.push((wid, t.task_id));
+                }
+            }
+            drop(streams);
+            if !gone.is_empty() {
+                // A worker whose stream is closed or full: report the task failed so it is
+                // requeued; its lease runs out on its own if it is really gone.
+                let mut d = self.dispatch.lock().expect("dispatch");
+                for (wid, task) in gone {
+                    d.complete(wid, task, TaskResult::Failed("task stream unavailable".into()));
+                }
+            }
+        }
+    }
+
+    async fn wait_step(&self, run_id: &str, step: u64, kind: TaskKind) -> Vec<(crate::dispatch::TaskSpec, TaskResult)> {
+        loop {
+            let notified = self.results.notified();
+            if let Some(r) = self.dispatch.lock().expect("dispatch").take_step(run_id, step, kind) {
+                return r;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+
+    /// Accuracy over a whole eval set, split into one task per live worker (at least one).
+    async fn evaluate(&self, run_id: &str, step: u64, version: u64, kind: TaskKind, n: usize) -> Result<f64, String> {
+        let parts = self.dispatch.lock().expect("dispatch").workers().max(1);
+        let idx: Vec<u32> = (0..n as u32).collect();
+        let per = n.div_ceil(parts).max(1);
+        let tasks: Vec<(Vec<u64>, Vec<u32>)> = idx.chunks(per).map(|c| (Vec::new(), c.to_vec())).collect();
+        self.dispatch.lock().expect("dispatch").submit_step(run_id, step, kind, version, tasks);
+        self.wake.notify_one();
+        let results = self.wait_step(run_id, step, kind).await;
+        let (mut c, mut t) = (0u64, 0u64);
+        for (_, r) in results {
+            match r {
+                TaskResult::Accuracy { correct, total } => {
+                    c += u64::from(correct);
+                    t += u64::from(total);
+                }
+                other => return Err(format!("eval task returned {other:?}")),
+            }
+        }
+        Ok(if t == 0 { 0.0 } else { c as f64 / t as f64 })
+    }
+
+    async fn drive(self: &Arc<Self>, run_id: &str, run: &Arc<Run>) -> Result<RunStatus, String> {
+        let cfg = run.stored.config.clone();
+        let c2 = cfg.clone();
+        let plan = tokio::task::spawn_blocking(move || DataPlan::new(&c2)).await.map_err(|e| e.to_string())?;
+        let plan = plan.map_err(|e| e.to_string())?;
+        self.store.set_status(run_id, RunStatus::Running, "").map_err(|e| e.to_string())?;
+        // The coordinator's copy of the LoRA state (none for full-parameter runs).
+        let mut engine = match &cfg.mode {
+            ModeSpec::Lora { r, alpha, targets } => {
+                let targets = targets.iter().map(|t| mezo_model::Target::parse(t)).collect::<Result<_, _>>();
+                let lc = mezo_model::LoraConfig { r: *r, alpha: *alpha, targets: targets.map_err(|e| e.to_string())? };
+                let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(|e| e.to_string())?;
+                let st = LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed)).map_err(|e| e.to_string())?;
+                let settings = StepSettings {
+                    eps: cfg.eps,
+                    dist: cfg.distribution.parse().map_err(|e: mezo_core::CoreError| e.to_string())?,
+                    rule: match cfg.optimizer {
+                        mezo_train::OptimizerSpec::ZoMomentum => mezo_train::optim::Rule::Momentum { beta: cfg.momentum },
+                        mezo_train::OptimizerSpec::ZoAdam => {
+                            mezo_train::optim::Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+                        }
+                        _ => mezo_train::optim::Rule::Sgd,
+                    },
+                    weight_decay: cfg.weight_decay,
+                };
+                Some(Engine::new(Trainable::Lora(st), settings, tch::Device::Cpu))
+            }
+            ModeSpec::Full { .. } => None,
+        };
+        // Recovery: every logged step replayed in order (the log is the source of truth).
+        let logged = self.store.steps(run_id, 0).map_err(|e| e.to_string())?;
+        let mut batcher = Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
+        for rec in &logged {
+            let _ = batcher.next_batch();
+            if let (Some(e), false) = (engine.as_mut(), rec.skipped) {
+                e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
+            }
+            self.publish(run, rec, None);
+        }
+        let mut step = logged.len() as u64;
+        self.set_state(run, step, engine.as_ref());
+        let snapshot_every =
+            if run.stored.snapshot_every > 0 { run.stored.snapshot_every } else { self.opts.snapshot_every };
+        while step < cfg.steps {
+            if run.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(RunStatus::Stopped);
+            }
+            let started = Instant::now();
+            let batch: Vec<u32> = batcher.next_batch().into_iter().map(|i| i as u32).collect();
+            let seeds: Vec<u64> = (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
+            let parts = plan_train(&seeds, &batch, run.stored.data_parallel, cfg.grad_accum.max(2));
+            self.dispatch.lock().expect("dispatch").submit_step(run_id, step, TaskKind::Train, step, parts);
+            self.wake.notify_one();
+            let results = self.wait_step(run_id, step, TaskKind::Train).await;
+            let agg = aggregate(&results)?;
+            let lr = cfg.schedule.lr(cfg.lr, step, cfg.steps);
+            let grads = projected_grads(&agg.losses, cfg.eps);
+            let rec = StepRecord {
+                step,
+                seeds: agg.seeds.clone(),
+                grads: grads.clone().unwrap_or_default(),
+                lr,
+                losses: agg.losses.clone(),
+                skipped: grads.is_none(),
+            };
+            if let (Some(e), Some(g)) = (engine.as_mut(), &grads) {
+                e.apply_update(None, &agg.seeds, g, lr).map_err(|e| e.to_string())?;
+            }
+            // Durable before anyone is told.
+            self.store.append_step(run_id, &rec).map_err(|e| e.to_string())?;
+            step += 1;
+            self.set_state(run, step, engine.as_ref());
+            if snapshot_every > 0 && step % snapshot_every == 0 {
+                let t = Instant::now();
+                let bytes = run.state.lock().expect("state").1.clone();
+                if !bytes.is_empty() {
+                    self.store.write_snapshot(run_id, step, &bytes).map_err(|e| e.to_string())?;
+                    let _ = self.store.prune_snapshots(run_id, 3);
+                }
+                self.metrics.checkpoint_duration.observe(t.elapsed().as_secs_f64());
+            }
+            let dev = if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {
+                Some(self.evaluate(run_id, step, step, TaskKind::EvalDev, plan.n_dev).await?)
+            } else {
+                None
+            };
+            self.metrics.steps.inc();
+            if rec.skipped {
+                self.metrics.skipped_steps.inc();
+            }
+            self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
+            self.publish(run, &rec, dev);
+        }
+        Ok(RunStatus::Completed)
+    }
+
+    fn set_state(&self, run: &Run, version: u64, engine: Option<&Engine>) {
+        let bytes = match engine.map(|e| &e.trainable) {
+            Some(Trainable::Lora(l)) => {
+                let v: Vec<f32> = Vec::try_from(&l.flat).expect("f32 LoRA state");
+                v.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+            _ => Vec::new(),
+        };
+        *run.state.lock().expect("state") = (version, bytes);
+    }
+
+    fn publish(&self, run: &Run, rec: &StepRecord, dev: Option<f64>) {
+        let n = rec.losses.len().max(1) as f64;
+        let loss = rec.losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / n;
+        let g = if rec.grads.is_empty() { f64::NAN } else { rec.grads.iter().sum::<f64>() / rec.grads.len() as f64 };
+        if loss.is_finite() {
+            self.metrics.train_loss.set(loss);
+        }
+        if g.is_finite() {
+            self.metrics.projected_grad.set(g);
+        }
+        if let Some(d) = dev {
+            self.metrics.dev_accuracy.set(d);
+        }
+        let m = pb::StreamMetricsResponse {
+            step: rec.step,
+            loss,
+            projected_grad: g,
+            lr: rec.lr,
+            skipped: rec.skipped,
+            dev_accuracy: dev,
+            done: false,
+            status: pb::RunStatus::Running as i32,
+        };
+        run.history.lock().expect("history").push(m.clone());
+        let _ = run.events.send(m);
+    }
+
+    fn run(&self, id: &str) -> Result<Arc<Run>, Status> {
+        self.runs.lock().expect("runs").get(id).cloned().ok_or_else(|| Status::not_found(format!("run `{id}` not found")))
+    }
+}
+
+/// The public service.
+#[derive(Clone)]
+pub struct MezoSvc(pub Arc<Inner>);
+
+type MetricsStream = Pin<Box<dyn Stream<Item = Result<pb::StreamMetricsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::mezo_service_server::MezoService for MezoSvc {
+    async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Result<Response<pb::StartRunResponse>, Status> {
+        let req = req.into_inner();
+        let spec = req.spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let run_id = if req.run_id.is_empty() {
+            format!("run-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+        } else {
+            req.run_id
+        };
+        let (config, split, snapshot_every) =
+            config_from_spec(&spec, self.0.opts.data_dir.join("runs").join(&run_id)).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let stored = StoredSpec { config, data_parallel: split == Split::Data, snapshot_every };
+        self.0.store.create_run(&run_id, &serde_json::to_string(&stored).map_err(internal)?).map_err(store_status)?;
+        self.0.launch(run_id.clone(), stored);
+        Ok(Response::new(pb::StartRunResponse { run_id }))
+    }
+
+    type StreamMetricsStream = MetricsStream;
+
+    async fn stream_metrics(&self, req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricsStream>, Status> {
+        let req = req.into_inner();
+        let run = self.0.run(&req.run_id)?;
+        let mut rx = run.events.subscribe();
+        let past: Vec<_> = run.history.lock().expect("history").iter().filter(|m| m.done || m.step >= req.from_step).cloned().collect();
+        let (tx, out) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut last = None;
+            for m in past {
+                let done = m.done;
+                last = Some(m.step);
+                if tx.send(Ok(m)).await.is_err() || done {
+                    return;
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(m) => {
+                        if !m.done && last.is_some_and(|l| m.step <= l) {
+                            continue;
+                        }
+                        let done = m.done;
+                        if tx.send(Ok(m)).await.is_err() || done {
+                            return;
+                        }
+                    }
+                    // A slow subscriber misses steps rather than stalling training.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
+        Ok(Response::new(self.describe(&req.into_inner().run_id)?))
+    }
+
+    async fn list_runs(&self, _: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let ids = self.0.store.list_runs().map_err(store_status)?;
+        let runs = ids.iter().map(|(id, _)| self.describe(id)).collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+
+    async fn stop_run(&self, req: Request<pb::StopRunRequest>) -> Result<Response<pb::StopRunResponse>, Status> {
+        let id = req.into_inner().run_id;
+        let run = self.0.run(&id)?;
+        run.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (s, _) = self.0.store.status(&id).map_err(store_status)?;
+        Ok(Response::new(pb::StopRunResponse { status: pb_status(s) as i32 }))
+    }
+
+    async fn export_adapter(&self, req: Request<pb::ExportAdapterRequest>) -> Result<Response<pb::ExportAdapterResponse>, Status> {
+        let id = req.into_inner().run_id;
+        let run = self.0.run(&id)?;
+        let cfg = &run.stored.config;
+        let ModeSpec::Lora { r, alpha, targets } = &cfg.mode else {
+            return Err(Status::failed_precondition(format!("run `{id}` trains all parameters: it has no adapter")));
+        };
+        let (step, bytes) = run.state.lock().expect("state").clone();
+        let targets = targets.iter().map(|t| mezo_model::Target::parse(t)).collect::<Result<_, _>>().map_err(internal)?;
+        let config = mezo_model::LoraConfig { r: *r, alpha: *alpha, targets };
+        let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
+        let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let adapter = mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&v) };
+        let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));
+        adapter.save(&dir, &mc, &cfg.model.to_string_lossy()).map_err(internal)?;
+        let read = |f: &str| std::fs::read(dir.join(f)).map_err(internal);
+        let resp = pb::ExportAdapterResponse {
+            adapter_config_json: String::from_utf8(read("adapter_config.json")?).map_err(internal)?,
+            adapter_model_safetensors: read("adapter_model.safetensors")?,
+            step,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(Response::new(resp))
+    }
+}
+
+impl MezoSvc {
+    fn describe(&self, id: &str) -> Result<pb::GetRunResponse, Status> {
+        let stored: StoredSpec =
+            serde_json::from_str(&self.0.store.run_spec(id).map_err(store_status)?).map_err(internal)?;
+        let (status, message) = self.0.store.status(id).map_err(store_status)?;
+        let steps_done = self.0.store.next_step(id).map_err(store_status)?;
+        let split = if stored.data_parallel { Split::Data } else { Split::Direction };
+        Ok(pb::GetRunResponse {
+            run_id: id.into(),
+            spec: Some(spec_from_config(&stored.config, split, stored.snapshot_every)),
+            status: pb_status(status) as i32,
+            steps_done,
+            message,
+        })
+    }
+}
+
+/// The internal service workers talk to.
+#[derive(Clone)]
+pub struct WorkerSvc(pub Arc<Inner>);
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
+
+fn worker_id(s: &str) -> Result<WorkerId, Status> {
+    s.parse().map_err(|_| Status::invalid_argument(format!("worker_id `{s}` is not one this coordinator issued")))
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerSvc {
+    async fn register(&self, _: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let id = self.0.dispatch.lock().expect("dispatch").register(Instant::now());
+        self.0.wake.notify_one();
+        Ok(Response::new(pb::RegisterResponse { worker_id: id.to_string(), lease_ms: self.0.opts.lease.as_millis() as u32 }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = worker_id(&req.into_inner().worker_id)?;
+        let known = self.0.dispatch.lock().expect("dispatch").heartbeat(id, Instant::now());
+        Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+
+    type TasksStream = TaskStream;
+
+    async fn tasks(&self, req: Request<pb::TasksRequest>) -> Result<Response<TaskStream>, Status> {
+        let id = worker_id(&req.into_inner().worker_id)?;
+        let (tx, rx) = mpsc::channel(16);
+        self.0.streams.lock().expect("streams").insert(id, tx);
+        self.0.wake.notify_one();
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn submit_result(&self, req: Request<pb::SubmitResultRequest>) -> Result<Response<pb::SubmitResultResponse>, Status> {
+        let r = req.into_inner();
+        let wid = worker_id(&r.worker_id)?;
+        let task: u64 = r.task_id.parse().map_err(|_| Status::invalid_argument("task_id"))?;
+        let result = if !r.error.is_empty() {
+            TaskResult::Failed(r.error.clone())
+        } else if r.total > 0 || (r.loss_plus.is_empty() && r.correct == 0) {
+            TaskResult::Accuracy { correct: r.correct, total: r.total }
+        } else {
+            TaskResult::Losses {
+                per_seed: r.loss_plus.iter().copied().zip(r.loss_minus.iter().copied()).collect(),
+                weight: r.weight,
+            }
+        };
+        // A replica whose state differs from ours at the task's version gets its result refused
+        // and resyncs (counted); the task is queued again.
+        let mut accepted = true;
+        if !r.state_checksum.is_empty() {
+            if let Ok(run) = self.0.run(&r.run_id) {
+                let (version, bytes) = run.state.lock().expect("state").clone();
+                if version == r.step && !bytes.is_empty() && state_checksum(&bytes) != r.state_checksum {
+                    accepted = false;
+                }
+            }
+        }
+        let outcome = {
+            let mut d = self.0.dispatch.lock().expect("dispatch");
+            if accepted {
+                d.complete(wid, task, result)
+            } else {
+                self.0.metrics.replica_resyncs.inc();
+                d.complete(wid, task, TaskResult::Failed("replica checksum mismatch".into()))
+            }
+        };
+        self.0.results.notify_waiters();
+        self.0.wake.notify_one();
+        Ok(Response::new(pb::SubmitResultResponse { accepted: accepted && outcome != Completion::Unknown }))
+    }
+
+    async fn fetch_snapshot(&self, req: Request<pb::FetchSnapshotRequest>) -> Result<Response<pb::FetchSnapshotResponse>, Status> {
+        let id = req.into_inner().run_id;
+        let run = self.0.run(&id)?;
+        let (step, state) = run.state.lock().expect("state").clone();
+        let split = if run.stored.data_parallel { Split::Data } else { Split::Direction };
+        let (step, state) = if state.is_empty() { (0, Vec::new()) } else { (step, state) };
+        Ok(Response::new(pb::FetchSnapshotResponse {
+            spec: Some(spec_from_config(&run.stored.config, split, run.stored.snapshot_every)),
+            step,
+            checksum: state_checksum(&state),
+            state,
+        }))
+    }
+
+    async fn fetch_log(&self, req: Request<pb::FetchLogRequest>) -> Result<Response<pb::FetchLogResponse>, Status> {
+        let r = req.into_inner();
+        let updates = self
+            .0
+            .store
+            .steps(&r.run_id, r.from_step)
+            .map_err(store_status)?
+            .into_iter()
+            .map(|s| pb::StepUpdate { step: s.step, seeds: s.seeds, grads: s.grads, lr: s.lr, skipped: s.skipped })
+            .collect();
+        Ok(Response::new(pb::FetchLogResponse { updates }))
+    }
+}
+
+/// Serves both services on `listener` and /metrics on `metrics_listener` until `shutdown`.
+pub async fn serve(
+    opts: Options,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let inner = Inner::open(opts)?;
+    let resumed = inner.resume_runs().map_err(|s| anyhow::anyhow!(s.message().to_string()))?;
+    if resumed > 0 {
+        eprintln!("coordinator: resumed {resumed} run(s) from the store");
+    }
+    tokio::spawn(inner.clone().dispatch_loop());
+    if let Some(l) = metrics_listener {
+        let m = inner.metrics.clone();
+        tokio::spawn(async move {
+            let _ = crate::metrics::serve(l, m, std::future::pending()).await;
+        });
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone())))
+        .add_service(pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner)))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
