@@ -1,6 +1,7 @@
 //! The `mezo` command line. `main.rs` only parses; each subcommand is a function here.
 
 mod bench;
+pub mod service;
 pub mod train;
 
 use std::path::PathBuf;
@@ -28,6 +29,13 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Train the bundled small OPT on SST-2 with MeZO on the CPU and show the accuracy gained.
     Demo(train::DemoArgs),
+    /// Run the coordinator: gRPC for clients and workers, /metrics, a durable store.
+    Coordinator(service::CoordinatorArgs),
+    /// Run a worker that serves a coordinator's forward passes on one device.
+    Worker(service::WorkerArgs),
+    /// Client commands for a coordinator's runs.
+    #[command(subcommand)]
+    Run(service::RunCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -70,6 +78,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::bench(args),
         Command::Train(args) => train::run_train(args),
         Command::Demo(args) => train::run_demo(args),
+        Command::Coordinator(args) => service::coordinator(args),
+        Command::Worker(args) => service::worker(args),
+        Command::Run(cmd) => service::run(cmd),
     }
 }
 

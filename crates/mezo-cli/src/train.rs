@@ -93,9 +93,10 @@ pub struct TrainArgs {
     pub device: String,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
-    /// Output folder: adapter/ (PEFT) or model/ (--full), train_log.jsonl, report.json.
+    /// Output folder: adapter/ (PEFT) or model/ (--full), train_log.jsonl, report.json
+    /// (required by `mezo train`).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Print one final JSON object (the report) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -142,7 +143,7 @@ impl TrainArgs {
             eval_batch_size: self.eval_batch_size,
             device: self.device.clone(),
             dtype: self.dtype.clone(),
-            out: self.out.clone(),
+            out: self.out.clone().unwrap_or_default(),
         })
     }
 }
@@ -190,6 +191,9 @@ impl Observer for Bar {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
+    if args.out.is_none() {
+        anyhow::bail!("--out DIR is required: where the adapter, the step log and the report go");
+    }
     let cfg = args.config()?;
     let mut bar = Bar::new();
     let report = train(cfg, &mut bar)?;
@@ -285,7 +289,7 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
         eval_batch_size: 64,
         device: "cpu".into(),
         dtype: "fp32".into(),
-        out,
+        out: Some(out),
         json: false,
     })
 }

@@ -5,7 +5,7 @@
 //! the gRPC services drive it.
 
 pub mod dispatch;
-pub mod server;
 pub mod metrics;
+pub mod server;
 
 pub use dispatch::{Completion, Dispatcher, StepLosses, TaskKind, TaskResult, TaskSpec, WorkerId};

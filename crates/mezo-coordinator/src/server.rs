@@ -112,7 +112,8 @@ impl Inner {
         for (id, status) in self.store.list_runs().map_err(store_status)? {
             if matches!(status, RunStatus::Pending | RunStatus::Running) {
                 let stored: StoredSpec =
-                    serde_json::from_str(&self.store.run_spec(&id).map_err(store_status)?).map_err(internal)?;
+                    serde_json::from_str(&self.store.run_spec(&id).map_err(store_status)?)
+                        .map_err(internal)?;
                 self.launch(id, stored);
                 n += 1;
             }
@@ -142,7 +143,11 @@ impl Inner {
             }
             let _ = inner.store.set_status(&run_id, status, &message);
             inner.dispatch.lock().expect("dispatch").cancel_run(&run_id);
-            let done = pb::StreamMetricsResponse { done: true, status: pb_status(status) as i32, ..Default::default() };
+            let done = pb::StreamMetricsResponse {
+                done: true,
+                status: pb_status(status) as i32,
+                ..Default::default()
+            };
             run.history.lock().expect("history").push(done.clone());
             let _ = run.events.send(done);
         });
@@ -205,7 +210,12 @@ impl Inner {
         }
     }
 
-    async fn wait_step(&self, run_id: &str, step: u64, kind: TaskKind) -> Vec<(crate::dispatch::TaskSpec, TaskResult)> {
+    async fn wait_step(
+        &self,
+        run_id: &str,
+        step: u64,
+        kind: TaskKind,
+    ) -> Vec<(crate::dispatch::TaskSpec, TaskResult)> {
         loop {
             let notified = self.results.notified();
             if let Some(r) = self.dispatch.lock().expect("dispatch").take_step(run_id, step, kind) {
@@ -216,7 +226,14 @@ impl Inner {
     }
 
     /// Accuracy over a whole eval set, split into one task per live worker (at least one).
-    async fn evaluate(&self, run_id: &str, step: u64, version: u64, kind: TaskKind, n: usize) -> Result<f64, String> {
+    async fn evaluate(
+        &self,
+        run_id: &str,
+        step: u64,
+        version: u64,
+        kind: TaskKind,
+        n: usize,
+    ) -> Result<f64, String> {
         let parts = self.dispatch.lock().expect("dispatch").workers().max(1);
         let idx: Vec<u32> = (0..n as u32).collect();
         let per = n.div_ceil(parts).max(1);
@@ -240,21 +257,29 @@ impl Inner {
     async fn drive(self: &Arc<Self>, run_id: &str, run: &Arc<Run>) -> Result<RunStatus, String> {
         let cfg = run.stored.config.clone();
         let c2 = cfg.clone();
-        let plan = tokio::task::spawn_blocking(move || DataPlan::new(&c2)).await.map_err(|e| e.to_string())?;
+        let plan =
+            tokio::task::spawn_blocking(move || DataPlan::new(&c2)).await.map_err(|e| e.to_string())?;
         let plan = plan.map_err(|e| e.to_string())?;
         self.store.set_status(run_id, RunStatus::Running, "").map_err(|e| e.to_string())?;
         // The coordinator's copy of the LoRA state (none for full-parameter runs).
         let mut engine = match &cfg.mode {
             ModeSpec::Lora { r, alpha, targets } => {
                 let targets = targets.iter().map(|t| mezo_model::Target::parse(t)).collect::<Result<_, _>>();
-                let lc = mezo_model::LoraConfig { r: *r, alpha: *alpha, targets: targets.map_err(|e| e.to_string())? };
+                let lc = mezo_model::LoraConfig {
+                    r: *r,
+                    alpha: *alpha,
+                    targets: targets.map_err(|e| e.to_string())?,
+                };
                 let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(|e| e.to_string())?;
-                let st = LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed)).map_err(|e| e.to_string())?;
+                let st = LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed))
+                    .map_err(|e| e.to_string())?;
                 let settings = StepSettings {
                     eps: cfg.eps,
                     dist: cfg.distribution.parse().map_err(|e: mezo_core::CoreError| e.to_string())?,
                     rule: match cfg.optimizer {
-                        mezo_train::OptimizerSpec::ZoMomentum => mezo_train::optim::Rule::Momentum { beta: cfg.momentum },
+                        mezo_train::OptimizerSpec::ZoMomentum => {
+                            mezo_train::optim::Rule::Momentum { beta: cfg.momentum }
+                        }
                         mezo_train::OptimizerSpec::ZoAdam => {
                             mezo_train::optim::Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
                         }
@@ -268,7 +293,8 @@ impl Inner {
         };
         // Recovery: every logged step replayed in order (the log is the source of truth).
         let logged = self.store.steps(run_id, 0).map_err(|e| e.to_string())?;
-        let mut batcher = Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
+        let mut batcher =
+            Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
         for rec in &logged {
             let _ = batcher.next_batch();
             if let (Some(e), false) = (engine.as_mut(), rec.skipped) {
@@ -286,7 +312,8 @@ impl Inner {
             }
             let started = Instant::now();
             let batch: Vec<u32> = batcher.next_batch().into_iter().map(|i| i as u32).collect();
-            let seeds: Vec<u64> = (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
+            let seeds: Vec<u64> =
+                (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
             let parts = plan_train(&seeds, &batch, run.stored.data_parallel, cfg.grad_accum.max(2));
             self.dispatch.lock().expect("dispatch").submit_step(run_id, step, TaskKind::Train, step, parts);
             self.wake.notify_one();
@@ -347,7 +374,11 @@ impl Inner {
     fn publish(&self, run: &Run, rec: &StepRecord, dev: Option<f64>) {
         let n = rec.losses.len().max(1) as f64;
         let loss = rec.losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / n;
-        let g = if rec.grads.is_empty() { f64::NAN } else { rec.grads.iter().sum::<f64>() / rec.grads.len() as f64 };
+        let g = if rec.grads.is_empty() {
+            f64::NAN
+        } else {
+            rec.grads.iter().sum::<f64>() / rec.grads.len() as f64
+        };
         if loss.is_finite() {
             self.metrics.train_loss.set(loss);
         }
@@ -372,7 +403,12 @@ impl Inner {
     }
 
     fn run(&self, id: &str) -> Result<Arc<Run>, Status> {
-        self.runs.lock().expect("runs").get(id).cloned().ok_or_else(|| Status::not_found(format!("run `{id}` not found")))
+        self.runs
+            .lock()
+            .expect("runs")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("run `{id}` not found")))
     }
 }
 
@@ -384,29 +420,52 @@ type MetricsStream = Pin<Box<dyn Stream<Item = Result<pb::StreamMetricsResponse,
 
 #[tonic::async_trait]
 impl pb::mezo_service_server::MezoService for MezoSvc {
-    async fn start_run(&self, req: Request<pb::StartRunRequest>) -> Result<Response<pb::StartRunResponse>, Status> {
+    async fn start_run(
+        &self,
+        req: Request<pb::StartRunRequest>,
+    ) -> Result<Response<pb::StartRunResponse>, Status> {
         let req = req.into_inner();
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
         let run_id = if req.run_id.is_empty() {
-            format!("run-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis())
+            format!(
+                "run-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis()
+            )
         } else {
             req.run_id
         };
         let (config, split, snapshot_every) =
-            config_from_spec(&spec, self.0.opts.data_dir.join("runs").join(&run_id)).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            config_from_spec(&spec, self.0.opts.data_dir.join("runs").join(&run_id))
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let stored = StoredSpec { config, data_parallel: split == Split::Data, snapshot_every };
-        self.0.store.create_run(&run_id, &serde_json::to_string(&stored).map_err(internal)?).map_err(store_status)?;
+        self.0
+            .store
+            .create_run(&run_id, &serde_json::to_string(&stored).map_err(internal)?)
+            .map_err(store_status)?;
         self.0.launch(run_id.clone(), stored);
         Ok(Response::new(pb::StartRunResponse { run_id }))
     }
 
     type StreamMetricsStream = MetricsStream;
 
-    async fn stream_metrics(&self, req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricsStream>, Status> {
+    async fn stream_metrics(
+        &self,
+        req: Request<pb::StreamMetricsRequest>,
+    ) -> Result<Response<MetricsStream>, Status> {
         let req = req.into_inner();
         let run = self.0.run(&req.run_id)?;
         let mut rx = run.events.subscribe();
-        let past: Vec<_> = run.history.lock().expect("history").iter().filter(|m| m.done || m.step >= req.from_step).cloned().collect();
+        let past: Vec<_> = run
+            .history
+            .lock()
+            .expect("history")
+            .iter()
+            .filter(|m| m.done || m.step >= req.from_step)
+            .cloned()
+            .collect();
         let (tx, out) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut last = None;
@@ -441,13 +500,19 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         Ok(Response::new(self.describe(&req.into_inner().run_id)?))
     }
 
-    async fn list_runs(&self, _: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        _: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let ids = self.0.store.list_runs().map_err(store_status)?;
         let runs = ids.iter().map(|(id, _)| self.describe(id)).collect::<Result<_, _>>()?;
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }
 
-    async fn stop_run(&self, req: Request<pb::StopRunRequest>) -> Result<Response<pb::StopRunResponse>, Status> {
+    async fn stop_run(
+        &self,
+        req: Request<pb::StopRunRequest>,
+    ) -> Result<Response<pb::StopRunResponse>, Status> {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
         run.stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -455,18 +520,28 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         Ok(Response::new(pb::StopRunResponse { status: pb_status(s) as i32 }))
     }
 
-    async fn export_adapter(&self, req: Request<pb::ExportAdapterRequest>) -> Result<Response<pb::ExportAdapterResponse>, Status> {
+    async fn export_adapter(
+        &self,
+        req: Request<pb::ExportAdapterRequest>,
+    ) -> Result<Response<pb::ExportAdapterResponse>, Status> {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
         let cfg = &run.stored.config;
         let ModeSpec::Lora { r, alpha, targets } = &cfg.mode else {
-            return Err(Status::failed_precondition(format!("run `{id}` trains all parameters: it has no adapter")));
+            return Err(Status::failed_precondition(format!(
+                "run `{id}` trains all parameters: it has no adapter"
+            )));
         };
         let (step, bytes) = run.state.lock().expect("state").clone();
-        let targets = targets.iter().map(|t| mezo_model::Target::parse(t)).collect::<Result<_, _>>().map_err(internal)?;
+        let targets = targets
+            .iter()
+            .map(|t| mezo_model::Target::parse(t))
+            .collect::<Result<_, _>>()
+            .map_err(internal)?;
         let config = mezo_model::LoraConfig { r: *r, alpha: *alpha, targets };
         let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
-        let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let v: Vec<f32> =
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let adapter = mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&v) };
         let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));
         adapter.save(&dir, &mc, &cfg.model.to_string_lossy()).map_err(internal)?;
@@ -505,18 +580,28 @@ pub struct WorkerSvc(pub Arc<Inner>);
 type TaskStream = Pin<Box<dyn Stream<Item = Result<pb::Task, Status>> + Send>>;
 
 fn worker_id(s: &str) -> Result<WorkerId, Status> {
-    s.parse().map_err(|_| Status::invalid_argument(format!("worker_id `{s}` is not one this coordinator issued")))
+    s.parse()
+        .map_err(|_| Status::invalid_argument(format!("worker_id `{s}` is not one this coordinator issued")))
 }
 
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerSvc {
-    async fn register(&self, _: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        _: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let id = self.0.dispatch.lock().expect("dispatch").register(Instant::now());
         self.0.wake.notify_one();
-        Ok(Response::new(pb::RegisterResponse { worker_id: id.to_string(), lease_ms: self.0.opts.lease.as_millis() as u32 }))
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id.to_string(),
+            lease_ms: self.0.opts.lease.as_millis() as u32,
+        }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let id = worker_id(&req.into_inner().worker_id)?;
         let known = self.0.dispatch.lock().expect("dispatch").heartbeat(id, Instant::now());
         Ok(Response::new(pb::HeartbeatResponse { known }))
@@ -532,7 +617,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn submit_result(&self, req: Request<pb::SubmitResultRequest>) -> Result<Response<pb::SubmitResultResponse>, Status> {
+    async fn submit_result(
+        &self,
+        req: Request<pb::SubmitResultRequest>,
+    ) -> Result<Response<pb::SubmitResultResponse>, Status> {
         let r = req.into_inner();
         let wid = worker_id(&r.worker_id)?;
         let task: u64 = r.task_id.parse().map_err(|_| Status::invalid_argument("task_id"))?;
@@ -571,7 +659,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         Ok(Response::new(pb::SubmitResultResponse { accepted: accepted && outcome != Completion::Unknown }))
     }
 
-    async fn fetch_snapshot(&self, req: Request<pb::FetchSnapshotRequest>) -> Result<Response<pb::FetchSnapshotResponse>, Status> {
+    async fn fetch_snapshot(
+        &self,
+        req: Request<pb::FetchSnapshotRequest>,
+    ) -> Result<Response<pb::FetchSnapshotResponse>, Status> {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
         let (step, state) = run.state.lock().expect("state").clone();
@@ -585,7 +676,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         }))
     }
 
-    async fn fetch_log(&self, req: Request<pb::FetchLogRequest>) -> Result<Response<pb::FetchLogResponse>, Status> {
+    async fn fetch_log(
+        &self,
+        req: Request<pb::FetchLogRequest>,
+    ) -> Result<Response<pb::FetchLogResponse>, Status> {
         let r = req.into_inner();
         let updates = self
             .0
@@ -593,7 +687,13 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
             .steps(&r.run_id, r.from_step)
             .map_err(store_status)?
             .into_iter()
-            .map(|s| pb::StepUpdate { step: s.step, seeds: s.seeds, grads: s.grads, lr: s.lr, skipped: s.skipped })
+            .map(|s| pb::StepUpdate {
+                step: s.step,
+                seeds: s.seeds,
+                grads: s.grads,
+                lr: s.lr,
+                skipped: s.skipped,
+            })
             .collect();
         Ok(Response::new(pb::FetchLogResponse { updates }))
     }

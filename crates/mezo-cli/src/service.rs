@@ -1,0 +1,257 @@
+//! `mezo coordinator`, `mezo worker` and the client commands `mezo run …`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use mezo_proto::v1 as pb;
+use mezo_proto::v1::mezo_service_client::MezoServiceClient;
+use mezo_train::spec::{spec_from_config, Split};
+
+use crate::train::TrainArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// gRPC address to listen on (clients and workers).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Address for Prometheus' /metrics.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_listen: String,
+    /// Folder of the store (sled database and snapshots); runs resume from it after a restart.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// A worker that has not renewed its lease for this long loses it and its tasks.
+    #[arg(long, default_value_t = 3000)]
+    pub lease_ms: u64,
+    /// Snapshot interval in steps when a run does not set one.
+    #[arg(long, default_value_t = 50)]
+    pub snapshot_every: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RunCommand {
+    /// Start a run on the coordinator (takes `mezo train`'s flags); prints its id.
+    Start(RunStartArgs),
+    /// Follow a run's metrics until it ends.
+    Watch(RunIdArgs),
+    /// Show a run's status and progress (JSON).
+    Get(RunIdArgs),
+    /// List every run (JSON lines).
+    List(ClientArgs),
+    /// Stop a run after its current step.
+    Stop(RunIdArgs),
+    /// Write a run's current adapter (PEFT format) to a folder.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClientArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunIdArgs {
+    pub run_id: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print JSON lines instead of a progress bar (watch).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunStartArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// direction (each worker evaluates whole directions) or data (each evaluates a batch shard).
+    #[arg(long, default_value = "direction")]
+    pub split: String,
+    /// Snapshot interval in steps (0: the coordinator's default).
+    #[arg(long, default_value_t = 0)]
+    pub snapshot_every: u64,
+    #[arg(long, default_value = "")]
+    pub run_id: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    pub run_id: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn shutdown_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("binding --listen {}", a.listen))?;
+        let metrics = tokio::net::TcpListener::bind(&a.metrics_listen)
+            .await
+            .with_context(|| format!("binding --metrics-listen {}", a.metrics_listen))?;
+        eprintln!(
+            "coordinator: gRPC on {}, metrics on http://{}/metrics, store in {}",
+            listener.local_addr()?,
+            metrics.local_addr()?,
+            a.data_dir.display()
+        );
+        let opts = mezo_coordinator::server::Options {
+            data_dir: a.data_dir.clone(),
+            lease: Duration::from_millis(a.lease_ms),
+            snapshot_every: a.snapshot_every,
+        };
+        mezo_coordinator::server::serve(opts, listener, Some(metrics), shutdown_signal()).await
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    mezo_model::parse_device(&a.device)?;
+    runtime()?.block_on(mezo_worker::run(
+        mezo_worker::Options { coordinator: a.coordinator, device: a.device },
+        shutdown_signal(),
+    ))
+}
+
+async fn client(url: &str) -> Result<MezoServiceClient<tonic::transport::Channel>> {
+    MezoServiceClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("connecting to the coordinator at {url}"))
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::RunStatus::try_from(s).unwrap_or(pb::RunStatus::Unspecified) {
+        pb::RunStatus::Pending => "pending",
+        pb::RunStatus::Running => "running",
+        pb::RunStatus::Completed => "completed",
+        pb::RunStatus::Failed => "failed",
+        pb::RunStatus::Stopped => "stopped",
+        pb::RunStatus::Unspecified => "unknown",
+    }
+}
+
+fn describe(r: &pb::GetRunResponse) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": r.run_id, "status": status_name(r.status), "steps_done": r.steps_done,
+        "steps": r.spec.as_ref().map(|s| s.steps), "message": r.message,
+    })
+}
+
+pub fn run(cmd: RunCommand) -> Result<()> {
+    runtime()?.block_on(async move {
+        match cmd {
+            RunCommand::Start(a) => {
+                let cfg = a.train.config()?;
+                let split = match a.split.as_str() {
+                    "direction" => Split::Direction,
+                    "data" => Split::Data,
+                    s => anyhow::bail!("unknown --split `{s}`: expected direction or data"),
+                };
+                let spec = spec_from_config(&cfg, split, a.snapshot_every);
+                let r = client(&a.client.coordinator)
+                    .await?
+                    .start_run(pb::StartRunRequest { spec: Some(spec), run_id: a.run_id })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                println!("{}", r.into_inner().run_id);
+            }
+            RunCommand::Watch(a) => {
+                let mut c = client(&a.client.coordinator).await?;
+                let total = c
+                    .get_run(pb::GetRunRequest { run_id: a.run_id.clone() })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    .into_inner()
+                    .spec
+                    .map_or(0, |s| s.steps);
+                let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}")
+                        .expect("valid template"),
+                );
+                let mut s = c
+                    .stream_metrics(pb::StreamMetricsRequest { run_id: a.run_id.clone(), from_step: 0 })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    .into_inner();
+                while let Some(m) = s.message().await? {
+                    if a.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"step": m.step, "loss": m.loss, "projected_grad": m.projected_grad,
+                                "lr": m.lr, "skipped": m.skipped, "dev_accuracy": m.dev_accuracy, "done": m.done,
+                                "status": status_name(m.status)})
+                        );
+                    } else if !m.done {
+                        bar.set_position(m.step + 1);
+                        let dev = m.dev_accuracy.map_or(String::new(), |d| format!(" dev {:.1}%", 100.0 * d));
+                        bar.set_message(format!("loss {:.4}{dev}", m.loss));
+                    }
+                    if m.done {
+                        bar.finish_and_clear();
+                        if !a.json {
+                            println!("run {}: {}", a.run_id, status_name(m.status));
+                        }
+                        break;
+                    }
+                }
+            }
+            RunCommand::Get(a) => {
+                let r = client(&a.client.coordinator)
+                    .await?
+                    .get_run(pb::GetRunRequest { run_id: a.run_id })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                println!("{}", describe(r.get_ref()));
+            }
+            RunCommand::List(a) => {
+                let r = client(&a.coordinator).await?.list_runs(pb::ListRunsRequest {}).await?;
+                for run in &r.get_ref().runs {
+                    println!("{}", describe(run));
+                }
+            }
+            RunCommand::Stop(a) => {
+                let r = client(&a.client.coordinator)
+                    .await?
+                    .stop_run(pb::StopRunRequest { run_id: a.run_id.clone() })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                println!("run {}: stopping (was {})", a.run_id, status_name(r.get_ref().status));
+            }
+            RunCommand::Export(a) => {
+                let r = client(&a.client.coordinator)
+                    .await?
+                    .export_adapter(pb::ExportAdapterRequest { run_id: a.run_id.clone() })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    .into_inner();
+                std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+                std::fs::write(a.out.join("adapter_config.json"), &r.adapter_config_json)?;
+                std::fs::write(a.out.join("adapter_model.safetensors"), &r.adapter_model_safetensors)?;
+                println!("run {}: adapter at step {} written to {}", a.run_id, r.step, a.out.display());
+            }
+        }
+        Ok(())
+    })
+}

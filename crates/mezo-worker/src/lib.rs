@@ -1,0 +1,229 @@
+//! A worker process: registers with the coordinator, renews its lease, and serves the tasks the
+//! coordinator streams to it. Tensors live on one OS thread (the engine thread), which keeps a
+//! replica per run: built from the coordinator's snapshot, then kept in step by replaying logged
+//! updates (seed + scalar), so no tensor crosses the network after a worker joins.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use mezo_proto::v1 as pb;
+use mezo_proto::v1::worker_service_client::WorkerServiceClient;
+use mezo_train::spec::config_from_spec;
+use mezo_train::trainer::{state_checksum, EvalSet};
+use mezo_train::Session;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// e.g. http://127.0.0.1:50051
+    pub coordinator: String,
+    /// cpu, cuda or cuda:N
+    pub device: String,
+}
+
+type Client = WorkerServiceClient<Channel>;
+
+async fn connect(url: &str) -> Result<Client> {
+    let mut last = None;
+    // The coordinator may still be starting: retry for a while before giving up.
+    for _ in 0..100 {
+        match WorkerServiceClient::connect(url.to_string()).await {
+            Ok(c) => return Ok(c.max_decoding_message_size(256 << 20)),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(anyhow!("cannot reach the coordinator at {url}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+}
+
+/// Runs until the coordinator goes away for good or `shutdown` resolves.
+pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    tokio::pin!(shutdown);
+    let mut client = connect(&opts.coordinator).await?;
+    let (jobs, engine_rx) = mpsc::channel::<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>(4);
+    let handle = tokio::runtime::Handle::current();
+    let engine_client = client.clone();
+    let device = opts.device.clone();
+    std::thread::Builder::new()
+        .name("mezo-engine".into())
+        .spawn(move || engine_thread(engine_rx, engine_client, handle, device))
+        .context("starting the engine thread")?;
+    loop {
+        let reg = client
+            .register(pb::RegisterRequest { device: opts.device.clone(), hostname: hostname() })
+            .await
+            .context("registering with the coordinator")?
+            .into_inner();
+        let id = reg.worker_id.clone();
+        eprintln!("worker {id}: registered with {} ({})", opts.coordinator, opts.device);
+        let (lost_tx, mut lost_rx) = oneshot::channel::<()>();
+        let mut hb = client.clone();
+        let hb_id = id.clone();
+        let period = Duration::from_millis(u64::from(reg.lease_ms / 3).max(50));
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match hb.heartbeat(pb::HeartbeatRequest { worker_id: hb_id.clone() }).await {
+                    Ok(r) if r.get_ref().known => {}
+                    // Unknown (our lease ran out) or unreachable: register again.
+                    _ => {
+                        let _ = lost_tx.send(());
+                        return;
+                    }
+                }
+            }
+        });
+        let mut stream = client.tasks(pb::TasksRequest { worker_id: id.clone() }).await?.into_inner();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => { heartbeat.abort(); return Ok(()); }
+                _ = &mut lost_rx => break,
+                msg = stream.message() => {
+                    let Some(task) = msg.ok().flatten() else { break };
+                    let (tx, rx) = oneshot::channel();
+                    jobs.send((task, tx)).await.map_err(|_| anyhow!("the engine thread stopped"))?;
+                    let mut result = rx.await.map_err(|_| anyhow!("the engine thread stopped"))?;
+                    result.worker_id = id.clone();
+                    if let Err(e) = client.submit_result(result).await {
+                        eprintln!("worker {id}: submitting a result failed: {e}");
+                    }
+                }
+            }
+        }
+        heartbeat.abort();
+        eprintln!("worker {id}: lost the coordinator; reconnecting");
+        client = connect(&opts.coordinator).await?;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+struct Replica {
+    session: Session,
+    version: u64,
+}
+
+/// The thread that owns every tensor: replicas, forwards, replays.
+fn engine_thread(
+    mut jobs: mpsc::Receiver<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>,
+    client: Client,
+    rt: tokio::runtime::Handle,
+    device: String,
+) {
+    let mut replicas: HashMap<String, Replica> = HashMap::new();
+    while let Some((task, reply)) = jobs.blocking_recv() {
+        let mut r = pb::SubmitResultRequest {
+            task_id: task.task_id.clone(),
+            run_id: task.run_id.clone(),
+            step: task.step,
+            ..Default::default()
+        };
+        match serve_task(&task, &mut replicas, &client, &rt, &device) {
+            Ok(Outcome::Losses { per_seed, weight, checksum }) => {
+                r.loss_plus = per_seed.iter().map(|p| p.0).collect();
+                r.loss_minus = per_seed.iter().map(|p| p.1).collect();
+                r.weight = weight;
+                r.state_checksum = checksum;
+            }
+            Ok(Outcome::Accuracy { correct, total }) => {
+                r.correct = correct as u32;
+                r.total = total as u32;
+            }
+            Err(e) => {
+                // Report and keep serving: the task goes to another worker (an out-of-memory
+                // error, say, need not end this worker). The replica may be suspect: rebuild it.
+                replicas.remove(&task.run_id);
+                r.error = format!("{e:#}");
+            }
+        }
+        let _ = reply.send(r);
+    }
+}
+
+enum Outcome {
+    Losses { per_seed: Vec<(f64, f64)>, weight: f64, checksum: String },
+    Accuracy { correct: usize, total: usize },
+}
+
+fn serve_task(
+    task: &pb::Task,
+    replicas: &mut HashMap<String, Replica>,
+    client: &Client,
+    rt: &tokio::runtime::Handle,
+    device: &str,
+) -> Result<Outcome> {
+    if replicas.get(&task.run_id).is_some_and(|r| r.version > task.version) {
+        replicas.remove(&task.run_id);
+    }
+    if !replicas.contains_key(&task.run_id) {
+        let snap = rt
+            .block_on(client.clone().fetch_snapshot(pb::FetchSnapshotRequest { run_id: task.run_id.clone() }))
+            .context("fetching the run's snapshot")?
+            .into_inner();
+        let spec = snap.spec.ok_or_else(|| anyhow!("snapshot without a spec"))?;
+        let out = std::env::temp_dir().join(format!("mezo-worker-{}", std::process::id()));
+        let (mut cfg, _, _) = config_from_spec(&spec, out)?;
+        cfg.device = device.to_string();
+        let mut session = Session::new(cfg).context("loading the run's model and data")?;
+        session.set_state_bytes(&snap.state)?;
+        if !snap.state.is_empty() && state_checksum(&session.state_bytes()) != snap.checksum {
+            return Err(anyhow!("snapshot of run {} arrived corrupt (checksum mismatch)", task.run_id));
+        }
+        eprintln!("worker: replica of run {} from the snapshot at step {}", task.run_id, snap.step);
+        replicas.insert(task.run_id.clone(), Replica { session, version: snap.step });
+    }
+    let rep = replicas.get_mut(&task.run_id).expect("inserted above");
+    if rep.version < task.version {
+        let log = rt
+            .block_on(
+                client
+                    .clone()
+                    .fetch_log(pb::FetchLogRequest { run_id: task.run_id.clone(), from_step: rep.version }),
+            )
+            .context("fetching the log")?
+            .into_inner();
+        for u in log.updates.iter().take_while(|u| u.step < task.version) {
+            if u.step != rep.version {
+                return Err(anyhow!(
+                    "log of run {} jumps from step {} to {}",
+                    task.run_id,
+                    rep.version,
+                    u.step
+                ));
+            }
+            if !u.skipped {
+                rep.session.apply_logged(&u.seeds, &u.grads, u.lr)?;
+            }
+            rep.version += 1;
+        }
+        if rep.version != task.version {
+            return Err(anyhow!(
+                "log of run {} ends at step {}, task needs {}",
+                task.run_id,
+                rep.version,
+                task.version
+            ));
+        }
+    }
+    let idx: Vec<usize> = task.examples.iter().map(|&i| i as usize).collect();
+    match pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Train) {
+        pb::TaskKind::Unspecified | pb::TaskKind::Train => {
+            let (per_seed, weight) = rep.session.train_losses(&task.seeds, &idx)?;
+            let bytes = rep.session.state_bytes();
+            let checksum = if bytes.is_empty() { String::new() } else { state_checksum(&bytes) };
+            Ok(Outcome::Losses { per_seed, weight, checksum })
+        }
+        pb::TaskKind::EvalDev => {
+            let (correct, total) = rep.session.eval_subset(EvalSet::Dev, &idx)?;
+            Ok(Outcome::Accuracy { correct, total })
+        }
+        pb::TaskKind::EvalTest => {
+            let (correct, total) = rep.session.eval_subset(EvalSet::Test, &idx)?;
+            Ok(Outcome::Accuracy { correct, total })
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The service end to end: a real coordinator and real workers as processes on loopback, the
+//! bundled small model on the CPU. Workers and the coordinator are killed with SIGKILL mid-run;
+//! the runs must finish with the same adapter, bit for bit, as an uninterrupted run.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const STEPS: &str = "40";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let base = std::env::var_os("MEZO_TEST_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    let d = base.join("service").join(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A process killed (SIGKILL) when dropped, with its stderr in a file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child =
+            Command::new(mezo_bin()).args(args).stdout(Stdio::null()).stderr(f).spawn().expect("mezo starts");
+        Proc { child, log }
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    port: u16,
+    metrics_port: u16,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+}
+
+impl Cluster {
+    fn new(name: &str, workers: usize) -> Cluster {
+        let mut c = Cluster {
+            dir: tmp(name),
+            port: free_port(),
+            metrics_port: free_port(),
+            coordinator: None,
+            workers: vec![],
+        };
+        c.start_coordinator();
+        c.wait_ready();
+        for _ in 0..workers {
+            c.add_worker();
+        }
+        c
+    }
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn start_coordinator(&mut self) {
+        let n = std::fs::read_dir(&self.dir).unwrap().count();
+        let log = self.dir.join(format!("coordinator-{n}.log"));
+        let store = self.dir.join("store");
+        self.coordinator = Some(Proc::spawn(
+            &[
+                "coordinator",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+                "--data-dir",
+                store.to_str().unwrap(),
+                "--lease-ms",
+                "1500",
+                "--snapshot-every",
+                "5",
+            ],
+            log,
+        ));
+    }
+    /// Waits until the coordinator accepts connections (it loads nothing heavy: seconds at most).
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the coordinator did not listen:\n{}",
+                self.coordinator.as_ref().unwrap().log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    fn add_worker(&mut self) -> usize {
+        let i = self.workers.len();
+        let log = self.dir.join(format!("worker-{i}.log"));
+        self.workers.push(Proc::spawn(&["worker", "--coordinator", &self.url()], log));
+        i
+    }
+    fn start_run(&self, run_id: &str) {
+        let a = repo_root().join("crates/mezo-cli/assets");
+        let out = mezo_ok(&[
+            "run",
+            "start",
+            "--coordinator",
+            &self.url(),
+            "--run-id",
+            run_id,
+            "--model",
+            a.join("opt-mini").to_str().unwrap(),
+            "--data-dir",
+            a.join("sst2").to_str().unwrap(),
+            "--steps",
+            STEPS,
+            "--n-train",
+            "64",
+            "--n-dev",
+            "16",
+            "--test-limit",
+            "16",
+            "--eval-every",
+            "0",
+            "--lr",
+            "1e-3",
+            "--directions",
+            "3",
+            "--batch-size",
+            "8",
+        ]);
+        assert_eq!(out.trim(), run_id);
+    }
+    /// `mezo run get` as JSON, retrying while the coordinator restarts.
+    fn get(&self, run_id: &str) -> Option<Value> {
+        let out = mezo(&["run", "get", run_id, "--coordinator", &self.url()]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+    fn wait_steps(&self, run_id: &str, at_least: u64, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.get(run_id) {
+                if v["steps_done"].as_u64().unwrap() >= at_least
+                    || v["status"] != "running" && v["status"] != "pending"
+                {
+                    return v;
+                }
+            }
+            assert!(start.elapsed() < limit, "run {run_id} did not reach step {at_least} in {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    fn export(&self, run_id: &str) -> Vec<u8> {
+        let out = self.dir.join(format!("export-{run_id}"));
+        mezo_ok(&["run", "export", run_id, "--coordinator", &self.url(), "--out", out.to_str().unwrap()]);
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+    }
+}
+
+/// The adapter of an uninterrupted run on two workers.
+fn reference() -> &'static Vec<u8> {
+    static R: OnceLock<Vec<u8>> = OnceLock::new();
+    R.get_or_init(|| {
+        let c = Cluster::new("reference", 2);
+        c.start_run("r");
+        let v = c.wait_steps("r", 40, Duration::from_secs(300));
+        assert_eq!(v["status"], "completed", "{v}");
+        c.export("r")
+    })
+}
+
+#[test]
+fn a_killed_worker_loses_nothing_and_a_new_one_joins() {
+    let expected = reference().clone();
+    let mut c = Cluster::new("worker-kill", 3);
+    c.start_run("r");
+    c.wait_steps("r", 10, Duration::from_secs(120));
+    c.workers[0].kill9();
+    c.wait_steps("r", 20, Duration::from_secs(120));
+    let late = c.add_worker();
+    let v = c.wait_steps("r", 40, Duration::from_secs(300));
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["steps_done"], 40, "no step lost");
+    assert_eq!(
+        c.export("r"),
+        expected,
+        "a step was lost or applied twice: the adapter differs from the uninterrupted run's"
+    );
+    assert!(
+        c.workers[late].log().contains("replica of run r"),
+        "the late worker took no task:\n{}",
+        c.workers[late].log()
+    );
+    for w in &c.workers {
+        assert!(!w.log().contains("panicked"), "{}", w.log());
+    }
+}
+
+#[test]
+fn coordinator_killed_five_times_resumes_bit_identical() {
+    let expected = reference().clone();
+    let mut c = Cluster::new("coordinator-kill", 2);
+    c.start_run("r");
+    let mut at = 0;
+    for (i, gap) in [4u64, 7, 3, 6, 5].into_iter().enumerate() {
+        at += gap;
+        let v = c.wait_steps("r", at, Duration::from_secs(120));
+        assert_ne!(v["status"], "completed", "the run finished before kill {i}");
+        c.coordinator.as_mut().unwrap().kill9();
+        c.start_coordinator();
+    }
+    let v = c.wait_steps("r", 40, Duration::from_secs(300));
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(c.export("r"), expected, "the resumed run's adapter differs from the uninterrupted run's");
+    let logs: String = std::fs::read_dir(&c.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(logs.matches("resumed 1 run(s)").count() >= 5, "each restart resumes the run:\n{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
+#[test]
+fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
+    let c = Cluster::new("python", 2);
+    let a = repo_root().join("crates/mezo-cli/assets");
+    let out = run_python(&[
+        repo_root().join("tests/py/grpc_client.py").to_str().unwrap(),
+        repo_root().join("proto").to_str().unwrap(),
+        &format!("127.0.0.1:{}", c.port),
+        a.join("opt-mini").to_str().unwrap(),
+        a.join("sst2").to_str().unwrap(),
+        "12",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "RUN_STATUS_COMPLETED", "{v}");
+    assert_eq!(v["steps_seen"], 12, "{v}");
+    assert_eq!(v["last_step"], 11, "{v}");
+    // The live /metrics passes promtool and counts the run's steps.
+    let body = http_get(c.metrics_port, "/metrics");
+    assert!(body.contains("mezo_steps_total 12"), "{body}");
+    assert!(body.contains("mezo_workers_connected 2"), "{body}");
+    let f = c.dir.join("metrics.txt");
+    std::fs::write(&f, &body).unwrap();
+    let check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&f).unwrap())
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
+    assert!(check.status.success() && check.stdout.is_empty() && check.stderr.is_empty(), "{check:?}");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
