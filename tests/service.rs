@@ -243,6 +243,8 @@ fn coordinator_killed_five_times_resumes_bit_identical() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
     assert!(logs.matches("resumed 1 run(s)").count() >= 5, "each restart resumes the run:\n{logs}");
+    // Restarts after step 5 start from a snapshot and replay only the log after it.
+    assert!(logs.contains("restored the snapshot at step"), "no restart used a snapshot:\n{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
 }
 
@@ -266,6 +268,12 @@ fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
     let body = http_get(c.metrics_port, "/metrics");
     assert!(body.contains("mezo_steps_total 12"), "{body}");
     assert!(body.contains("mezo_workers_connected 2"), "{body}");
+    let tokens: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("mezo_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("mezo_tokens_total");
+    assert!(tokens > 0.0, "workers' tokens are counted: {body}");
     let f = c.dir.join("metrics.txt");
     std::fs::write(&f, &body).unwrap();
     let check = Command::new("promtool")

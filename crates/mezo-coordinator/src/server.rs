@@ -291,13 +291,43 @@ impl Inner {
             }
             ModeSpec::Full { .. } => None,
         };
-        // Recovery: every logged step replayed in order (the log is the source of truth).
+        // Recovery: the newest valid snapshot, then the log after it (the log is the source of
+        // truth; a snapshot only shortens the replay). Stateful rules keep optimizer state that
+        // snapshots do not hold, so they replay the whole log.
         let logged = self.store.steps(run_id, 0).map_err(|e| e.to_string())?;
+        let mut from = 0u64;
+        if let (Some(Engine { trainable: Trainable::Lora(l), .. }), true) =
+            (engine.as_mut(), cfg.optimizer == mezo_train::OptimizerSpec::ZoSgd)
+        {
+            let (snap, warnings) = self.store.latest_snapshot(run_id).map_err(|e| e.to_string())?;
+            for w in warnings {
+                eprintln!("run {run_id}: skipped a snapshot: {w}");
+            }
+            if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
+                let v: Vec<f32> =
+                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                if v.len() as i64 == l.flat.numel() as i64 {
+                    l.flat = tch::Tensor::from_slice(&v);
+                    from = meta.step;
+                    eprintln!(
+                        "run {run_id}: restored the snapshot at step {from}, replaying {} logged step(s)",
+                        logged.len() as u64 - from
+                    );
+                } else {
+                    eprintln!(
+                        "run {run_id}: snapshot {} has {} values, the run needs {}; replaying the whole log",
+                        meta.file.display(),
+                        v.len(),
+                        l.flat.numel()
+                    );
+                }
+            }
+        }
         let mut batcher =
             Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
         for rec in &logged {
             let _ = batcher.next_batch();
-            if let (Some(e), false) = (engine.as_mut(), rec.skipped) {
+            if let (Some(e), false, true) = (engine.as_mut(), rec.skipped, rec.step >= from) {
                 e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
             }
             self.publish(run, rec, None);
@@ -624,6 +654,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         let r = req.into_inner();
         let wid = worker_id(&r.worker_id)?;
         let task: u64 = r.task_id.parse().map_err(|_| Status::invalid_argument("task_id"))?;
+        if r.tokens > 0 {
+            self.0.metrics.tokens.inc_by(r.tokens);
+            self.0.metrics.forward_duration.observe(r.forward_seconds);
+        }
         let result = if !r.error.is_empty() {
             TaskResult::Failed(r.error.clone())
         } else if r.total > 0 || (r.loss_plus.is_empty() && r.correct == 0) {

@@ -46,6 +46,8 @@ pub struct Prepared {
     candidates: i64,
     /// The loss's denominator: examples (classification) or answer tokens (answer-ce).
     pub weight: f64,
+    /// Tokens in the rows of one forward copy (no padding).
+    pub tokens: u64,
     kind: LossKind,
 }
 
@@ -62,6 +64,7 @@ impl Prepared {
             LossKind::AnswerCe => rows.iter().zip(labels).map(|(r, &l)| &r[l]).collect(),
         };
         let tokens: Vec<Vec<i64>> = picked.iter().map(|r| r.tokens.clone()).collect();
+        let n_tokens = tokens.iter().map(|t| t.len() as u64).sum();
         let starts: Vec<usize> = picked.iter().map(|r| r.answer_start).collect();
         let weight = match kind {
             LossKind::Classification => rows.len() as f64,
@@ -75,6 +78,7 @@ impl Prepared {
             examples: rows.len() as i64,
             candidates,
             weight,
+            tokens: n_tokens,
             kind,
         })
     }

@@ -458,11 +458,13 @@ impl Session {
         self.engine.apply_update(Some(&self.model), seeds, grads, lr)
     }
 
-    /// `(L+, L-)` per seed over the given training examples, and the loss's weight.
-    pub fn train_losses(&self, seeds: &[u64], examples: &[usize]) -> Result<(Vec<(f64, f64)>, f64)> {
+    /// `(L+, L-)` per seed over the given training examples, the loss's weight, and the tokens
+    /// the forward passes processed (two signs per seed).
+    pub fn train_losses(&self, seeds: &[u64], examples: &[usize]) -> Result<(Vec<(f64, f64)>, f64, u64)> {
         let micro = self.prepare(examples)?;
         let weight = micro.iter().map(|p| p.weight).sum();
-        Ok((self.engine.direction_losses(&self.model, &micro, seeds)?, weight))
+        let tokens = micro.iter().map(|p| p.tokens).sum::<u64>() * 2 * seeds.len() as u64;
+        Ok((self.engine.direction_losses(&self.model, &micro, seeds)?, weight, tokens))
     }
 
     /// Examples of `set` predicted correctly, of those given.

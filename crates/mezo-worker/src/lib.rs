@@ -43,12 +43,14 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
     tokio::pin!(shutdown);
     let mut client = connect(&opts.coordinator).await?;
     let (jobs, engine_rx) = mpsc::channel::<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>(4);
+    // Runs whose replica the coordinator refused (checksum mismatch): rebuilt before the next task.
+    let (resync, resync_rx) = std::sync::mpsc::channel::<String>();
     let handle = tokio::runtime::Handle::current();
     let engine_client = client.clone();
     let device = opts.device.clone();
     std::thread::Builder::new()
         .name("mezo-engine".into())
-        .spawn(move || engine_thread(engine_rx, engine_client, handle, device))
+        .spawn(move || engine_thread(engine_rx, resync_rx, engine_client, handle, device))
         .context("starting the engine thread")?;
     loop {
         let reg = client
@@ -86,8 +88,14 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
                     jobs.send((task, tx)).await.map_err(|_| anyhow!("the engine thread stopped"))?;
                     let mut result = rx.await.map_err(|_| anyhow!("the engine thread stopped"))?;
                     result.worker_id = id.clone();
-                    if let Err(e) = client.submit_result(result).await {
-                        eprintln!("worker {id}: submitting a result failed: {e}");
+                    let run_id = result.run_id.clone();
+                    match client.submit_result(result).await {
+                        Ok(r) if !r.get_ref().accepted => {
+                            eprintln!("worker {id}: result for run {run_id} refused; resyncing its replica");
+                            let _ = resync.send(run_id);
+                        }
+                        Ok(_) => {}
+                        Err(e) => eprintln!("worker {id}: submitting a result failed: {e}"),
                     }
                 }
             }
@@ -110,12 +118,16 @@ struct Replica {
 /// The thread that owns every tensor: replicas, forwards, replays.
 fn engine_thread(
     mut jobs: mpsc::Receiver<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>,
+    resync: std::sync::mpsc::Receiver<String>,
     client: Client,
     rt: tokio::runtime::Handle,
     device: String,
 ) {
     let mut replicas: HashMap<String, Replica> = HashMap::new();
     while let Some((task, reply)) = jobs.blocking_recv() {
+        while let Ok(run) = resync.try_recv() {
+            replicas.remove(&run);
+        }
         let mut r = pb::SubmitResultRequest {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),
@@ -123,11 +135,13 @@ fn engine_thread(
             ..Default::default()
         };
         match serve_task(&task, &mut replicas, &client, &rt, &device) {
-            Ok(Outcome::Losses { per_seed, weight, checksum }) => {
+            Ok(Outcome::Losses { per_seed, weight, checksum, tokens, seconds }) => {
                 r.loss_plus = per_seed.iter().map(|p| p.0).collect();
                 r.loss_minus = per_seed.iter().map(|p| p.1).collect();
                 r.weight = weight;
                 r.state_checksum = checksum;
+                r.tokens = tokens;
+                r.forward_seconds = seconds;
             }
             Ok(Outcome::Accuracy { correct, total }) => {
                 r.correct = correct as u32;
@@ -145,7 +159,7 @@ fn engine_thread(
 }
 
 enum Outcome {
-    Losses { per_seed: Vec<(f64, f64)>, weight: f64, checksum: String },
+    Losses { per_seed: Vec<(f64, f64)>, weight: f64, checksum: String, tokens: u64, seconds: f64 },
     Accuracy { correct: usize, total: usize },
 }
 
@@ -212,10 +226,12 @@ fn serve_task(
     let idx: Vec<usize> = task.examples.iter().map(|&i| i as usize).collect();
     match pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Train) {
         pb::TaskKind::Unspecified | pb::TaskKind::Train => {
-            let (per_seed, weight) = rep.session.train_losses(&task.seeds, &idx)?;
+            let started = std::time::Instant::now();
+            let (per_seed, weight, tokens) = rep.session.train_losses(&task.seeds, &idx)?;
+            let seconds = started.elapsed().as_secs_f64();
             let bytes = rep.session.state_bytes();
             let checksum = if bytes.is_empty() { String::new() } else { state_checksum(&bytes) };
-            Ok(Outcome::Losses { per_seed, weight, checksum })
+            Ok(Outcome::Losses { per_seed, weight, checksum, tokens, seconds })
         }
         pb::TaskKind::EvalDev => {
             let (correct, total) = rep.session.eval_subset(EvalSet::Dev, &idx)?;
