@@ -124,36 +124,20 @@ impl Cluster {
         i
     }
     fn start_run(&self, run_id: &str) {
+        self.start_run_with(run_id, &[]);
+    }
+    fn start_run_with(&self, run_id: &str, extra: &[&str]) {
         let a = repo_root().join("crates/mezo-cli/assets");
-        let out = mezo_ok(&[
-            "run",
-            "start",
-            "--coordinator",
-            &self.url(),
-            "--run-id",
-            run_id,
-            "--model",
-            a.join("opt-mini").to_str().unwrap(),
-            "--data-dir",
-            a.join("sst2").to_str().unwrap(),
-            "--steps",
-            STEPS,
-            "--n-train",
-            "64",
-            "--n-dev",
-            "16",
-            "--test-limit",
-            "16",
-            "--eval-every",
-            "0",
-            "--lr",
-            "1e-3",
-            "--directions",
-            "3",
-            "--batch-size",
-            "8",
-        ]);
-        assert_eq!(out.trim(), run_id);
+        let (url, model, data) = (self.url(), a.join("opt-mini"), a.join("sst2"));
+        #[rustfmt::skip]
+        let mut args = vec![
+            "run", "start", "--coordinator", &url, "--run-id", run_id,
+            "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
+            "--steps", STEPS, "--n-train", "64", "--n-dev", "16", "--test-limit", "16", "--eval-every", "0",
+            "--lr", "1e-3", "--directions", "3", "--batch-size", "8",
+        ];
+        args.extend_from_slice(extra);
+        assert_eq!(mezo_ok(&args).trim(), run_id);
     }
     /// `mezo run get` as JSON, retrying while the coordinator restarts.
     fn get(&self, run_id: &str) -> Option<Value> {
@@ -282,6 +266,25 @@ fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
         .output()
         .expect("promtool (Debian package prometheus; scripts/setup.sh installs it)");
     assert!(check.status.success() && check.stdout.is_empty() && check.stderr.is_empty(), "{check:?}");
+}
+
+/// Two runs at once share two workers; a data-parallel run (batch shards across workers) is
+/// deterministic too: the same run twice gives the same adapter.
+#[test]
+fn runs_share_the_fleet_and_data_parallel_is_deterministic() {
+    let c = Cluster::new("shared", 2);
+    c.start_run_with("d1", &["--split", "data", "--grad-accum", "2"]);
+    c.start_run_with("d2", &["--split", "data", "--grad-accum", "2"]);
+    for r in ["d1", "d2"] {
+        let v = c.wait_steps(r, 40, Duration::from_secs(300));
+        assert_eq!(v["status"], "completed", "{v}");
+    }
+    assert_eq!(c.export("d1"), c.export("d2"), "the same data-parallel run twice must give the same adapter");
+    let list = mezo_ok(&["run", "list", "--coordinator", &c.url()]);
+    assert_eq!(list.lines().filter(|l| l.contains("\"completed\"")).count(), 2, "{list}");
+    // A run that does not exist is a clear NotFound.
+    let e = mezo_err(&["run", "get", "nope", "--coordinator", &c.url()]);
+    assert!(e.contains("run `nope`") || e.contains("nope"), "{e}");
 }
 
 fn http_get(port: u16, path: &str) -> String {
