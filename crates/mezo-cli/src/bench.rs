@@ -14,8 +14,9 @@ const HF_FORWARD: &str = include_str!("../bench/hf_forward.py");
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// What to time: forward (one full forward pass with logits at every position) or train
-    /// (MeZO steps: loss on the last 2 tokens of each row, as ../shared/bench/baseline_mezo_hf.py).
+    /// What to time: forward (one full forward pass with logits at every position), train
+    /// (MeZO steps: loss on the last 2 tokens of each row, as ../shared/bench/baseline_mezo_hf.py),
+    /// or coordinator (the service's overhead with 1, 4 and 16 instant in-process workers).
     #[arg(default_value = "forward")]
     pub what: String,
     /// train: lora (r=8, alpha=16 on q_proj,v_proj) or full.
@@ -47,8 +48,11 @@ pub struct BenchArgs {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.what == "coordinator" {
+        return coordinator_overhead(&[1, 4, 16], args.iters.max(100) as u64);
+    }
     if args.what != "forward" && args.what != "train" {
-        bail!("unknown benchmark `{}`: expected forward or train", args.what);
+        bail!("unknown benchmark `{}`: expected forward, train or coordinator", args.what);
     }
     let config = OptConfig::shape(&args.shape).with_context(|| {
         format!("unknown --shape `{}`: expected 125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b or 66b", args.shape)
@@ -195,4 +199,120 @@ fn run_peer(args: &BenchArgs) -> Result<Value> {
 
 fn tempfile_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
+}
+
+/// `mezo bench coordinator`: steps/s of the real coordinator (gRPC, store flushed every step)
+/// with in-process workers that answer every task at once, so only the coordinator's overhead
+/// is timed. Full-parameter spec (the coordinator holds no tensors), one direction per worker.
+pub fn coordinator_overhead(workers: &[usize], steps: u64) -> Result<()> {
+    use mezo_proto::v1 as pb;
+    let assets = crate::train::assets_dir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        for &k in workers {
+            let dir = std::env::temp_dir().join(format!("mezo-bench-coord-{}-{k}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = format!("http://{}", listener.local_addr()?);
+            let opts = mezo_coordinator::server::Options {
+                data_dir: dir.clone(),
+                lease: std::time::Duration::from_secs(10),
+                snapshot_every: 0,
+            };
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(mezo_coordinator::server::serve(opts, listener, None, async move {
+                let _ = stop_rx.await;
+            }));
+            let mut fakes = Vec::new();
+            for _ in 0..k {
+                let addr = addr.clone();
+                fakes.push(tokio::spawn(async move { instant_worker(&addr).await }));
+            }
+            let mut client = loop {
+                match pb::mezo_service_client::MezoServiceClient::connect(addr.clone()).await {
+                    Ok(c) => break c,
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                }
+            };
+            let spec = pb::RunSpec {
+                model: assets.join("opt-mini").to_string_lossy().into(),
+                data_dir: assets.join("sst2").to_string_lossy().into(),
+                mode: Some(pb::run_spec::Mode::Full(pb::FullSpec { patterns: vec![] })),
+                steps,
+                directions: k as u32,
+                n_train: 64,
+                n_dev: 16,
+                ..Default::default()
+            };
+            client.start_run(pb::StartRunRequest { spec: Some(spec), run_id: "bench".into() }).await?;
+            let mut stream = client
+                .stream_metrics(pb::StreamMetricsRequest { run_id: "bench".into(), from_step: 0 })
+                .await?
+                .into_inner();
+            let mut first: Option<Instant> = None;
+            let mut n = 0u64;
+            while let Some(m) = stream.message().await? {
+                if m.done {
+                    break;
+                }
+                first.get_or_insert_with(Instant::now);
+                n += 1;
+            }
+            let dt = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+            // The first step's time is not in `dt`: count the steps after it.
+            let steps_per_s = if dt > 0.0 { (n.saturating_sub(1)) as f64 / dt } else { 0.0 };
+            println!(
+                "{}",
+                json!({"bench": "coordinator", "workers": k, "directions": k, "steps": n,
+                       "steps_per_s": (steps_per_s * 10.0).round() / 10.0})
+            );
+            let _ = stop_tx.send(());
+            for f in fakes {
+                f.abort();
+            }
+            let _ = server.await;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(())
+    })
+}
+
+/// A worker that answers every training task at once with fixed losses.
+async fn instant_worker(addr: &str) -> Result<()> {
+    use mezo_proto::v1 as pb;
+    let mut c = loop {
+        match pb::worker_service_client::WorkerServiceClient::connect(addr.to_string()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let reg = c.register(pb::RegisterRequest::default()).await?.into_inner();
+    let id = reg.worker_id;
+    let mut hb = c.clone();
+    let hb_id = id.clone();
+    let period = std::time::Duration::from_millis(u64::from(reg.lease_ms / 3).max(50));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            if hb.heartbeat(pb::HeartbeatRequest { worker_id: hb_id.clone() }).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut tasks = c.tasks(pb::TasksRequest { worker_id: id.clone() }).await?.into_inner();
+    while let Some(t) = tasks.message().await? {
+        let n = t.seeds.len();
+        c.submit_result(pb::SubmitResultRequest {
+            worker_id: id.clone(),
+            task_id: t.task_id,
+            run_id: t.run_id,
+            step: t.step,
+            loss_plus: vec![0.7; n],
+            loss_minus: vec![0.69; n],
+            weight: 1.0,
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
 }

@@ -217,7 +217,10 @@ impl Inner {
         kind: TaskKind,
     ) -> Vec<(crate::dispatch::TaskSpec, TaskResult)> {
         loop {
+            // Registered before the check, so a result that lands in between still wakes us.
             let notified = self.results.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(r) = self.dispatch.lock().expect("dispatch").take_step(run_id, step, kind) {
                 return r;
             }
@@ -759,7 +762,12 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone())))
         .add_service(pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        // TCP_NODELAY: a step is a few small messages back and forth; Nagle's algorithm with
+        // delayed ACKs would add ~40 ms to each.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }
