@@ -153,59 +153,67 @@ impl Inner {
         });
     }
 
-    /// The dispatch loop: expire leases, hand queued tasks to workers' streams.
+    /// The dispatch loop: expires leases and hands out queued tasks on a tick, and whenever it
+    /// is woken (a worker registered or opened its stream).
     pub async fn dispatch_loop(self: Arc<Self>) {
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
-            let now = Instant::now();
-            let (assigned, dead, counters, workers) = {
-                let mut d = self.dispatch.lock().expect("dispatch");
-                let dead = d.expire(now);
-                let assigned = d.assign(now, 1);
-                (assigned, dead, d.counters, d.workers())
+            self.pump(true);
+        }
+    }
+
+    /// Hands queued tasks to free workers' streams (and, with `expire`, first drops workers whose
+    /// lease ran out). Called inline where work appears or a worker frees up, so a step never
+    /// waits for the loop's tick.
+    fn pump(&self, expire: bool) {
+        let now = Instant::now();
+        let (assigned, dead, counters, workers) = {
+            let mut d = self.dispatch.lock().expect("dispatch");
+            let dead = if expire { d.expire(now) } else { Vec::new() };
+            let assigned = d.assign(now, 1);
+            (assigned, dead, d.counters, d.workers())
+        };
+        let m = &self.metrics;
+        m.workers.set(workers as i64);
+        m.tasks_reassigned.inc_by(counters.tasks_reassigned.saturating_sub(m.tasks_reassigned.get()));
+        m.leases_expired.inc_by(counters.leases_expired.saturating_sub(m.leases_expired.get()));
+        m.tasks_failed.inc_by(counters.tasks_failed.saturating_sub(m.tasks_failed.get()));
+        m.duplicate_results.inc_by(counters.duplicate_results.saturating_sub(m.duplicate_results.get()));
+        let mut streams = self.streams.lock().expect("streams");
+        for id in dead {
+            streams.remove(&id);
+        }
+        let mut gone = Vec::new();
+        for (wid, t) in assigned {
+            let task = pb::Task {
+                task_id: format!("{}", t.task_id),
+                run_id: t.run_id.clone(),
+                step: t.step,
+                seeds: t.seeds.clone(),
+                eps: 0.0,
+                examples: t.examples.clone(),
+                version: t.version,
+                kind: match t.kind {
+                    TaskKind::Train => pb::TaskKind::Train,
+                    TaskKind::EvalDev => pb::TaskKind::EvalDev,
+                    TaskKind::EvalTest => pb::TaskKind::EvalTest,
+                } as i32,
             };
-            let m = &self.metrics;
-            m.workers.set(workers as i64);
-            m.tasks_reassigned.inc_by(counters.tasks_reassigned.saturating_sub(m.tasks_reassigned.get()));
-            m.leases_expired.inc_by(counters.leases_expired.saturating_sub(m.leases_expired.get()));
-            m.tasks_failed.inc_by(counters.tasks_failed.saturating_sub(m.tasks_failed.get()));
-            m.duplicate_results.inc_by(counters.duplicate_results.saturating_sub(m.duplicate_results.get()));
-            let mut streams = self.streams.lock().expect("streams");
-            for id in dead {
-                streams.remove(&id);
+            let ok = streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok());
+            if !ok {
+                gone.push((wid, t.task_id));
             }
-            let mut gone = Vec::new();
-            for (wid, t) in assigned {
-                let task = pb::Task {
-                    task_id: format!("{}", t.task_id),
-                    run_id: t.run_id.clone(),
-                    step: t.step,
-                    seeds: t.seeds.clone(),
-                    eps: 0.0,
-                    examples: t.examples.clone(),
-                    version: t.version,
-                    kind: match t.kind {
-                        TaskKind::Train => pb::TaskKind::Train,
-                        TaskKind::EvalDev => pb::TaskKind::EvalDev,
-                        TaskKind::EvalTest => pb::TaskKind::EvalTest,
-                    } as i32,
-                };
-                let ok = streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok());
-                if !ok {
-                    gone.push((wid, t.task_id));
-                }
-            }
-            drop(streams);
-            if !gone.is_empty() {
-                // A worker whose stream is closed or full: report the task failed so it is
-                // requeued; its lease runs out on its own if it is really gone.
-                let mut d = self.dispatch.lock().expect("dispatch");
-                for (wid, task) in gone {
-                    d.complete(wid, task, TaskResult::Failed("task stream unavailable".into()));
-                }
+        }
+        drop(streams);
+        if !gone.is_empty() {
+            // A worker whose stream is closed or full: report the task failed so it is
+            // requeued; its lease runs out on its own if it is really gone.
+            let mut d = self.dispatch.lock().expect("dispatch");
+            for (wid, task) in gone {
+                d.complete(wid, task, TaskResult::Failed("task stream unavailable".into()));
             }
         }
     }
@@ -242,7 +250,7 @@ impl Inner {
         let per = n.div_ceil(parts).max(1);
         let tasks: Vec<(Vec<u64>, Vec<u32>)> = idx.chunks(per).map(|c| (Vec::new(), c.to_vec())).collect();
         self.dispatch.lock().expect("dispatch").submit_step(run_id, step, kind, version, tasks);
-        self.wake.notify_one();
+        self.pump(false);
         let results = self.wait_step(run_id, step, kind).await;
         let (mut c, mut t) = (0u64, 0u64);
         for (_, r) in results {
@@ -349,7 +357,7 @@ impl Inner {
                 (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
             let parts = plan_train(&seeds, &batch, run.stored.data_parallel, cfg.grad_accum.max(2));
             self.dispatch.lock().expect("dispatch").submit_step(run_id, step, TaskKind::Train, step, parts);
-            self.wake.notify_one();
+            self.pump(false);
             let results = self.wait_step(run_id, step, TaskKind::Train).await;
             let agg = aggregate(&results)?;
             let lr = cfg.schedule.lr(cfg.lr, step, cfg.steps);
@@ -692,7 +700,8 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
             }
         };
         self.0.results.notify_waiters();
-        self.0.wake.notify_one();
+        // The worker is free again: give it the next queued task now.
+        self.0.pump(false);
         Ok(Response::new(pb::SubmitResultResponse { accepted: accepted && outcome != Completion::Unknown }))
     }
 
