@@ -16,9 +16,9 @@ use mezo_core::direction_seed;
 use mezo_proto::v1 as pb;
 use mezo_store::{RunStatus, StepRecord, Store};
 use mezo_train::data::Batcher;
-use mezo_train::engine::{projected_grads, LoraState, StepSettings, Trainable};
+use mezo_train::engine::{projected_grads, LoraState, Trainable};
 use mezo_train::spec::{config_from_spec, spec_from_config, Split};
-use mezo_train::trainer::{lora_init_seed, state_checksum, DataPlan, ModeSpec};
+use mezo_train::trainer::{lora_init_seed, state_checksum, DataPlan};
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, Notify};
@@ -273,34 +273,15 @@ impl Inner {
         let plan = plan.map_err(|e| e.to_string())?;
         self.store.set_status(run_id, RunStatus::Running, "").map_err(|e| e.to_string())?;
         // The coordinator's copy of the LoRA state (none for full-parameter runs).
-        let mut engine = match &cfg.mode {
-            ModeSpec::Lora { r, alpha, targets } => {
-                let targets = targets.iter().map(|t| mezo_model::Target::parse(t)).collect::<Result<_, _>>();
-                let lc = mezo_model::LoraConfig {
-                    r: *r,
-                    alpha: *alpha,
-                    targets: targets.map_err(|e| e.to_string())?,
-                };
+        let mut engine = match cfg.lora_config().map_err(|e| e.to_string())? {
+            Some(lc) => {
                 let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(|e| e.to_string())?;
                 let st = LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed))
                     .map_err(|e| e.to_string())?;
-                let settings = StepSettings {
-                    eps: cfg.eps,
-                    dist: cfg.distribution.parse().map_err(|e: mezo_core::CoreError| e.to_string())?,
-                    rule: match cfg.optimizer {
-                        mezo_train::OptimizerSpec::ZoMomentum => {
-                            mezo_train::optim::Rule::Momentum { beta: cfg.momentum }
-                        }
-                        mezo_train::OptimizerSpec::ZoAdam => {
-                            mezo_train::optim::Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
-                        }
-                        _ => mezo_train::optim::Rule::Sgd,
-                    },
-                    weight_decay: cfg.weight_decay,
-                };
+                let settings = cfg.step_settings().map_err(|e| e.to_string())?;
                 Some(Engine::new(Trainable::Lora(st), settings, tch::Device::Cpu))
             }
-            ModeSpec::Full { .. } => None,
+            None => None,
         };
         // Recovery: the newest valid snapshot, then the log after it (the log is the source of
         // truth; a snapshot only shortens the replay). Stateful rules keep optimizer state that
@@ -568,18 +549,12 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
         let cfg = &run.stored.config;
-        let ModeSpec::Lora { r, alpha, targets } = &cfg.mode else {
+        let Some(config) = cfg.lora_config().map_err(internal)? else {
             return Err(Status::failed_precondition(format!(
                 "run `{id}` trains all parameters: it has no adapter"
             )));
         };
         let (step, bytes) = run.state.lock().expect("state").clone();
-        let targets = targets
-            .iter()
-            .map(|t| mezo_model::Target::parse(t))
-            .collect::<Result<_, _>>()
-            .map_err(internal)?;
-        let config = mezo_model::LoraConfig { r: *r, alpha: *alpha, targets };
         let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
         let v: Vec<f32> =
             bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

@@ -150,6 +150,39 @@ impl TrainConfig {
             OptimizerSpec::ZoAdam | OptimizerSpec::Adam => Rule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
         }
     }
+
+    /// The step's fixed hyper-parameters (every process of a run builds the same).
+    pub fn step_settings(&self) -> Result<StepSettings> {
+        Ok(StepSettings {
+            eps: self.eps,
+            dist: self.distribution.parse()?,
+            rule: self.rule(),
+            weight_decay: self.weight_decay,
+        })
+    }
+
+    /// The LoRA configuration of a LoRA run; `None` for full-parameter runs.
+    pub fn lora_config(&self) -> Result<Option<LoraConfig>> {
+        let ModeSpec::Lora { r, alpha, targets } = &self.mode else { return Ok(None) };
+        let targets = targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
+        Ok(Some(LoraConfig { r: *r, alpha: *alpha, targets }))
+    }
+
+    /// The MeZO protocol's splits of this run, the test set cut to `test_limit`.
+    fn splits(&self) -> Result<crate::data::Splits> {
+        let mut s = mezo_splits(
+            &self.data_dir.join("train.jsonl"),
+            &self.data_dir.join("validation.jsonl"),
+            self.n_train,
+            self.n_dev,
+            self.seed,
+            self.min_words,
+        )?;
+        if let Some(n) = self.test_limit {
+            s.test.truncate(n);
+        }
+        Ok(s)
+    }
 }
 
 /// The seed of a run's LoRA initialisation, derived from the run seed (every process agrees).
@@ -227,36 +260,21 @@ impl Session {
         let template = Template::parse(&cfg.template)?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
         let model = Opt::load(&cfg.model, device, kind)?;
-        let splits = mezo_splits(
-            &cfg.data_dir.join("train.jsonl"),
-            &cfg.data_dir.join("validation.jsonl"),
-            cfg.n_train,
-            cfg.n_dev,
-            cfg.seed,
-            cfg.min_words,
-        )?;
-        let mut test = splits.test;
-        if let Some(n) = cfg.test_limit {
-            test.truncate(n);
-        }
+        let splits = cfg.splits()?;
+        let test = splits.test;
         let train = tokenise(&tok, splits.train, template)?;
         let dev = tokenise(&tok, splits.dev, template)?;
         let test = tokenise(&tok, test, template)?;
-        let trainable = match &cfg.mode {
-            ModeSpec::Lora { r, alpha, targets } => {
-                let targets =
-                    targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
-                let lc = LoraConfig { r: *r, alpha: *alpha, targets };
+        let trainable = match cfg.lora_config()? {
+            Some(lc) => {
                 Trainable::Lora(LoraState::init(lc, &model.config, model.device, lora_init_seed(cfg.seed))?)
             }
-            ModeSpec::Full { patterns } => Trainable::Full(FullState::new(&model, patterns)?),
+            None => {
+                let ModeSpec::Full { patterns } = &cfg.mode else { unreachable!("not LoRA") };
+                Trainable::Full(FullState::new(&model, patterns)?)
+            }
         };
-        let settings = StepSettings {
-            eps: cfg.eps,
-            dist: cfg.distribution.parse()?,
-            rule: cfg.rule(),
-            weight_decay: cfg.weight_decay,
-        };
+        let settings = cfg.step_settings()?;
         let engine = Engine::new(trainable, settings, device);
         Ok(Session { cfg, model, kind, train, dev, test, engine, fo_slots: Vec::new() })
     }
@@ -522,30 +540,12 @@ impl DataPlan {
         let tok = TextTokenizer::from_dir(&cfg.model)?;
         // A bad config.json fails here, before any worker loads it.
         mezo_model::OptConfig::from_dir(&cfg.model)?;
-        let splits = mezo_splits(
-            &cfg.data_dir.join("train.jsonl"),
-            &cfg.data_dir.join("validation.jsonl"),
-            cfg.n_train,
-            cfg.n_dev,
-            cfg.seed,
-            cfg.min_words,
-        )?;
-        let n_test = cfg.test_limit.map_or(splits.test.len(), |n| n.min(splits.test.len()));
+        let splits = cfg.splits()?;
+        let n_test = splits.test.len();
         let train = tokenise(&tok, splits.train, template)?;
         let train_lengths =
             train.rows.iter().map(|r| r.iter().map(|x| x.tokens.len()).max().unwrap_or(0)).collect();
         Ok(DataPlan { train_lengths, n_dev: splits.dev.len(), n_test })
-    }
-
-    /// The LoRA state a run starts from (empty for full-parameter runs), built on the CPU.
-    pub fn initial_state(cfg: &TrainConfig) -> Result<Vec<u8>> {
-        let ModeSpec::Lora { r, alpha, targets } = &cfg.mode else { return Ok(Vec::new()) };
-        let targets = targets.iter().map(|t| Target::parse(t)).collect::<std::result::Result<_, _>>()?;
-        let lc = LoraConfig { r: *r, alpha: *alpha, targets };
-        let model_cfg = mezo_model::OptConfig::from_dir(&cfg.model)?;
-        let st = LoraState::init(lc, &model_cfg, tch::Device::Cpu, lora_init_seed(cfg.seed))?;
-        let v: Vec<f32> = Vec::try_from(&st.flat)?;
-        Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 }
 
