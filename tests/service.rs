@@ -282,6 +282,18 @@ fn runs_share_the_fleet_and_data_parallel_is_deterministic() {
     assert_eq!(c.export("d1"), c.export("d2"), "the same data-parallel run twice must give the same adapter");
     let list = mezo_ok(&["run", "list", "--coordinator", &c.url()]);
     assert_eq!(list.lines().filter(|l| l.contains("\"completed\"")).count(), 2, "{list}");
+    // A spec whose model does not exist is refused at once, naming the file.
+    let e = mezo_err(&[
+        "run",
+        "start",
+        "--coordinator",
+        &c.url(),
+        "--model",
+        "/nonexistent/model",
+        "--data-dir",
+        repo_root().join("crates/mezo-cli/assets/sst2").to_str().unwrap(),
+    ]);
+    assert!(e.contains("/nonexistent/model"), "{e}");
     // A run that does not exist is a clear NotFound.
     let e = mezo_err(&["run", "get", "nope", "--coordinator", &c.url()]);
     assert!(e.contains("run `nope`") || e.contains("nope"), "{e}");

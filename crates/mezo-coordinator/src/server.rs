@@ -462,6 +462,13 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         let (config, split, snapshot_every) =
             config_from_spec(&spec, self.0.opts.data_dir.join("runs").join(&run_id))
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Bad paths or data (no model, no train.jsonl, too few examples) are the client's error,
+        // reported now rather than as a failed run later.
+        let check = config.clone();
+        tokio::task::spawn_blocking(move || DataPlan::new(&check))
+            .await
+            .map_err(internal)?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let stored = StoredSpec { config, data_parallel: split == Split::Data, snapshot_every };
         self.0
             .store
