@@ -268,6 +268,11 @@ impl Dispatcher {
         self.groups.retain(|(r, _, _), _| r != run_id);
     }
 
+    /// The (run, step, kind) a task belongs to.
+    pub fn task_group(&self, task_id: u64) -> Option<(String, u64, TaskKind)> {
+        self.tasks.get(&task_id).map(|t| (t.spec.run_id.clone(), t.spec.step, t.spec.kind))
+    }
+
     pub fn queued(&self) -> usize {
         self.queue.len()
     }

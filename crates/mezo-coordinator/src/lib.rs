@@ -5,6 +5,7 @@
 //! the gRPC services drive it.
 
 pub mod dispatch;
+pub mod fleet;
 pub mod metrics;
 pub mod server;
 

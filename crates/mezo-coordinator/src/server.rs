@@ -1,5 +1,5 @@
 //! The coordinator process: the gRPC services (public `MezoService`, internal `WorkerService`),
-//! one driver task per run, and the dispatch loop that hands tasks to workers' streams.
+//! one driver task per run; worker leases and task dispatch live in the fleet actor ([`crate::fleet`]).
 //!
 //! A run's driver owns its step loop: plan the step's tasks, wait for their results, aggregate
 //! the projected gradients, apply the update to the coordinator's copy of the LoRA state, append
@@ -21,12 +21,13 @@ use mezo_train::spec::{config_from_spec, spec_from_config, Split};
 use mezo_train::trainer::{lora_init_seed, state_checksum, DataPlan};
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{aggregate, plan_train, Completion, Dispatcher, TaskKind, TaskResult, WorkerId};
+use crate::dispatch::{aggregate, plan_train, Completion, TaskKind, TaskResult, WorkerId};
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -57,11 +58,8 @@ struct Run {
 pub struct Inner {
     opts: Options,
     store: Store,
-    dispatch: Mutex<Dispatcher>,
-    streams: Mutex<HashMap<WorkerId, mpsc::Sender<Result<pb::Task, Status>>>>,
+    fleet: Fleet,
     runs: Mutex<HashMap<String, Arc<Run>>>,
-    results: Notify,
-    wake: Notify,
     pub metrics: Arc<Metrics>,
 }
 
@@ -93,15 +91,13 @@ fn pb_status(s: RunStatus) -> pb::RunStatus {
 impl Inner {
     pub fn open(opts: Options) -> Result<Arc<Self>, mezo_store::StoreError> {
         let store = Store::open(&opts.data_dir)?;
+        let metrics = Arc::new(Metrics::new());
         let inner = Arc::new(Inner {
-            dispatch: Mutex::new(Dispatcher::new(opts.lease)),
+            fleet: Fleet::spawn(opts.lease, metrics.clone()),
             opts,
             store,
-            streams: Mutex::new(HashMap::new()),
             runs: Mutex::new(HashMap::new()),
-            results: Notify::new(),
-            wake: Notify::new(),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         });
         Ok(inner)
     }
@@ -142,7 +138,7 @@ impl Inner {
                 eprintln!("run {run_id}: failed: {message}");
             }
             let _ = inner.store.set_status(&run_id, status, &message);
-            inner.dispatch.lock().expect("dispatch").cancel_run(&run_id);
+            inner.fleet.cancel_run(&run_id).await;
             let done = pb::StreamMetricsResponse {
                 done: true,
                 status: pb_status(status) as i32,
@@ -151,89 +147,6 @@ impl Inner {
             run.history.lock().expect("history").push(done.clone());
             let _ = run.events.send(done);
         });
-    }
-
-    /// The dispatch loop: expires leases and hands out queued tasks on a tick, and whenever it
-    /// is woken (a worker registered or opened its stream).
-    pub async fn dispatch_loop(self: Arc<Self>) {
-        loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-            self.pump(true);
-        }
-    }
-
-    /// Hands queued tasks to free workers' streams (and, with `expire`, first drops workers whose
-    /// lease ran out). Called inline where work appears or a worker frees up, so a step never
-    /// waits for the loop's tick.
-    fn pump(&self, expire: bool) {
-        let now = Instant::now();
-        let (assigned, dead, counters, workers) = {
-            let mut d = self.dispatch.lock().expect("dispatch");
-            let dead = if expire { d.expire(now) } else { Vec::new() };
-            let assigned = d.assign(now, 1);
-            (assigned, dead, d.counters, d.workers())
-        };
-        let m = &self.metrics;
-        m.workers.set(workers as i64);
-        m.tasks_reassigned.inc_by(counters.tasks_reassigned.saturating_sub(m.tasks_reassigned.get()));
-        m.leases_expired.inc_by(counters.leases_expired.saturating_sub(m.leases_expired.get()));
-        m.tasks_failed.inc_by(counters.tasks_failed.saturating_sub(m.tasks_failed.get()));
-        m.duplicate_results.inc_by(counters.duplicate_results.saturating_sub(m.duplicate_results.get()));
-        let mut streams = self.streams.lock().expect("streams");
-        for id in dead {
-            streams.remove(&id);
-        }
-        let mut gone = Vec::new();
-        for (wid, t) in assigned {
-            let task = pb::Task {
-                task_id: format!("{}", t.task_id),
-                run_id: t.run_id.clone(),
-                step: t.step,
-                seeds: t.seeds.clone(),
-                eps: 0.0,
-                examples: t.examples.clone(),
-                version: t.version,
-                kind: match t.kind {
-                    TaskKind::Train => pb::TaskKind::Train,
-                    TaskKind::EvalDev => pb::TaskKind::EvalDev,
-                    TaskKind::EvalTest => pb::TaskKind::EvalTest,
-                } as i32,
-            };
-            let ok = streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok());
-            if !ok {
-                gone.push((wid, t.task_id));
-            }
-        }
-        drop(streams);
-        if !gone.is_empty() {
-            // A worker whose stream is closed or full: report the task failed so it is
-            // requeued; its lease runs out on its own if it is really gone.
-            let mut d = self.dispatch.lock().expect("dispatch");
-            for (wid, task) in gone {
-                d.complete(wid, task, TaskResult::Failed("task stream unavailable".into()));
-            }
-        }
-    }
-
-    async fn wait_step(
-        &self,
-        run_id: &str,
-        step: u64,
-        kind: TaskKind,
-    ) -> Vec<(crate::dispatch::TaskSpec, TaskResult)> {
-        loop {
-            // Registered before the check, so a result that lands in between still wakes us.
-            let notified = self.results.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(r) = self.dispatch.lock().expect("dispatch").take_step(run_id, step, kind) {
-                return r;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        }
     }
 
     /// Accuracy over a whole eval set, split into one task per live worker (at least one).
@@ -245,13 +158,15 @@ impl Inner {
         kind: TaskKind,
         n: usize,
     ) -> Result<f64, String> {
-        let parts = self.dispatch.lock().expect("dispatch").workers().max(1);
+        let parts = self.fleet.workers().await.map_err(|e| e.to_string())?.max(1);
         let idx: Vec<u32> = (0..n as u32).collect();
         let per = n.div_ceil(parts).max(1);
         let tasks: Vec<(Vec<u64>, Vec<u32>)> = idx.chunks(per).map(|c| (Vec::new(), c.to_vec())).collect();
-        self.dispatch.lock().expect("dispatch").submit_step(run_id, step, kind, version, tasks);
-        self.pump(false);
-        let results = self.wait_step(run_id, step, kind).await;
+        let results = self
+            .fleet
+            .run_step(run_id, step, kind, version, tasks)
+            .await
+            .map_err(|e| e.message().to_string())?;
         let (mut c, mut t) = (0u64, 0u64);
         for (_, r) in results {
             match r {
@@ -337,9 +252,11 @@ impl Inner {
             let seeds: Vec<u64> =
                 (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
             let parts = plan_train(&seeds, &batch, run.stored.data_parallel, cfg.grad_accum.max(2));
-            self.dispatch.lock().expect("dispatch").submit_step(run_id, step, TaskKind::Train, step, parts);
-            self.pump(false);
-            let results = self.wait_step(run_id, step, TaskKind::Train).await;
+            let results = self
+                .fleet
+                .run_step(run_id, step, TaskKind::Train, step, parts)
+                .await
+                .map_err(|e| e.message().to_string())?;
             let agg = aggregate(&results)?;
             let lr = cfg.schedule.lr(cfg.lr, step, cfg.steps);
             let grads = projected_grads(&agg.losses, cfg.eps);
@@ -613,8 +530,7 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         &self,
         _: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let id = self.0.dispatch.lock().expect("dispatch").register(Instant::now());
-        self.0.wake.notify_one();
+        let id = self.0.fleet.register().await?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.to_string(),
             lease_ms: self.0.opts.lease.as_millis() as u32,
@@ -626,7 +542,7 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let id = worker_id(&req.into_inner().worker_id)?;
-        let known = self.0.dispatch.lock().expect("dispatch").heartbeat(id, Instant::now());
+        let known = self.0.fleet.heartbeat(id).await?;
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
@@ -635,8 +551,7 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     async fn tasks(&self, req: Request<pb::TasksRequest>) -> Result<Response<TaskStream>, Status> {
         let id = worker_id(&req.into_inner().worker_id)?;
         let (tx, rx) = mpsc::channel(16);
-        self.0.streams.lock().expect("streams").insert(id, tx);
-        self.0.wake.notify_one();
+        self.0.fleet.open_stream(id, tx).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -672,18 +587,12 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
                 }
             }
         }
-        let outcome = {
-            let mut d = self.0.dispatch.lock().expect("dispatch");
-            if accepted {
-                d.complete(wid, task, result)
-            } else {
-                self.0.metrics.replica_resyncs.inc();
-                d.complete(wid, task, TaskResult::Failed("replica checksum mismatch".into()))
-            }
+        let outcome = if accepted {
+            self.0.fleet.complete(wid, task, result).await?
+        } else {
+            self.0.metrics.replica_resyncs.inc();
+            self.0.fleet.complete(wid, task, TaskResult::Failed("replica checksum mismatch".into())).await?
         };
-        self.0.results.notify_waiters();
-        // The worker is free again: give it the next queued task now.
-        self.0.pump(false);
         Ok(Response::new(pb::SubmitResultResponse { accepted: accepted && outcome != Completion::Unknown }))
     }
 
@@ -739,7 +648,6 @@ pub async fn serve(
     if resumed > 0 {
         eprintln!("coordinator: resumed {resumed} run(s) from the store");
     }
-    tokio::spawn(inner.clone().dispatch_loop());
     if let Some(l) = metrics_listener {
         let m = inner.metrics.clone();
         tokio::spawn(async move {

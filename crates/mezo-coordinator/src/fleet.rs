@@ -1,0 +1,228 @@
+//! The fleet actor: the one task that owns the [`Dispatcher`] (worker leases, the task queue) and
+//! the workers' task streams. Everyone else holds a [`Fleet`] handle and talks to it over a
+//! bounded channel with oneshot replies (the actor shape of "Actors with Tokio"); a run driver
+//! submits a step and is answered once every one of its tasks has a result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mezo_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::dispatch::{Completion, Dispatcher, TaskKind, TaskResult, TaskSpec, WorkerId};
+use crate::metrics::Metrics;
+
+type Group = (String, u64, TaskKind);
+type StepResults = Vec<(TaskSpec, TaskResult)>;
+
+enum Cmd {
+    Register {
+        reply: oneshot::Sender<WorkerId>,
+    },
+    Heartbeat {
+        id: WorkerId,
+        reply: oneshot::Sender<bool>,
+    },
+    OpenStream {
+        id: WorkerId,
+        tx: mpsc::Sender<Result<pb::Task, Status>>,
+    },
+    Submit {
+        group: Group,
+        version: u64,
+        parts: Vec<(Vec<u64>, Vec<u32>)>,
+        done: oneshot::Sender<StepResults>,
+    },
+    Complete {
+        worker: WorkerId,
+        task: u64,
+        result: TaskResult,
+        reply: oneshot::Sender<Completion>,
+    },
+    Workers {
+        reply: oneshot::Sender<usize>,
+    },
+    CancelRun {
+        run: String,
+    },
+}
+
+/// A cheap, cloneable handle to the fleet actor.
+#[derive(Clone)]
+pub struct Fleet {
+    tx: mpsc::Sender<Cmd>,
+}
+
+/// The actor is gone only when the process is shutting down.
+fn gone<T>(_: T) -> Status {
+    Status::unavailable("the coordinator is shutting down")
+}
+
+impl Fleet {
+    /// Starts the actor; `lease` is how long a worker's heartbeat keeps its tasks.
+    pub fn spawn(lease: Duration, metrics: Arc<Metrics>) -> Fleet {
+        let (tx, rx) = mpsc::channel(1024);
+        let actor = Actor {
+            dispatch: Dispatcher::new(lease),
+            streams: HashMap::new(),
+            waiters: HashMap::new(),
+            metrics,
+        };
+        tokio::spawn(actor.run(rx));
+        Fleet { tx }
+    }
+
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(cmd(reply)).await.map_err(gone)?;
+        rx.await.map_err(gone)
+    }
+
+    pub async fn register(&self) -> Result<WorkerId, Status> {
+        self.ask(|reply| Cmd::Register { reply }).await
+    }
+
+    pub async fn heartbeat(&self, id: WorkerId) -> Result<bool, Status> {
+        self.ask(|reply| Cmd::Heartbeat { id, reply }).await
+    }
+
+    pub async fn open_stream(
+        &self,
+        id: WorkerId,
+        tx: mpsc::Sender<Result<pb::Task, Status>>,
+    ) -> Result<(), Status> {
+        self.tx.send(Cmd::OpenStream { id, tx }).await.map_err(gone)
+    }
+
+    /// Queues a step's tasks and waits for all their results. `Err` when the run was cancelled.
+    pub async fn run_step(
+        &self,
+        run: &str,
+        step: u64,
+        kind: TaskKind,
+        version: u64,
+        parts: Vec<(Vec<u64>, Vec<u32>)>,
+    ) -> Result<StepResults, Status> {
+        let (done, rx) = oneshot::channel();
+        let group = (run.to_string(), step, kind);
+        self.tx.send(Cmd::Submit { group, version, parts, done }).await.map_err(gone)?;
+        rx.await.map_err(|_| Status::cancelled(format!("run `{run}` was cancelled")))
+    }
+
+    pub async fn complete(
+        &self,
+        worker: WorkerId,
+        task: u64,
+        result: TaskResult,
+    ) -> Result<Completion, Status> {
+        self.ask(|reply| Cmd::Complete { worker, task, result, reply }).await
+    }
+
+    pub async fn workers(&self) -> Result<usize, Status> {
+        self.ask(|reply| Cmd::Workers { reply }).await
+    }
+
+    pub async fn cancel_run(&self, run: &str) {
+        let _ = self.tx.send(Cmd::CancelRun { run: run.to_string() }).await;
+    }
+}
+
+struct Actor {
+    dispatch: Dispatcher,
+    streams: HashMap<WorkerId, mpsc::Sender<Result<pb::Task, Status>>>,
+    waiters: HashMap<Group, oneshot::Sender<StepResults>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    let dead = self.dispatch.expire(Instant::now());
+                    for id in dead {
+                        self.streams.remove(&id);
+                    }
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Register { reply } => {
+                let _ = reply.send(self.dispatch.register(Instant::now()));
+            }
+            Cmd::Heartbeat { id, reply } => {
+                let _ = reply.send(self.dispatch.heartbeat(id, Instant::now()));
+            }
+            Cmd::OpenStream { id, tx } => {
+                self.streams.insert(id, tx);
+            }
+            Cmd::Submit { group, version, parts, done } => {
+                let (run, step, kind) = group.clone();
+                self.dispatch.submit_step(&run, step, kind, version, parts);
+                self.waiters.insert(group, done);
+            }
+            Cmd::Complete { worker, task, result, reply } => {
+                let group = self.dispatch.task_group(task);
+                let outcome = self.dispatch.complete(worker, task, result);
+                if let (Completion::Accepted, Some(g)) = (outcome, group) {
+                    if let Some(results) = self.dispatch.take_step(&g.0, g.1, g.2) {
+                        if let Some(w) = self.waiters.remove(&g) {
+                            let _ = w.send(results);
+                        }
+                    }
+                }
+                let _ = reply.send(outcome);
+            }
+            Cmd::Workers { reply } => {
+                let _ = reply.send(self.dispatch.workers());
+            }
+            Cmd::CancelRun { run } => {
+                self.dispatch.cancel_run(&run);
+                self.waiters.retain(|(r, _, _), _| *r != run);
+            }
+        }
+    }
+
+    /// Hands queued tasks to free workers' streams; a closed or full stream fails the task back
+    /// to the queue (the worker's lease runs out on its own if it is really gone).
+    fn pump(&mut self) {
+        let assigned = self.dispatch.assign(Instant::now(), 1);
+        for (wid, t) in assigned {
+            let task = pb::Task {
+                task_id: t.task_id.to_string(),
+                run_id: t.run_id.clone(),
+                step: t.step,
+                seeds: t.seeds.clone(),
+                eps: 0.0,
+                examples: t.examples.clone(),
+                version: t.version,
+                kind: match t.kind {
+                    TaskKind::Train => pb::TaskKind::Train,
+                    TaskKind::EvalDev => pb::TaskKind::EvalDev,
+                    TaskKind::EvalTest => pb::TaskKind::EvalTest,
+                } as i32,
+            };
+            if !self.streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok()) {
+                self.dispatch.complete(wid, t.task_id, TaskResult::Failed("task stream unavailable".into()));
+            }
+        }
+        let c = self.dispatch.counters;
+        let m = &self.metrics;
+        m.workers.set(self.dispatch.workers() as i64);
+        m.tasks_reassigned.inc_by(c.tasks_reassigned.saturating_sub(m.tasks_reassigned.get()));
+        m.leases_expired.inc_by(c.leases_expired.saturating_sub(m.leases_expired.get()));
+        m.tasks_failed.inc_by(c.tasks_failed.saturating_sub(m.tasks_failed.get()));
+        m.duplicate_results.inc_by(c.duplicate_results.saturating_sub(m.duplicate_results.get()));
+    }
+}
