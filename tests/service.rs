@@ -248,9 +248,12 @@ fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
     assert_eq!(v["status"], "RUN_STATUS_COMPLETED", "{v}");
     assert_eq!(v["steps_seen"], 12, "{v}");
     assert_eq!(v["last_step"], 11, "{v}");
+    // A subscriber that stops reading does not hold training back, and still gets the end.
+    assert_eq!(v["slow_run_status"], "RUN_STATUS_COMPLETED", "{v}");
+    assert_eq!(v["slow_stream_done"], true, "{v}");
     // The live /metrics passes promtool and counts the run's steps.
     let body = http_get(c.metrics_port, "/metrics");
-    assert!(body.contains("mezo_steps_total 12"), "{body}");
+    assert!(body.contains("mezo_steps_total 412"), "12 + 400 steps: {body}");
     assert!(body.contains("mezo_workers_connected 2"), "{body}");
     let tokens: f64 = body
         .lines()

@@ -2,7 +2,11 @@
 run on a live coordinator and streams its metrics to the end.
 
 Usage: python grpc_client.py PROTO_DIR COORDINATOR_ADDR MODEL_DIR DATA_DIR STEPS
-Prints one JSON object: {"run_id", "steps_seen", "last_step", "status"}.
+Then a slow subscriber: it opens StreamMetrics on a second run, reads one message and stops
+reading; the run must still finish (training never waits for a client), and the stream must still
+end with its final message.
+Prints one JSON object: {"run_id", "steps_seen", "last_step", "status", "slow_run_status",
+"slow_stream_done"}.
 """
 import json, os, sys, tempfile
 
@@ -31,4 +35,23 @@ with grpc.insecure_channel(addr) as ch:
             break
         seen += 1
         last = m.step
-    print(json.dumps(dict(run_id=run_id, steps_seen=seen, last_step=last, status=status)))
+    # The slow subscriber.
+    import time
+    slow = run_pb2.RunSpec()
+    slow.CopyFrom(spec)
+    # More steps than the per-subscriber buffer (256) holds, so an unread stream really backs up.
+    slow.steps = 400
+    stub.StartRun(mezo_pb2.StartRunRequest(spec=slow, run_id="python-slow"))
+    stream = stub.StreamMetrics(mezo_pb2.StreamMetricsRequest(run_id="python-slow"))
+    next(stream)
+    deadline = time.time() + 120
+    slow_status = None
+    while time.time() < deadline:
+        r = stub.GetRun(mezo_pb2.GetRunRequest(run_id="python-slow"))
+        if r.status == mezo_pb2.RUN_STATUS_COMPLETED:
+            slow_status = mezo_pb2.RunStatus.Name(r.status)
+            break
+        time.sleep(0.1)
+    slow_done = any(m.done for m in stream)
+    print(json.dumps(dict(run_id=run_id, steps_seen=seen, last_step=last, status=status,
+                          slow_run_status=slow_status, slow_stream_done=slow_done)))
