@@ -53,11 +53,20 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
         .spawn(move || engine_thread(engine_rx, resync_rx, engine_client, handle, device))
         .context("starting the engine thread")?;
     loop {
-        let reg = client
+        // A coordinator that restarts (or is killed again) mid-handshake is not a reason to quit:
+        // keep trying until it answers.
+        let reg = match client
             .register(pb::RegisterRequest { device: opts.device.clone(), hostname: hostname() })
             .await
-            .context("registering with the coordinator")?
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                eprintln!("worker: registering with {} failed ({}); retrying", opts.coordinator, e.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                client = connect(&opts.coordinator).await?;
+                continue;
+            }
+        };
         let id = reg.worker_id.clone();
         eprintln!("worker {id}: registered with {} ({})", opts.coordinator, opts.device);
         let (lost_tx, mut lost_rx) = oneshot::channel::<()>();
@@ -77,7 +86,16 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
                 }
             }
         });
-        let mut stream = client.tasks(pb::TasksRequest { worker_id: id.clone() }).await?.into_inner();
+        let mut stream = match client.tasks(pb::TasksRequest { worker_id: id.clone() }).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                eprintln!("worker {id}: opening the task stream failed ({}); registering again", e.message());
+                heartbeat.abort();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                client = connect(&opts.coordinator).await?;
+                continue;
+            }
+        };
         loop {
             tokio::select! {
                 _ = &mut shutdown => { heartbeat.abort(); return Ok(()); }
