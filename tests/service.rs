@@ -158,6 +158,19 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    /// Waits until the run has ended (the status is set just after its last step is logged).
+    fn wait_done(&self, run_id: &str, limit: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.get(run_id) {
+                if v["status"] != "running" && v["status"] != "pending" {
+                    return v;
+                }
+            }
+            assert!(start.elapsed() < limit, "run {run_id} did not end in {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     fn export(&self, run_id: &str) -> Vec<u8> {
         let out = self.dir.join(format!("export-{run_id}"));
         mezo_ok(&["run", "export", run_id, "--coordinator", &self.url(), "--out", out.to_str().unwrap()]);
@@ -171,7 +184,7 @@ fn reference() -> &'static Vec<u8> {
     R.get_or_init(|| {
         let c = Cluster::new("reference", 2);
         c.start_run("r");
-        let v = c.wait_steps("r", 40, Duration::from_secs(300));
+        let v = c.wait_done("r", Duration::from_secs(300));
         assert_eq!(v["status"], "completed", "{v}");
         c.export("r")
     })
@@ -186,7 +199,7 @@ fn a_killed_worker_loses_nothing_and_a_new_one_joins() {
     c.workers[0].kill9();
     c.wait_steps("r", 20, Duration::from_secs(120));
     let late = c.add_worker();
-    let v = c.wait_steps("r", 40, Duration::from_secs(300));
+    let v = c.wait_done("r", Duration::from_secs(300));
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["steps_done"], 40, "no step lost");
     assert_eq!(
@@ -217,7 +230,7 @@ fn coordinator_killed_five_times_resumes_bit_identical() {
         c.coordinator.as_mut().unwrap().kill9();
         c.start_coordinator();
     }
-    let v = c.wait_steps("r", 40, Duration::from_secs(300));
+    let v = c.wait_done("r", Duration::from_secs(300));
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(c.export("r"), expected, "the resumed run's adapter differs from the uninterrupted run's");
     let logs: String = std::fs::read_dir(&c.dir)
@@ -279,7 +292,7 @@ fn runs_share_the_fleet_and_data_parallel_is_deterministic() {
     c.start_run_with("d1", &["--split", "data", "--grad-accum", "2"]);
     c.start_run_with("d2", &["--split", "data", "--grad-accum", "2"]);
     for r in ["d1", "d2"] {
-        let v = c.wait_steps(r, 40, Duration::from_secs(300));
+        let v = c.wait_done(r, Duration::from_secs(300));
         assert_eq!(v["status"], "completed", "{v}");
     }
     assert_eq!(c.export("d1"), c.export("d2"), "the same data-parallel run twice must give the same adapter");

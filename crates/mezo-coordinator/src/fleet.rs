@@ -53,6 +53,10 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Fleet {
     tx: mpsc::Sender<Cmd>,
+    /// This coordinator process's incarnation, part of every task id it hands out: task numbers
+    /// restart at 1 after a restart, and a result a worker computed for the previous incarnation
+    /// must never be taken for a new task that happens to reuse its number.
+    incarnation: u64,
 }
 
 /// The actor is gone only when the process is shutting down.
@@ -64,14 +68,27 @@ impl Fleet {
     /// Starts the actor; `lease` is how long a worker's heartbeat keeps its tasks.
     pub fn spawn(lease: Duration, metrics: Arc<Metrics>) -> Fleet {
         let (tx, rx) = mpsc::channel(1024);
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
         let actor = Actor {
             dispatch: Dispatcher::new(lease),
             streams: HashMap::new(),
             waiters: HashMap::new(),
             metrics,
+            incarnation,
         };
         tokio::spawn(actor.run(rx));
-        Fleet { tx }
+        Fleet { tx, incarnation }
+    }
+
+    /// The task number in a task id this incarnation issued; `None` for any other id (a stale
+    /// result from before a restart, or garbage), which is acknowledged and ignored.
+    pub fn parse_task_id(&self, id: &str) -> Option<u64> {
+        let (inc, n) = id.split_once('-')?;
+        (u64::from_str_radix(inc, 16).ok()? == self.incarnation).then_some(())?;
+        n.parse().ok()
     }
 
     async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
@@ -134,6 +151,7 @@ struct Actor {
     streams: HashMap<WorkerId, mpsc::Sender<Result<pb::Task, Status>>>,
     waiters: HashMap<Group, oneshot::Sender<StepResults>>,
     metrics: Arc<Metrics>,
+    incarnation: u64,
 }
 
 impl Actor {
@@ -200,7 +218,7 @@ impl Actor {
         let assigned = self.dispatch.assign(Instant::now(), 1);
         for (wid, t) in assigned {
             let task = pb::Task {
-                task_id: t.task_id.to_string(),
+                task_id: format!("{:x}-{}", self.incarnation, t.task_id),
                 run_id: t.run_id.clone(),
                 step: t.step,
                 seeds: t.seeds.clone(),

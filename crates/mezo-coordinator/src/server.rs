@@ -561,7 +561,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     ) -> Result<Response<pb::SubmitResultResponse>, Status> {
         let r = req.into_inner();
         let wid = worker_id(&r.worker_id)?;
-        let task: u64 = r.task_id.parse().map_err(|_| Status::invalid_argument("task_id"))?;
+        let Some(task) = self.0.fleet.parse_task_id(&r.task_id) else {
+            // Issued by an earlier incarnation of this coordinator: its step is re-issued anew.
+            return Ok(Response::new(pb::SubmitResultResponse { accepted: true }));
+        };
         if r.tokens > 0 {
             self.0.metrics.tokens.inc_by(r.tokens);
             self.0.metrics.forward_duration.observe(r.forward_seconds);
