@@ -266,7 +266,7 @@ fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
     assert_eq!(v["slow_stream_done"], true, "{v}");
     // The live /metrics passes promtool and counts the run's steps.
     let body = http_get(c.metrics_port, "/metrics");
-    assert!(body.contains("mezo_steps_total 412"), "12 + 400 steps: {body}");
+    assert!(body.contains("mezo_steps_total 312"), "12 + 300 steps: {body}");
     assert!(body.contains("mezo_workers_connected 2"), "{body}");
     let tokens: f64 = body
         .lines()
