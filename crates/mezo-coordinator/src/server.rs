@@ -18,7 +18,7 @@ use mezo_store::{RunStatus, StepRecord, Store};
 use mezo_train::data::Batcher;
 use mezo_train::engine::{projected_grads, LoraState, Trainable};
 use mezo_train::spec::{config_from_spec, spec_from_config, Split};
-use mezo_train::trainer::{lora_init_seed, state_checksum, DataPlan};
+use mezo_train::trainer::{f32_from_le_bytes, lora_init_seed, lora_state_bytes, state_checksum, DataPlan};
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
@@ -211,8 +211,7 @@ impl Inner {
                 eprintln!("run {run_id}: skipped a snapshot: {w}");
             }
             if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
-                let v: Vec<f32> =
-                    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let v = f32_from_le_bytes(&bytes);
                 if v.len() as i64 == l.flat.numel() as i64 {
                     l.flat = tch::Tensor::from_slice(&v);
                     from = meta.step;
@@ -300,13 +299,7 @@ impl Inner {
     }
 
     fn set_state(&self, run: &Run, version: u64, engine: Option<&Engine>) {
-        let bytes = match engine.map(|e| &e.trainable) {
-            Some(Trainable::Lora(l)) => {
-                let v: Vec<f32> = Vec::try_from(&l.flat).expect("f32 LoRA state");
-                v.iter().flat_map(|x| x.to_le_bytes()).collect()
-            }
-            _ => Vec::new(),
-        };
+        let bytes = engine.map_or_else(Vec::new, |e| lora_state_bytes(&e.trainable));
         *run.state.lock().expect("state") = (version, bytes);
     }
 
@@ -480,9 +473,8 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         };
         let (step, bytes) = run.state.lock().expect("state").clone();
         let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
-        let v: Vec<f32> =
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let adapter = mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&v) };
+        let adapter =
+            mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&f32_from_le_bytes(&bytes)) };
         let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));
         adapter.save(&dir, &mc, &cfg.model.to_string_lossy()).map_err(internal)?;
         let read = |f: &str| std::fs::read(dir.join(f)).map_err(internal);

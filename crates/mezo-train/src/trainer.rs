@@ -437,16 +437,26 @@ pub enum EvalSet {
 
 /// What the distributed service needs from a session: replicas that take their state from the
 /// coordinator, replay logged updates, and evaluate given examples.
+/// The wire and snapshot form of LoRA state: its f32 values, little-endian, in PEFT order.
+pub fn lora_state_bytes(trainable: &Trainable) -> Vec<u8> {
+    match trainable {
+        Trainable::Lora(l) => {
+            let v: Vec<f32> = Vec::try_from(&l.flat.to_device(tch::Device::Cpu)).expect("f32 state");
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+        Trainable::Full(_) => Vec::new(),
+    }
+}
+
+/// The inverse of [`lora_state_bytes`] (a trailing partial value is dropped).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 impl Session {
     /// The LoRA state as little-endian f32 bytes (PEFT order); empty for full-parameter runs.
     pub fn state_bytes(&self) -> Vec<u8> {
-        match &self.engine.trainable {
-            Trainable::Lora(l) => {
-                let v: Vec<f32> = Vec::try_from(&l.flat.to_device(tch::Device::Cpu)).expect("f32 state");
-                v.iter().flat_map(|x| x.to_le_bytes()).collect()
-            }
-            Trainable::Full(_) => Vec::new(),
-        }
+        lora_state_bytes(&self.engine.trainable)
     }
 
     /// Replaces the LoRA state with `bytes` (as from [`Session::state_bytes`]).
@@ -465,9 +475,7 @@ impl Session {
                 l.flat.numel()
             )));
         }
-        let v: Vec<f32> =
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        l.flat = Tensor::from_slice(&v).to_device(l.flat.device());
+        l.flat = Tensor::from_slice(&f32_from_le_bytes(bytes)).to_device(l.flat.device());
         Ok(())
     }
 
