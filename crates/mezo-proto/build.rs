@@ -1,7 +1,9 @@
 // Generates the gRPC code from ../../proto into OUT_DIR (never committed). protoc comes from the
 // protoc-bin-vendored crate, so building needs no system protobuf compiler.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): a build script compiled for a clone at another path
+    // (CI clones afresh but shares the cargo target dir) must look at this clone's protos.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let protos: Vec<_> =
         ["run.proto", "mezo.proto", "worker.proto"].iter().map(|f| root.join("mezo/v1").join(f)).collect();
     for p in &protos {
