@@ -37,9 +37,17 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        Proc::spawn_env(args, &[], log)
+    }
+    fn spawn_env(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
         let f = std::fs::File::create(&log).unwrap();
-        let child =
-            Command::new(mezo_bin()).args(args).stdout(Stdio::null()).stderr(f).spawn().expect("mezo starts");
+        let child = Command::new(mezo_bin())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("mezo starts");
         Proc { child, log }
     }
     fn kill9(&mut self) {
@@ -118,24 +126,22 @@ impl Cluster {
         }
     }
     fn add_worker(&mut self) -> usize {
+        self.add_worker_env(&[])
+    }
+    fn add_worker_env(&mut self, env: &[(&str, &str)]) -> usize {
         let i = self.workers.len();
         let log = self.dir.join(format!("worker-{i}.log"));
-        self.workers.push(Proc::spawn(&["worker", "--coordinator", &self.url()], log));
+        self.workers.push(Proc::spawn_env(&["worker", "--coordinator", &self.url()], env, log));
         i
     }
     fn start_run(&self, run_id: &str) {
         self.start_run_with(run_id, &[]);
     }
     fn start_run_with(&self, run_id: &str, extra: &[&str]) {
-        let a = repo_root().join("crates/mezo-cli/assets");
-        let (url, model, data) = (self.url(), a.join("opt-mini"), a.join("sst2"));
-        #[rustfmt::skip]
-        let mut args = vec![
-            "run", "start", "--coordinator", &url, "--run-id", run_id,
-            "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
-            "--steps", STEPS, "--n-train", "64", "--n-dev", "16", "--test-limit", "16", "--eval-every", "0",
-            "--lr", "1e-3", "--directions", "3", "--batch-size", "8",
-        ];
+        let url = self.url();
+        let mut args = vec!["run", "start", "--coordinator", &url, "--run-id", run_id];
+        let spec = run_spec();
+        args.extend(spec.iter().map(String::as_str));
         args.extend_from_slice(extra);
         assert_eq!(mezo_ok(&args).trim(), run_id);
     }
@@ -176,6 +182,19 @@ impl Cluster {
         mezo_ok(&["run", "export", run_id, "--coordinator", &self.url(), "--out", out.to_str().unwrap()]);
         std::fs::read(out.join("adapter_model.safetensors")).unwrap()
     }
+}
+
+/// The flags of the runs these tests compare (`mezo train`'s).
+fn run_spec() -> Vec<String> {
+    let a = repo_root().join("crates/mezo-cli/assets");
+    let (model, data) = (a.join("opt-mini"), a.join("sst2"));
+    #[rustfmt::skip]
+    let v = [
+        "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
+        "--steps", STEPS, "--n-train", "64", "--n-dev", "16", "--test-limit", "16", "--eval-every", "0",
+        "--lr", "1e-3", "--directions", "3", "--batch-size", "8",
+    ];
+    v.iter().map(|s| s.to_string()).collect()
 }
 
 /// The adapter of an uninterrupted run on two workers.
@@ -243,6 +262,52 @@ fn coordinator_killed_five_times_resumes_bit_identical() {
     // Restarts after step 5 start from a snapshot and replay only the log after it.
     assert!(logs.contains("restored the snapshot at step"), "no restart used a snapshot:\n{logs}");
     assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// A replica that goes wrong (a fault injected into one worker flips a value of its LoRA state)
+/// is caught by the checksum comparison at the next snapshot step and rebuilt before it computes
+/// anything with it: the run ends bit-identical to the reference, and the resync is counted.
+#[test]
+fn a_corrupted_replica_is_caught_and_resynced() {
+    let expected = reference().clone();
+    let mut c = Cluster::new("resync", 1);
+    c.add_worker_env(&[("MEZO_FAULT_CORRUPT_REPLICA_AT", "10")]);
+    c.start_run("r");
+    let v = c.wait_done("r", Duration::from_secs(300));
+    assert_eq!(v["status"], "completed", "{v}");
+    let log = c.workers[1].log();
+    assert!(log.contains("fault injection: corrupted the replica"), "the fault was not injected:\n{log}");
+    assert!(log.contains("differs from the coordinator's") && log.contains("resyncing"), "{log}");
+    let body = http_get(c.metrics_port, "/metrics");
+    let resyncs: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("mezo_replica_resyncs_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("mezo_replica_resyncs_total");
+    assert!(resyncs >= 1.0, "the resync is counted: {body}");
+    assert_eq!(c.export("r"), expected, "a corrupted replica's losses reached the run");
+}
+
+/// `mezo train --workers 2` is the service in one process: the same spec gives the same adapter,
+/// bit for bit, as a coordinator and worker processes.
+#[test]
+fn train_with_workers_matches_the_fleet() {
+    let expected = reference().clone();
+    let out = tmp("train-workers");
+    let mut args = vec!["train", "--workers", "2", "--json", "--out", out.to_str().unwrap()];
+    let spec = run_spec();
+    args.extend(spec.iter().map(String::as_str));
+    let report: Value = serde_json::from_str(mezo_ok(&args).trim()).unwrap();
+    assert_eq!(report["steps"], 40, "{report}");
+    assert_eq!(report["workers"], 2, "{report}");
+    let test = report["test_accuracy"].as_f64().expect("the test set is evaluated at the end");
+    assert!((0.0..=1.0).contains(&test), "{report}");
+    assert_eq!(std::fs::read_to_string(out.join("train_log.jsonl")).unwrap().lines().count(), 40);
+    assert_eq!(
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        expected,
+        "mezo train --workers 2 and the fleet disagree"
+    );
 }
 
 #[test]

@@ -285,3 +285,36 @@ fn demo_learns_sst2() {
     eprintln!("demo: zero-shot {zs:.4} -> {test:.4} in {:.0}s", r["seconds"].as_f64().unwrap());
     assert!(test >= zs + 0.10, "demo gained {:.2} points, fewer than 10", 100.0 * (test - zs));
 }
+
+/// `mezo bench` on the CPU with small shapes (CI has no GPU; no thresholds): one JSON line per
+/// configuration with the fields the GPU tables are made of, and the coordinator benchmark's
+/// lines for both durability modes.
+#[test]
+fn bench_prints_one_json_line_per_configuration() {
+    for mode in ["lora", "full"] {
+        #[rustfmt::skip]
+        let out = mezo_ok(&[
+            "bench", "train", "--device", "cpu", "--dtype", "fp32", "--shape", "125m", "--mode", mode,
+            "--batch", "2", "--seq", "8", "--iters", "2", "--warmup", "1",
+        ]);
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["bench"], "train", "{v}");
+        assert_eq!(v["mode"], mode, "{v}");
+        assert!(v["steps_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["ms_per_step"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let out = mezo_ok(&["bench", "forward", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8", "--iters", "2"]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let out = mezo_ok(&["bench", "coordinator", "--iters", "200"]);
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    for v in &lines {
+        assert!(v["steps_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["steps"].as_u64().unwrap() >= 199, "{v}");
+    }
+    // A train peer that does not exist is named.
+    let e = mezo_err(&["bench", "train", "--device", "cpu", "--batch", "1", "--seq", "4", "--iters", "1", "--warmup", "0", "--peer", "/nonexistent/peer.py"]);
+    assert!(e.contains("/nonexistent/peer.py"), "{e}");
+}

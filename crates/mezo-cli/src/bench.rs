@@ -40,16 +40,22 @@ pub struct BenchArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
-    /// Also run HF transformers (this Python must have torch and transformers) and print the ratio.
-    #[arg(long)]
-    pub peer: bool,
+    /// Also run the peer on the same device and print the ratio. forward: `--peer` alone runs
+    /// the built-in HF transformers forward; train: `--peer PATH` runs that MeZO script
+    /// (../shared/bench/baseline_mezo_hf.py's interface: --model --batch --seq --steps --modes
+    /// --dtypes, one JSON line per configuration with steps_per_s and peak_gib).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub peer: Option<String>,
     #[arg(long, default_value = "python3")]
     pub peer_python: String,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.what == "coordinator" {
-        return coordinator_overhead(&[1, 4, 16], args.iters.max(100) as u64);
+        for strict in [false, true] {
+            coordinator_overhead(&[1, 4, 16], args.iters.max(100) as u64, strict)?;
+        }
+        return Ok(());
     }
     if args.what != "forward" && args.what != "train" {
         bail!("unknown benchmark `{}`: expected forward, train or coordinator", args.what);
@@ -63,15 +69,29 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;
     if args.what == "train" {
-        println!("{}", train_steps(&args, config, device, kind)?);
-        if args.peer {
-            bail!("--peer with train: run ../shared/bench/baseline_mezo_hf.py in the same call instead");
+        let ours = train_steps(&args, config, device, kind)?;
+        println!("{ours}");
+        if let Some(path) = &args.peer {
+            if path.is_empty() {
+                bail!("--peer with train needs the peer script's path, e.g. --peer ../shared/bench/baseline_mezo_hf.py");
+            }
+            let peer = run_train_peer(&args, path)?;
+            println!("{peer}");
+            let ratio = ours["steps_per_s"].as_f64().unwrap_or(0.0)
+                / peer["steps_per_s"].as_f64().context("the peer printed no steps_per_s")?;
+            println!(
+                "{}",
+                json!({"bench": "train", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
+                       "ratio_steps_per_s": (ratio * 100.0).round() / 100.0,
+                       "device_bytes": ours["device_bytes"],
+                       "peer_peak_bytes": peer["peak_gib"].as_f64().map(|g| (g * (1u64 << 30) as f64) as u64)})
+            );
         }
         return Ok(());
     }
     let ours = forward(&args, config, device, kind)?;
     println!("{ours}");
-    if args.peer {
+    if args.peer.is_some() {
         let peer = run_peer(&args)?;
         println!("{peer}");
         let ratio = ours["tokens_per_s"].as_f64().unwrap_or(0.0)
@@ -121,6 +141,7 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
         projected_grads, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable,
     };
     let vocab = config.vocab_size;
+    let before = device.is_cuda().then(|| mezo_core::cuda::memory_in_use(device)).transpose()?;
     let model = Opt::random(config, device, kind, 0)?;
     let mut rng = mezo_core::HostRng::new(1);
     let rows: Vec<Vec<ScoringRow>> = (0..args.batch)
@@ -170,12 +191,40 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
     }
     sync(device);
     let dt = start.elapsed().as_secs_f64() / args.iters as f64;
+    // What this process took on the device (weights, LoRA state, the caching allocator's reserve
+    // for activations): an upper bound on its peak allocation.
+    let device_bytes = match before {
+        Some(b) => Some(mezo_core::cuda::memory_in_use(device)?.saturating_sub(b)),
+        None => None,
+    };
     Ok(json!({
-        "bench": "train", "impl": "mezo", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
+        "bench": "train", "impl": "mezo", "device_bytes": device_bytes, "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
         "device": args.device, "batch": args.batch, "seq": args.seq, "directions": args.directions,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     }))
+}
+
+/// Runs the MeZO peer script for the same configuration; its JSON line for it.
+fn run_train_peer(args: &BenchArgs, path: &str) -> Result<Value> {
+    if !std::path::Path::new(path).is_file() {
+        bail!("--peer {path}: no such file");
+    }
+    let out = std::process::Command::new(&args.peer_python)
+        .arg(path)
+        .args(["--model", &args.shape, "--batch", &args.batch.to_string(), "--seq", &args.seq.to_string()])
+        .args(["--steps", &args.iters.to_string(), "--modes", &args.mode, "--dtypes", &args.dtype])
+        .output()
+        .with_context(|| format!("running the peer {path} with {}", args.peer_python))?;
+    if !out.status.success() {
+        bail!("the peer {path} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("steps_per_s").is_some())
+        .with_context(|| format!("the peer printed no result line:\n{stdout}"))
 }
 
 fn run_peer(args: &BenchArgs) -> Result<Value> {
@@ -203,8 +252,9 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
 
 /// `mezo bench coordinator`: steps/s of the real coordinator (gRPC, store flushed every step)
 /// with in-process workers that answer every task at once, so only the coordinator's overhead
-/// is timed. Full-parameter spec (the coordinator holds no tensors), one direction per worker.
-pub fn coordinator_overhead(workers: &[usize], steps: u64) -> Result<()> {
+/// is timed; with pipelined durability (the default) and with `strict` (each step's flush
+/// awaited before the next step goes out). Full-parameter spec (the coordinator holds no tensors), one direction per worker.
+pub fn coordinator_overhead(workers: &[usize], steps: u64, strict: bool) -> Result<()> {
     use mezo_proto::v1 as pb;
     let assets = crate::train::assets_dir()?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -218,6 +268,7 @@ pub fn coordinator_overhead(workers: &[usize], steps: u64) -> Result<()> {
                 data_dir: dir.clone(),
                 lease: std::time::Duration::from_secs(10),
                 snapshot_every: 0,
+                strict_durability: strict,
             };
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(mezo_coordinator::server::serve(opts, listener, None, async move {
@@ -263,7 +314,8 @@ pub fn coordinator_overhead(workers: &[usize], steps: u64) -> Result<()> {
             let steps_per_s = if dt > 0.0 { (n.saturating_sub(1)) as f64 / dt } else { 0.0 };
             println!(
                 "{}",
-                json!({"bench": "coordinator", "workers": k, "directions": k, "steps": n,
+                json!({"bench": "coordinator", "durability": if strict { "strict" } else { "pipelined" },
+                       "workers": k, "directions": k, "steps": n,
                        "steps_per_s": (steps_per_s * 10.0).round() / 10.0})
             );
             let _ = stop_tx.send(());
@@ -300,9 +352,14 @@ async fn instant_worker(addr: &str) -> Result<()> {
         }
     });
     let mut tasks = c.tasks(pb::TasksRequest { worker_id: id.clone() }).await?.into_inner();
+    // Results over one stream, as `mezo worker` sends them.
+    let (results, rx) = tokio::sync::mpsc::channel(64);
+    let mut rc = c.clone();
+    let submitter =
+        tokio::spawn(async move { rc.submit_results(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
     while let Some(t) = tasks.message().await? {
         let n = t.seeds.len();
-        c.submit_result(pb::SubmitResultRequest {
+        let r = pb::SubmitResultRequest {
             worker_id: id.clone(),
             task_id: t.task_id,
             run_id: t.run_id,
@@ -311,8 +368,11 @@ async fn instant_worker(addr: &str) -> Result<()> {
             loss_minus: vec![0.69; n],
             weight: 1.0,
             ..Default::default()
-        })
-        .await?;
+        };
+        if results.send(r).await.is_err() {
+            break;
+        }
     }
+    submitter.abort();
     Ok(())
 }

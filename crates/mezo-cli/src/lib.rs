@@ -1,6 +1,7 @@
 //! The `mezo` command line. `main.rs` only parses; each subcommand is a function here.
 
 mod bench;
+pub mod local;
 pub mod service;
 pub mod train;
 
@@ -25,8 +26,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Time the engine on random weights of an OPT shape (optionally against HF transformers).
     Bench(bench::BenchArgs),
-    /// Fine-tune with MeZO (or first-order Adam, --optimizer adam) in one process.
-    Train(train::TrainArgs),
+    /// Fine-tune with MeZO (or first-order Adam, --optimizer adam): in one process, or with
+    /// --workers N through a coordinator and N workers of this process over loopback.
+    Train(train::TrainCmd),
     /// Train the bundled small OPT on SST-2 with MeZO on the CPU and show the accuracy gained.
     Demo(train::DemoArgs),
     /// Run the coordinator: gRPC for clients and workers, /metrics, a durable store.
@@ -76,7 +78,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval(args) => eval(args),
         Command::Bench(args) => bench::bench(args),
-        Command::Train(args) => train::run_train(args),
+        Command::Train(args) if args.workers > 0 => local::train_with_workers(args),
+        Command::Train(args) => train::run_train(args.train),
         Command::Demo(args) => train::run_demo(args),
         Command::Coordinator(args) => service::coordinator(args),
         Command::Worker(args) => service::worker(args),

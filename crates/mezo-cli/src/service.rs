@@ -28,6 +28,10 @@ pub struct CoordinatorArgs {
     /// Snapshot interval in steps when a run does not set one.
     #[arg(long, default_value_t = 50)]
     pub snapshot_every: u64,
+    /// Flush each step to disk before dispatching the next one, instead of overlapping the flush
+    /// with the next step's forwards. Either way no client hears of a step before it is durable.
+    #[arg(long)]
+    pub strict_durability: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,6 +125,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             data_dir: a.data_dir.clone(),
             lease: Duration::from_millis(a.lease_ms),
             snapshot_every: a.snapshot_every,
+            strict_durability: a.strict_durability,
         };
         mezo_coordinator::server::serve(opts, listener, Some(metrics), shutdown_signal()).await
     })

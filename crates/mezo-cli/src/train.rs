@@ -102,6 +102,21 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
+/// `mezo train`: the training flags, and how to run them.
+#[derive(clap::Args, Debug)]
+pub struct TrainCmd {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    /// Train through the service: a coordinator and N workers in this process, talking gRPC over
+    /// loopback (the fleet's code paths; each worker holds its own copy of the model). 0: train
+    /// in one process without the service.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// With --workers: direction (each worker evaluates whole directions) or data (batch shards).
+    #[arg(long, default_value = "direction")]
+    pub split: String,
+}
+
 impl TrainArgs {
     pub fn config(&self) -> Result<TrainConfig> {
         let optimizer = OptimizerSpec::parse(&self.optimizer)?;
@@ -150,14 +165,14 @@ impl TrainArgs {
 
 /// A progress bar on stderr with steps/s, the running loss and the last dev accuracy; hidden
 /// when stderr is not a terminal.
-struct Bar {
-    bar: ProgressBar,
+pub(crate) struct Bar {
+    pub(crate) bar: ProgressBar,
     loss: Option<f64>,
     dev: Option<f64>,
 }
 
 impl Bar {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Bar { bar: ProgressBar::hidden(), loss: None, dev: None }
     }
 }
@@ -201,7 +216,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     print_report(&report, args.json, None)
 }
 
-fn print_report(r: &TrainReport, json: bool, extra: Option<serde_json::Value>) -> Result<()> {
+pub(crate) fn print_report(r: &TrainReport, json: bool, extra: Option<serde_json::Value>) -> Result<()> {
     if json {
         let mut v = serde_json::to_value(r)?;
         if let (Some(serde_json::Value::Object(e)), serde_json::Value::Object(m)) = (extra, &mut v) {

@@ -17,6 +17,15 @@ use crate::metrics::Metrics;
 type Group = (String, u64, TaskKind);
 type StepResults = Vec<(TaskSpec, TaskResult)>;
 
+/// What every task of a step carries besides its seeds and examples (see `Task` in worker.proto).
+#[derive(Debug, Clone, Default)]
+pub struct StepContext {
+    /// The logged update of step `version - 1`: a replica one step behind applies it at once.
+    pub previous: Option<pb::StepUpdate>,
+    /// The coordinator's state checksum at `version`, at snapshot steps (empty otherwise).
+    pub expected_checksum: String,
+}
+
 enum Cmd {
     Register {
         reply: oneshot::Sender<WorkerId>,
@@ -32,6 +41,7 @@ enum Cmd {
     Submit {
         group: Group,
         version: u64,
+        context: StepContext,
         parts: Vec<(Vec<u64>, Vec<u32>)>,
         done: oneshot::Sender<StepResults>,
     },
@@ -39,7 +49,6 @@ enum Cmd {
         worker: WorkerId,
         task: u64,
         result: TaskResult,
-        reply: oneshot::Sender<Completion>,
     },
     Workers {
         reply: oneshot::Sender<usize>,
@@ -76,6 +85,7 @@ impl Fleet {
             dispatch: Dispatcher::new(lease),
             streams: HashMap::new(),
             waiters: HashMap::new(),
+            contexts: HashMap::new(),
             metrics,
             incarnation,
         };
@@ -120,21 +130,19 @@ impl Fleet {
         step: u64,
         kind: TaskKind,
         version: u64,
+        context: StepContext,
         parts: Vec<(Vec<u64>, Vec<u32>)>,
     ) -> Result<StepResults, Status> {
         let (done, rx) = oneshot::channel();
         let group = (run.to_string(), step, kind);
-        self.tx.send(Cmd::Submit { group, version, parts, done }).await.map_err(gone)?;
+        self.tx.send(Cmd::Submit { group, version, context, parts, done }).await.map_err(gone)?;
         rx.await.map_err(|_| Status::cancelled(format!("run `{run}` was cancelled")))
     }
 
-    pub async fn complete(
-        &self,
-        worker: WorkerId,
-        task: u64,
-        result: TaskResult,
-    ) -> Result<Completion, Status> {
-        self.ask(|reply| Cmd::Complete { worker, task, result, reply }).await
+    /// Hands a result to the actor (no reply: a late, duplicate or unknown result is counted
+    /// there, and the worker has nothing to do about it).
+    pub async fn complete(&self, worker: WorkerId, task: u64, result: TaskResult) -> Result<(), Status> {
+        self.tx.send(Cmd::Complete { worker, task, result }).await.map_err(gone)
     }
 
     pub async fn workers(&self) -> Result<usize, Status> {
@@ -150,6 +158,7 @@ struct Actor {
     dispatch: Dispatcher,
     streams: HashMap<WorkerId, mpsc::Sender<Result<pb::Task, Status>>>,
     waiters: HashMap<Group, oneshot::Sender<StepResults>>,
+    contexts: HashMap<Group, StepContext>,
     metrics: Arc<Metrics>,
     incarnation: u64,
 }
@@ -185,22 +194,23 @@ impl Actor {
             Cmd::OpenStream { id, tx } => {
                 self.streams.insert(id, tx);
             }
-            Cmd::Submit { group, version, parts, done } => {
+            Cmd::Submit { group, version, context, parts, done } => {
                 let (run, step, kind) = group.clone();
                 self.dispatch.submit_step(&run, step, kind, version, parts);
+                self.contexts.insert(group.clone(), context);
                 self.waiters.insert(group, done);
             }
-            Cmd::Complete { worker, task, result, reply } => {
+            Cmd::Complete { worker, task, result } => {
                 let group = self.dispatch.task_group(task);
                 let outcome = self.dispatch.complete(worker, task, result);
                 if let (Completion::Accepted, Some(g)) = (outcome, group) {
                     if let Some(results) = self.dispatch.take_step(&g.0, g.1, g.2) {
+                        self.contexts.remove(&g);
                         if let Some(w) = self.waiters.remove(&g) {
                             let _ = w.send(results);
                         }
                     }
                 }
-                let _ = reply.send(outcome);
             }
             Cmd::Workers { reply } => {
                 let _ = reply.send(self.dispatch.workers());
@@ -208,6 +218,7 @@ impl Actor {
             Cmd::CancelRun { run } => {
                 self.dispatch.cancel_run(&run);
                 self.waiters.retain(|(r, _, _), _| *r != run);
+                self.contexts.retain(|(r, _, _), _| *r != run);
             }
         }
     }
@@ -217,6 +228,7 @@ impl Actor {
     fn pump(&mut self) {
         let assigned = self.dispatch.assign(Instant::now(), 1);
         for (wid, t) in assigned {
+            let context = self.contexts.get(&(t.run_id.clone(), t.step, t.kind)).cloned().unwrap_or_default();
             let task = pb::Task {
                 task_id: format!("{:x}-{}", self.incarnation, t.task_id),
                 run_id: t.run_id.clone(),
@@ -230,6 +242,8 @@ impl Actor {
                     TaskKind::EvalDev => pb::TaskKind::EvalDev,
                     TaskKind::EvalTest => pb::TaskKind::EvalTest,
                 } as i32,
+                previous: context.previous,
+                expected_checksum: context.expected_checksum,
             };
             if !self.streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok()) {
                 self.dispatch.complete(wid, t.task_id, TaskResult::Failed("task stream unavailable".into()));

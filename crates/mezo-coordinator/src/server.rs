@@ -1,12 +1,23 @@
 //! The coordinator process: the gRPC services (public `MezoService`, internal `WorkerService`),
-//! one driver task per run; worker leases and task dispatch live in the fleet actor ([`crate::fleet`]).
+//! one actor per run; worker leases and task dispatch live in the fleet actor ([`crate::fleet`]).
 //!
-//! A run's driver owns its step loop: plan the step's tasks, wait for their results, aggregate
-//! the projected gradients, apply the update to the coordinator's copy of the LoRA state, append
-//! the step to the store (flushed before anyone hears of it), then publish it. Workers keep their
-//! replicas in step by replaying that log, so after joining no tensor crosses the network.
+//! A run's actor is the one task that owns the run's trainable state, its seed schedule and its
+//! metric history. Its step loop: plan the step's tasks, wait for their results, aggregate the
+//! projected gradients, apply the update to its copy of the LoRA state, log the step to the store,
+//! and publish it once the store has made it durable. While it waits it keeps answering commands
+//! (subscriptions, stop); the state it has made durable is published on a watch channel that
+//! the gRPC handlers read. Workers keep their replicas in step by replaying the logged updates
+//! (each task carries the previous one), so after joining no tensor crosses the network.
+//!
+//! Durability is pipelined: step t's flush runs while the workers compute step t+1, and step t is
+//! published (to clients, metrics, exports and snapshots) only once it is durable; step t+1 is
+//! logged only after that. A crash can lose only a step nobody outside has heard of; workers that
+//! already applied it are caches: the restarted coordinator recomputes the step, and a replica that
+//! ran ahead (its version, or the `previous` update its task carries, differs) rebuilds itself.
+//! `Options::strict_durability` waits for each flush before the next step instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -21,13 +32,14 @@ use mezo_train::spec::{config_from_spec, spec_from_config, Split};
 use mezo_train::trainer::{f32_from_le_bytes, lora_init_seed, lora_state_bytes, state_checksum, DataPlan};
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{aggregate, plan_train, Completion, TaskKind, TaskResult, WorkerId};
-use crate::fleet::Fleet;
+use crate::commit::Committer;
+use crate::dispatch::{aggregate, plan_train, TaskKind, TaskResult, WorkerId};
+use crate::fleet::{Fleet, StepContext};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -36,6 +48,9 @@ pub struct Options {
     pub lease: Duration,
     /// Default snapshot interval in steps when a run's spec gives none.
     pub snapshot_every: u64,
+    /// Wait for each step's flush before dispatching the next one (instead of overlapping the
+    /// flush with the next step's forwards). Slower on disks with slow fsync; no safer in outcome.
+    pub strict_durability: bool,
 }
 
 /// What the store keeps as a run's spec.
@@ -46,20 +61,41 @@ struct StoredSpec {
     snapshot_every: u64,
 }
 
-struct Run {
+/// What a run's actor has made durable, for the handlers (snapshots, exports) to read.
+#[derive(Debug, Clone, Default)]
+struct Published {
+    /// False until the actor has recovered the run (snapshot, log replay): a worker asking for a
+    /// snapshot before then waits rather than getting a state that is not the run's.
+    ready: bool,
+    /// Durable steps, and the LoRA state after them (empty for full-parameter runs).
+    version: u64,
+    bytes: Arc<Vec<u8>>,
+}
+
+type Subscription = (Vec<pb::StreamMetricsResponse>, broadcast::Receiver<pb::StreamMetricsResponse>);
+
+enum RunCmd {
+    /// The published messages from `from_step` on, and a receiver for the ones to come (taken
+    /// together by the actor, so none is missed or repeated).
+    Subscribe { from_step: u64, reply: oneshot::Sender<Subscription> },
+    /// End the run after its current step.
+    Stop,
+}
+
+/// The handlers' side of a run: its spec, what its actor published, and the actor's mailbox.
+struct RunHandle {
     stored: StoredSpec,
-    /// `(version, state bytes)`: the LoRA state after `version` steps (empty for full-parameter).
-    state: Mutex<(u64, Vec<u8>)>,
-    events: broadcast::Sender<pb::StreamMetricsResponse>,
-    history: Mutex<Vec<pb::StreamMetricsResponse>>,
-    stop: std::sync::atomic::AtomicBool,
+    state: watch::Receiver<Published>,
+    cmds: mpsc::Sender<RunCmd>,
 }
 
 pub struct Inner {
     opts: Options,
-    store: Store,
+    store: Arc<Store>,
+    /// Makes logged steps durable in batches (group commit).
+    commit: Committer,
     fleet: Fleet,
-    runs: Mutex<HashMap<String, Arc<Run>>>,
+    runs: Mutex<HashMap<String, Arc<RunHandle>>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -88,11 +124,22 @@ fn pb_status(s: RunStatus) -> pb::RunStatus {
     }
 }
 
+fn step_update(r: &StepRecord) -> pb::StepUpdate {
+    pb::StepUpdate {
+        step: r.step,
+        seeds: r.seeds.clone(),
+        grads: r.grads.clone(),
+        lr: r.lr,
+        skipped: r.skipped,
+    }
+}
+
 impl Inner {
     pub fn open(opts: Options) -> Result<Arc<Self>, mezo_store::StoreError> {
-        let store = Store::open(&opts.data_dir)?;
+        let store = Arc::new(Store::open(&opts.data_dir)?);
         let metrics = Arc::new(Metrics::new());
         let inner = Arc::new(Inner {
+            commit: Committer::start(store.clone()),
             fleet: Fleet::spawn(opts.lease, metrics.clone()),
             opts,
             store,
@@ -117,54 +164,164 @@ impl Inner {
         Ok(n)
     }
 
+    /// Starts a run's actor and registers its handle.
     fn launch(self: &Arc<Self>, run_id: String, stored: StoredSpec) {
+        let (cmds_tx, cmds) = mpsc::channel(64);
+        let (state_tx, state) = watch::channel(Published::default());
         let (events, _) = broadcast::channel(1024);
-        let run = Arc::new(Run {
+        let handle = Arc::new(RunHandle { stored: stored.clone(), state, cmds: cmds_tx });
+        self.runs.lock().expect("runs").insert(run_id.clone(), handle);
+        let actor = RunActor {
+            id: run_id,
             stored,
-            state: Mutex::new((0, Vec::new())),
+            inner: self.clone(),
+            cmds,
+            state: state_tx,
             events,
-            history: Mutex::new(Vec::new()),
-            stop: false.into(),
-        });
-        self.runs.lock().expect("runs").insert(run_id.clone(), run.clone());
-        let inner = self.clone();
-        tokio::spawn(async move {
-            let result = inner.drive(&run_id, &run).await;
-            let (status, message) = match result {
-                Ok(s) => (s, String::new()),
-                Err(e) => (RunStatus::Failed, e),
-            };
-            if !message.is_empty() {
-                eprintln!("run {run_id}: failed: {message}");
-            }
-            let _ = inner.store.set_status(&run_id, status, &message);
-            inner.fleet.cancel_run(&run_id).await;
-            let done = pb::StreamMetricsResponse {
-                done: true,
-                status: pb_status(status) as i32,
-                ..Default::default()
-            };
-            run.history.lock().expect("history").push(done.clone());
-            let _ = run.events.send(done);
-        });
+            history: Vec::new(),
+            stop: false,
+        };
+        tokio::spawn(actor.run());
     }
 
-    /// Accuracy over a whole eval set, split into one task per live worker (at least one).
+    /// A worker's result: counted in the metrics and handed to the fleet actor. False for a task
+    /// this coordinator does not know (issued by an earlier incarnation, or garbage).
+    async fn take_result(&self, r: pb::SubmitResultRequest) -> Result<bool, Status> {
+        let wid = worker_id(&r.worker_id)?;
+        let Some(task) = self.fleet.parse_task_id(&r.task_id) else {
+            // Issued by an earlier incarnation of this coordinator: its step is re-issued anew.
+            return Ok(false);
+        };
+        if r.tokens > 0 {
+            self.metrics.tokens.inc_by(r.tokens);
+            self.metrics.forward_duration.observe(r.forward_seconds);
+        }
+        if r.resynced {
+            self.metrics.replica_resyncs.inc();
+        }
+        let result = if !r.error.is_empty() {
+            TaskResult::Failed(r.error)
+        } else if r.total > 0 || (r.loss_plus.is_empty() && r.correct == 0) {
+            TaskResult::Accuracy { correct: r.correct, total: r.total }
+        } else {
+            TaskResult::Losses {
+                per_seed: r.loss_plus.iter().copied().zip(r.loss_minus.iter().copied()).collect(),
+                weight: r.weight,
+            }
+        };
+        self.fleet.complete(wid, task, result).await?;
+        Ok(true)
+    }
+
+    fn run(&self, id: &str) -> Result<Arc<RunHandle>, Status> {
+        self.runs
+            .lock()
+            .expect("runs")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("run `{id}` not found")))
+    }
+}
+
+/// Steps logged but not yet known durable, at most: a crash loses at most this many steps (none
+/// that anyone outside heard of), which the restarted coordinator recomputes.
+const MAX_UNDURABLE: usize = 16;
+
+/// A logged step waiting for the committer: published once it is durable.
+struct Pending {
+    /// Its sequence number in the committer.
+    seq: u64,
+    rec: StepRecord,
+    version: u64,
+    bytes: Arc<Vec<u8>>,
+    dev: Option<f64>,
+    duration: Duration,
+}
+
+/// The task that owns one run (see the module docs).
+struct RunActor {
+    id: String,
+    stored: StoredSpec,
+    inner: Arc<Inner>,
+    cmds: mpsc::Receiver<RunCmd>,
+    state: watch::Sender<Published>,
+    events: broadcast::Sender<pb::StreamMetricsResponse>,
+    history: Vec<pb::StreamMetricsResponse>,
+    stop: bool,
+}
+
+impl RunActor {
+    async fn run(mut self) {
+        let result = self.drive().await;
+        let (status, message, test) = match result {
+            Ok((s, test)) => (s, String::new(), test),
+            Err(e) => (RunStatus::Failed, e, None),
+        };
+        if !message.is_empty() {
+            eprintln!("run {}: failed: {message}", self.id);
+        }
+        let _ = self.inner.store.set_status(&self.id, status, &message);
+        self.inner.fleet.cancel_run(&self.id).await;
+        // A run that failed before it was ready must not keep snapshot fetchers waiting.
+        self.state.send_modify(|p| p.ready = true);
+        self.send(pb::StreamMetricsResponse {
+            done: true,
+            status: pb_status(status) as i32,
+            test_accuracy: test,
+            message,
+            ..Default::default()
+        });
+        // Finished runs still answer subscribers (their history) for as long as the process lives.
+        while let Some(cmd) = self.cmds.recv().await {
+            self.handle(cmd);
+        }
+    }
+
+    fn handle(&mut self, cmd: RunCmd) {
+        match cmd {
+            RunCmd::Subscribe { from_step, reply } => {
+                let past = self.history.iter().filter(|m| m.done || m.step >= from_step).cloned().collect();
+                let _ = reply.send((past, self.events.subscribe()));
+            }
+            RunCmd::Stop => self.stop = true,
+        }
+    }
+
+    /// Awaits `fut` while answering commands.
+    async fn serving<F: Future>(&mut self, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return out,
+                Some(cmd) = self.cmds.recv() => self.handle(cmd),
+            }
+        }
+    }
+
+    fn send(&mut self, m: pb::StreamMetricsResponse) {
+        self.history.push(m.clone());
+        // No receiver is fine; a slow one misses messages rather than stalling the run.
+        let _ = self.events.send(m);
+    }
+
+    /// Accuracy over a whole eval set at `version`, split into one task per live worker.
     async fn evaluate(
-        &self,
-        run_id: &str,
+        &mut self,
         step: u64,
         version: u64,
         kind: TaskKind,
         n: usize,
+        context: StepContext,
     ) -> Result<f64, String> {
-        let parts = self.fleet.workers().await.map_err(|e| e.to_string())?.max(1);
+        let fleet = self.inner.fleet.clone();
+        let parts = self.serving(fleet.workers()).await.map_err(|e| e.to_string())?.max(1);
         let idx: Vec<u32> = (0..n as u32).collect();
         let per = n.div_ceil(parts).max(1);
         let tasks: Vec<(Vec<u64>, Vec<u32>)> = idx.chunks(per).map(|c| (Vec::new(), c.to_vec())).collect();
+        let id = self.id.clone();
         let results = self
-            .fleet
-            .run_step(run_id, step, kind, version, tasks)
+            .serving(async move { fleet.run_step(&id, step, kind, version, context, tasks).await })
             .await
             .map_err(|e| e.message().to_string())?;
         let (mut c, mut t) = (0u64, 0u64);
@@ -180,13 +337,17 @@ impl Inner {
         Ok(if t == 0 { 0.0 } else { c as f64 / t as f64 })
     }
 
-    async fn drive(self: &Arc<Self>, run_id: &str, run: &Arc<Run>) -> Result<RunStatus, String> {
-        let cfg = run.stored.config.clone();
+    /// Trains the run to its end (or a stop); the test accuracy when it completed.
+    async fn drive(&mut self) -> Result<(RunStatus, Option<f64>), String> {
+        let cfg = self.stored.config.clone();
         let c2 = cfg.clone();
-        let plan =
-            tokio::task::spawn_blocking(move || DataPlan::new(&c2)).await.map_err(|e| e.to_string())?;
-        let plan = plan.map_err(|e| e.to_string())?;
-        self.store.set_status(run_id, RunStatus::Running, "").map_err(|e| e.to_string())?;
+        let plan = self
+            .serving(tokio::task::spawn_blocking(move || DataPlan::new(&c2)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let store = &self.inner.store;
+        store.set_status(&self.id, RunStatus::Running, "").map_err(|e| e.to_string())?;
         // The coordinator's copy of the LoRA state (none for full-parameter runs).
         let mut engine = match cfg.lora_config().map_err(|e| e.to_string())? {
             Some(lc) => {
@@ -201,14 +362,14 @@ impl Inner {
         // Recovery: the newest valid snapshot, then the log after it (the log is the source of
         // truth; a snapshot only shortens the replay). Stateful rules keep optimizer state that
         // snapshots do not hold, so they replay the whole log.
-        let logged = self.store.steps(run_id, 0).map_err(|e| e.to_string())?;
+        let logged = store.steps(&self.id, 0).map_err(|e| e.to_string())?;
         let mut from = 0u64;
         if let (Some(Engine { trainable: Trainable::Lora(l), .. }), true) =
             (engine.as_mut(), cfg.optimizer == mezo_train::OptimizerSpec::ZoSgd)
         {
-            let (snap, warnings) = self.store.latest_snapshot(run_id).map_err(|e| e.to_string())?;
+            let (snap, warnings) = store.latest_snapshot(&self.id).map_err(|e| e.to_string())?;
             for w in warnings {
-                eprintln!("run {run_id}: skipped a snapshot: {w}");
+                eprintln!("run {}: skipped a snapshot: {w}", self.id);
             }
             if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
                 let v = f32_from_le_bytes(&bytes);
@@ -216,12 +377,14 @@ impl Inner {
                     l.flat = tch::Tensor::from_slice(&v);
                     from = meta.step;
                     eprintln!(
-                        "run {run_id}: restored the snapshot at step {from}, replaying {} logged step(s)",
+                        "run {}: restored the snapshot at step {from}, replaying {} logged step(s)",
+                        self.id,
                         logged.len() as u64 - from
                     );
                 } else {
                     eprintln!(
-                        "run {run_id}: snapshot {} has {} values, the run needs {}; replaying the whole log",
+                        "run {}: snapshot {} has {} values, the run needs {}; replaying the whole log",
+                        self.id,
                         meta.file.display(),
                         v.len(),
                         l.flat.numel()
@@ -236,24 +399,36 @@ impl Inner {
             if let (Some(e), false, true) = (engine.as_mut(), rec.skipped, rec.step >= from) {
                 e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
             }
-            self.publish(run, rec, None);
+            self.send(message(rec, None));
         }
         let mut step = logged.len() as u64;
-        self.set_state(run, step, engine.as_ref());
-        let snapshot_every =
-            if run.stored.snapshot_every > 0 { run.stored.snapshot_every } else { self.opts.snapshot_every };
-        while step < cfg.steps {
-            if run.stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return Ok(RunStatus::Stopped);
-            }
+        let mut last = logged.last().cloned();
+        let bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| lora_state_bytes(&e.trainable)));
+        self.state.send_replace(Published { ready: true, version: step, bytes: bytes.clone() });
+        let snapshot_every = if self.stored.snapshot_every > 0 {
+            self.stored.snapshot_every
+        } else {
+            self.inner.opts.snapshot_every
+        };
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut bytes = bytes;
+        while step < cfg.steps && !self.stop {
             let started = Instant::now();
             let batch: Vec<u32> = batcher.next_batch().into_iter().map(|i| i as u32).collect();
             let seeds: Vec<u64> =
                 (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
-            let parts = plan_train(&seeds, &batch, run.stored.data_parallel, cfg.grad_accum.max(2));
+            let parts = plan_train(&seeds, &batch, self.stored.data_parallel, cfg.grad_accum.max(2));
+            // At snapshot steps the workers check their replica against this state.
+            let verify = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
+            let context = StepContext {
+                previous: last.as_ref().map(step_update),
+                expected_checksum: if verify { state_checksum(&bytes) } else { String::new() },
+            };
+            let (fleet, id) = (self.inner.fleet.clone(), self.id.clone());
             let results = self
-                .fleet
-                .run_step(run_id, step, TaskKind::Train, step, parts)
+                .serving(
+                    async move { fleet.run_step(&id, step, TaskKind::Train, step, context, parts).await },
+                )
                 .await
                 .map_err(|e| e.message().to_string())?;
             let agg = aggregate(&results)?;
@@ -270,77 +445,103 @@ impl Inner {
             if let (Some(e), Some(g)) = (engine.as_mut(), &grads) {
                 e.apply_update(None, &agg.seeds, g, lr).map_err(|e| e.to_string())?;
             }
-            // Durable before anyone is told.
-            self.store.append_step(run_id, &rec).map_err(|e| e.to_string())?;
+            self.inner.store.log_step(&self.id, &rec).map_err(|e| e.to_string())?;
+            let seq = self.inner.commit.logged();
+            let duration = started.elapsed();
             step += 1;
-            self.set_state(run, step, engine.as_ref());
-            if snapshot_every > 0 && step % snapshot_every == 0 {
-                let t = Instant::now();
-                let bytes = run.state.lock().expect("state").1.clone();
-                if !bytes.is_empty() {
-                    self.store.write_snapshot(run_id, step, &bytes).map_err(|e| e.to_string())?;
-                    let _ = self.store.prune_snapshots(run_id, 3);
-                }
-                self.metrics.checkpoint_duration.observe(t.elapsed().as_secs_f64());
+            bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| lora_state_bytes(&e.trainable)));
+            let context = StepContext { previous: Some(step_update(&rec)), expected_checksum: String::new() };
+            last = Some(rec.clone());
+            let mut p = Pending { seq, rec, version: step, bytes: bytes.clone(), dev: None, duration };
+            if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {
+                p.dev = Some(self.evaluate(step, step, TaskKind::EvalDev, plan.n_dev, context).await?);
             }
-            let dev = if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {
-                Some(self.evaluate(run_id, step, step, TaskKind::EvalDev, plan.n_dev).await?)
-            } else {
-                None
-            };
-            self.metrics.steps.inc();
-            if rec.skipped {
-                self.metrics.skipped_steps.inc();
-            }
-            self.metrics.step_duration.observe(started.elapsed().as_secs_f64());
-            self.publish(run, &rec, dev);
+            pending.push_back(p);
+            let keep = if self.inner.opts.strict_durability { 0 } else { MAX_UNDURABLE };
+            self.publish_durable(&mut pending, keep, snapshot_every).await?;
         }
-        Ok(RunStatus::Completed)
-    }
-
-    fn set_state(&self, run: &Run, version: u64, engine: Option<&Engine>) {
-        let bytes = engine.map_or_else(Vec::new, |e| lora_state_bytes(&e.trainable));
-        *run.state.lock().expect("state") = (version, bytes);
-    }
-
-    fn publish(&self, run: &Run, rec: &StepRecord, dev: Option<f64>) {
-        let n = rec.losses.len().max(1) as f64;
-        let loss = rec.losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / n;
-        let g = if rec.grads.is_empty() {
-            f64::NAN
+        self.publish_durable(&mut pending, 0, snapshot_every).await?;
+        if self.stop && step < cfg.steps {
+            return Ok((RunStatus::Stopped, None));
+        }
+        // The test set once, with the final state (every run ends where `mezo train` ends).
+        let test = if plan.n_test > 0 {
+            let context = StepContext { previous: last.as_ref().map(step_update), ..Default::default() };
+            Some(self.evaluate(step, step, TaskKind::EvalTest, plan.n_test, context).await?)
         } else {
-            rec.grads.iter().sum::<f64>() / rec.grads.len() as f64
+            None
         };
-        if loss.is_finite() {
-            self.metrics.train_loss.set(loss);
-        }
-        if g.is_finite() {
-            self.metrics.projected_grad.set(g);
-        }
-        if let Some(d) = dev {
-            self.metrics.dev_accuracy.set(d);
-        }
-        let m = pb::StreamMetricsResponse {
-            step: rec.step,
-            loss,
-            projected_grad: g,
-            lr: rec.lr,
-            skipped: rec.skipped,
-            dev_accuracy: dev,
-            done: false,
-            status: pb::RunStatus::Running as i32,
-        };
-        run.history.lock().expect("history").push(m.clone());
-        let _ = run.events.send(m);
+        Ok((RunStatus::Completed, test))
     }
 
-    fn run(&self, id: &str) -> Result<Arc<Run>, Status> {
-        self.runs
-            .lock()
-            .expect("runs")
-            .get(id)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("run `{id}` not found")))
+    /// Publishes the pending steps that are durable, in order, waiting for the oldest ones while
+    /// more than `keep` remain.
+    async fn publish_durable(
+        &mut self,
+        pending: &mut VecDeque<Pending>,
+        keep: usize,
+        snapshot_every: u64,
+    ) -> Result<(), String> {
+        while let Some(seq) = pending.front().map(|p| p.seq) {
+            if !self.inner.commit.is_durable(seq)? {
+                if pending.len() <= keep {
+                    break;
+                }
+                let inner = self.inner.clone();
+                self.serving(async move { inner.commit.wait(seq).await }).await?;
+            }
+            let p = pending.pop_front().expect("front exists");
+            self.publish(p, snapshot_every)?;
+        }
+        Ok(())
+    }
+
+    /// Tells everyone about a durable step: the published state, a snapshot when one is due,
+    /// metrics, subscribers.
+    fn publish(&mut self, p: Pending, snapshot_every: u64) -> Result<(), String> {
+        self.state.send_replace(Published { ready: true, version: p.version, bytes: p.bytes.clone() });
+        let m = &self.inner.metrics;
+        if snapshot_every > 0 && p.version % snapshot_every == 0 && !p.bytes.is_empty() {
+            let t = Instant::now();
+            self.inner.store.write_snapshot(&self.id, p.version, &p.bytes).map_err(|e| e.to_string())?;
+            let _ = self.inner.store.prune_snapshots(&self.id, 3);
+            m.checkpoint_duration.observe(t.elapsed().as_secs_f64());
+        }
+        m.steps.inc();
+        if p.rec.skipped {
+            m.skipped_steps.inc();
+        }
+        m.step_duration.observe(p.duration.as_secs_f64());
+        let msg = message(&p.rec, p.dev);
+        if msg.loss.is_finite() {
+            m.train_loss.set(msg.loss);
+        }
+        if msg.projected_grad.is_finite() {
+            m.projected_grad.set(msg.projected_grad);
+        }
+        if let Some(d) = p.dev {
+            m.dev_accuracy.set(d);
+        }
+        self.send(msg);
+        Ok(())
+    }
+}
+
+/// A step as subscribers see it: the mean loss over directions and the mean projected gradient.
+fn message(rec: &StepRecord, dev: Option<f64>) -> pb::StreamMetricsResponse {
+    let n = rec.losses.len().max(1) as f64;
+    let loss = rec.losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / n;
+    let g =
+        if rec.grads.is_empty() { f64::NAN } else { rec.grads.iter().sum::<f64>() / rec.grads.len() as f64 };
+    pb::StreamMetricsResponse {
+        step: rec.step,
+        loss,
+        projected_grad: g,
+        lr: rec.lr,
+        skipped: rec.skipped,
+        dev_accuracy: dev,
+        status: pb::RunStatus::Running as i32,
+        ..Default::default()
     }
 }
 
@@ -396,15 +597,12 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
     ) -> Result<Response<MetricsStream>, Status> {
         let req = req.into_inner();
         let run = self.0.run(&req.run_id)?;
-        let mut rx = run.events.subscribe();
-        let past: Vec<_> = run
-            .history
-            .lock()
-            .expect("history")
-            .iter()
-            .filter(|m| m.done || m.step >= req.from_step)
-            .cloned()
-            .collect();
+        let (reply, rx) = oneshot::channel();
+        run.cmds
+            .send(RunCmd::Subscribe { from_step: req.from_step, reply })
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let (past, mut rx) = rx.await.map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let (tx, out) = mpsc::channel(256);
         tokio::spawn(async move {
             let mut last = None;
@@ -454,7 +652,10 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
     ) -> Result<Response<pb::StopRunResponse>, Status> {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
-        run.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        run.cmds
+            .send(RunCmd::Stop)
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let (s, _) = self.0.store.status(&id).map_err(store_status)?;
         Ok(Response::new(pb::StopRunResponse { status: pb_status(s) as i32 }))
     }
@@ -471,7 +672,10 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
                 "run `{id}` trains all parameters: it has no adapter"
             )));
         };
-        let (step, bytes) = run.state.lock().expect("state").clone();
+        let (step, bytes) = {
+            let p = run.state.borrow();
+            (p.version, p.bytes.clone())
+        };
         let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
         let adapter =
             mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&f32_from_le_bytes(&bytes)) };
@@ -551,44 +755,21 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         &self,
         req: Request<pb::SubmitResultRequest>,
     ) -> Result<Response<pb::SubmitResultResponse>, Status> {
-        let r = req.into_inner();
-        let wid = worker_id(&r.worker_id)?;
-        let Some(task) = self.0.fleet.parse_task_id(&r.task_id) else {
-            // Issued by an earlier incarnation of this coordinator: its step is re-issued anew.
-            return Ok(Response::new(pb::SubmitResultResponse { accepted: true }));
-        };
-        if r.tokens > 0 {
-            self.0.metrics.tokens.inc_by(r.tokens);
-            self.0.metrics.forward_duration.observe(r.forward_seconds);
+        let accepted = self.0.take_result(req.into_inner()).await?;
+        Ok(Response::new(pb::SubmitResultResponse { accepted }))
+    }
+
+    async fn submit_results(
+        &self,
+        req: Request<tonic::Streaming<pb::SubmitResultRequest>>,
+    ) -> Result<Response<pb::SubmitResultsResponse>, Status> {
+        let mut stream = req.into_inner();
+        let (mut received, mut accepted) = (0, 0);
+        while let Some(r) = stream.message().await? {
+            received += 1;
+            accepted += u64::from(self.0.take_result(r).await?);
         }
-        let result = if !r.error.is_empty() {
-            TaskResult::Failed(r.error.clone())
-        } else if r.total > 0 || (r.loss_plus.is_empty() && r.correct == 0) {
-            TaskResult::Accuracy { correct: r.correct, total: r.total }
-        } else {
-            TaskResult::Losses {
-                per_seed: r.loss_plus.iter().copied().zip(r.loss_minus.iter().copied()).collect(),
-                weight: r.weight,
-            }
-        };
-        // A replica whose state differs from ours at the task's version gets its result refused
-        // and resyncs (counted); the task is queued again.
-        let mut accepted = true;
-        if !r.state_checksum.is_empty() {
-            if let Ok(run) = self.0.run(&r.run_id) {
-                let (version, bytes) = run.state.lock().expect("state").clone();
-                if version == r.step && !bytes.is_empty() && state_checksum(&bytes) != r.state_checksum {
-                    accepted = false;
-                }
-            }
-        }
-        let outcome = if accepted {
-            self.0.fleet.complete(wid, task, result).await?
-        } else {
-            self.0.metrics.replica_resyncs.inc();
-            self.0.fleet.complete(wid, task, TaskResult::Failed("replica checksum mismatch".into())).await?
-        };
-        Ok(Response::new(pb::SubmitResultResponse { accepted: accepted && outcome != Completion::Unknown }))
+        Ok(Response::new(pb::SubmitResultsResponse { received, accepted }))
     }
 
     async fn fetch_snapshot(
@@ -597,9 +778,23 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     ) -> Result<Response<pb::FetchSnapshotResponse>, Status> {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
-        let (step, state) = run.state.lock().expect("state").clone();
+        // A run still recovering (replaying its log after a restart) has no state to give yet.
+        let mut rx = run.state.clone();
+        let ready = tokio::time::timeout(Duration::from_secs(60), rx.wait_for(|p| p.ready)).await;
+        if !matches!(ready, Ok(Ok(_))) {
+            return Err(Status::unavailable(format!("run `{id}` is still recovering; try again")));
+        }
+        // Full-parameter runs hold no state: the base checkpoint is step 0, and the replica
+        // replays the whole log.
+        let (step, state) = {
+            let p = run.state.borrow();
+            if p.bytes.is_empty() {
+                (0, Vec::new())
+            } else {
+                (p.version, p.bytes.to_vec())
+            }
+        };
         let split = if run.stored.data_parallel { Split::Data } else { Split::Direction };
-        let (step, state) = if state.is_empty() { (0, Vec::new()) } else { (step, state) };
         Ok(Response::new(pb::FetchSnapshotResponse {
             spec: Some(spec_from_config(&run.stored.config, split, run.stored.snapshot_every)),
             step,

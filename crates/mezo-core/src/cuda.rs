@@ -87,6 +87,7 @@ struct Api {
     cu_ctx_get_current: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
     cu_ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
     cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    cu_mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
     nvrtc_create_program: unsafe extern "C" fn(
         *mut *mut c_void,
         *const c_char,
@@ -149,6 +150,7 @@ impl Api {
             cu_ctx_get_current: sym!(cuda, b"cuCtxGetCurrent"),
             cu_ctx_get_device: sym!(cuda, b"cuCtxGetDevice"),
             cu_device_get_attribute: sym!(cuda, b"cuDeviceGetAttribute"),
+            cu_mem_get_info: sym!(cuda, b"cuMemGetInfo_v2"),
             nvrtc_create_program: sym!(nvrtc, b"nvrtcCreateProgram"),
             nvrtc_compile_program: sym!(nvrtc, b"nvrtcCompileProgram"),
             nvrtc_get_ptx_size: sym!(nvrtc, b"nvrtcGetPTXSize"),
@@ -393,6 +395,18 @@ pub(crate) fn sgd_update(
     // for work queued after this point on the same stream, so dropping them here is safe.
     drop((a, b, g));
     Ok(())
+}
+
+/// Bytes in use on `device` (all processes: total minus free, as the driver reports it). tch
+/// exposes no allocator statistics; the benchmark takes the difference before and after its
+/// work, which counts what libtorch's caching allocator reserved (at least its peak allocation).
+pub fn memory_in_use(device: Device) -> Result<u64> {
+    let _ = Tensor::zeros([1], (Kind::Float, device)); // the context exists and is current
+    let api = &kernels()?.api;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: two out-pointers to usize, as the driver API documents.
+    api.check(unsafe { (api.cu_mem_get_info)(&mut free, &mut total) }, "cuMemGetInfo")?;
+    Ok((total - free) as u64)
 }
 
 /// For tests and diagnostics: whether the kernels load and compile on this device.

@@ -376,6 +376,15 @@ impl Store {
     /// existing step is a no-op, so a retried write counts once; a different record for an
     /// existing step, or a gap, is a `Conflict` naming the run and both step numbers.
     pub fn append_step(&self, run_id: &str, rec: &StepRecord) -> Result<()> {
+        self.log_step(run_id, rec)?;
+        self.sync()
+    }
+
+    /// [`Store::append_step`] without the flush: the step is readable at once (a worker's
+    /// `FetchLog` sees it) but durable only after the next [`Store::sync`]. The coordinator
+    /// overlaps that flush with the next step's forwards and tells no client about the step
+    /// before it returns.
+    pub fn log_step(&self, run_id: &str, rec: &StepRecord) -> Result<()> {
         self.require_run(run_id)?;
         let _guard = self.lock();
         let next = self.next_step(run_id)?;
@@ -406,6 +415,11 @@ impl Store {
             });
         }
         self.steps.insert(step_key(run_id, t), encoded).map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Makes every step logged so far durable (one fsync of the log).
+    pub fn sync(&self) -> Result<()> {
         self.flush()
     }
 

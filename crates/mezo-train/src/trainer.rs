@@ -480,6 +480,11 @@ impl Session {
     }
 
     /// Applies a logged update (the same code path as the single-process trainer's).
+    /// Writes the model (a full-parameter run's result) as an HF checkpoint directory.
+    pub fn save_model(&self, dir: &Path) -> Result<PathBuf> {
+        save_full_model(self, dir)
+    }
+
     pub fn apply_logged(&mut self, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
         self.engine.apply_update(Some(&self.model), seeds, grads, lr)
     }

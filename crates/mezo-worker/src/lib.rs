@@ -43,14 +43,12 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
     tokio::pin!(shutdown);
     let mut client = connect(&opts.coordinator).await?;
     let (jobs, engine_rx) = mpsc::channel::<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>(4);
-    // Runs whose replica the coordinator refused (checksum mismatch): rebuilt before the next task.
-    let (resync, resync_rx) = std::sync::mpsc::channel::<String>();
     let handle = tokio::runtime::Handle::current();
     let engine_client = client.clone();
     let device = opts.device.clone();
     std::thread::Builder::new()
         .name("mezo-engine".into())
-        .spawn(move || engine_thread(engine_rx, resync_rx, engine_client, handle, device))
+        .spawn(move || engine_thread(engine_rx, engine_client, handle, device))
         .context("starting the engine thread")?;
     loop {
         // A coordinator that restarts (or is killed again) mid-handshake is not a reason to quit:
@@ -96,28 +94,31 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
                 continue;
             }
         };
+        // Results go back over one long-lived stream: no per-result request overhead.
+        let (results, results_rx) = mpsc::channel::<pb::SubmitResultRequest>(64);
+        let mut rc = client.clone();
+        let mut submitter = tokio::spawn(async move {
+            rc.submit_results(tokio_stream::wrappers::ReceiverStream::new(results_rx)).await
+        });
         loop {
             tokio::select! {
-                _ = &mut shutdown => { heartbeat.abort(); return Ok(()); }
+                _ = &mut shutdown => { heartbeat.abort(); submitter.abort(); return Ok(()); }
                 _ = &mut lost_rx => break,
+                // The result stream ended early: the coordinator went away.
+                _ = &mut submitter => break,
                 msg = stream.message() => {
                     let Some(task) = msg.ok().flatten() else { break };
                     let (tx, rx) = oneshot::channel();
                     jobs.send((task, tx)).await.map_err(|_| anyhow!("the engine thread stopped"))?;
                     let mut result = rx.await.map_err(|_| anyhow!("the engine thread stopped"))?;
                     result.worker_id = id.clone();
-                    let run_id = result.run_id.clone();
-                    match client.submit_result(result).await {
-                        Ok(r) if !r.get_ref().accepted => {
-                            eprintln!("worker {id}: result for run {run_id} refused; resyncing its replica");
-                            let _ = resync.send(run_id);
-                        }
-                        Ok(_) => {}
-                        Err(e) => eprintln!("worker {id}: submitting a result failed: {e}"),
+                    if results.send(result).await.is_err() {
+                        break;
                     }
                 }
             }
         }
+        submitter.abort();
         heartbeat.abort();
         eprintln!("worker {id}: lost the coordinator; reconnecting");
         client = connect(&opts.coordinator).await?;
@@ -131,33 +132,40 @@ fn hostname() -> String {
 struct Replica {
     session: Session,
     version: u64,
+    /// The update that brought the replica to `version` (None at a snapshot): compared with the
+    /// `previous` update a task carries, so a step the coordinator recomputed after a restart
+    /// (different from what this replica applied) is noticed.
+    last: Option<pb::StepUpdate>,
+}
+
+/// Test hook (fault injection): `MEZO_FAULT_CORRUPT_REPLICA_AT=N` flips one value of this
+/// worker's LoRA replica at its first checksum-verified task at version N or later, once, so the tests can watch the
+/// checksum comparison catch it. Unset in normal use.
+fn corrupt_at() -> Option<u64> {
+    std::env::var("MEZO_FAULT_CORRUPT_REPLICA_AT").ok()?.parse().ok()
 }
 
 /// The thread that owns every tensor: replicas, forwards, replays.
 fn engine_thread(
     mut jobs: mpsc::Receiver<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>,
-    resync: std::sync::mpsc::Receiver<String>,
     client: Client,
     rt: tokio::runtime::Handle,
     device: String,
 ) {
     let mut replicas: HashMap<String, Replica> = HashMap::new();
+    let mut corrupt = corrupt_at();
     while let Some((task, reply)) = jobs.blocking_recv() {
-        while let Ok(run) = resync.try_recv() {
-            replicas.remove(&run);
-        }
         let mut r = pb::SubmitResultRequest {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),
             step: task.step,
             ..Default::default()
         };
-        match serve_task(&task, &mut replicas, &client, &rt, &device) {
-            Ok(Outcome::Losses { per_seed, weight, checksum, tokens, seconds }) => {
+        match serve_task(&task, &mut replicas, &client, &rt, &device, &mut corrupt, &mut r.resynced) {
+            Ok(Outcome::Losses { per_seed, weight, tokens, seconds }) => {
                 r.loss_plus = per_seed.iter().map(|p| p.0).collect();
                 r.loss_minus = per_seed.iter().map(|p| p.1).collect();
                 r.weight = weight;
-                r.state_checksum = checksum;
                 r.tokens = tokens;
                 r.forward_seconds = seconds;
             }
@@ -177,7 +185,7 @@ fn engine_thread(
 }
 
 enum Outcome {
-    Losses { per_seed: Vec<(f64, f64)>, weight: f64, checksum: String, tokens: u64, seconds: f64 },
+    Losses { per_seed: Vec<(f64, f64)>, weight: f64, tokens: u64, seconds: f64 },
     Accuracy { correct: usize, total: usize },
 }
 
@@ -187,8 +195,79 @@ fn serve_task(
     client: &Client,
     rt: &tokio::runtime::Handle,
     device: &str,
+    corrupt: &mut Option<u64>,
+    resynced: &mut bool,
 ) -> Result<Outcome> {
-    if replicas.get(&task.run_id).is_some_and(|r| r.version > task.version) {
+    prepare_replica(task, replicas, client, rt, device)?;
+    if !task.expected_checksum.is_empty() {
+        let rep = replicas.get_mut(&task.run_id).expect("prepared");
+        if corrupt.is_some_and(|v| rep.version >= v) {
+            *corrupt = None;
+            let mut bytes = rep.session.state_bytes();
+            if let Some(b) = bytes.first_mut() {
+                *b ^= 0x40;
+                rep.session.set_state_bytes(&bytes)?;
+                eprintln!(
+                    "worker: fault injection: corrupted the replica of run {} at version {}",
+                    task.run_id, rep.version
+                );
+            }
+        }
+        if state_checksum(&rep.session.state_bytes()) != task.expected_checksum {
+            // Resync: rebuild from the coordinator's snapshot and log, and check again.
+            eprintln!(
+                "worker: replica of run {} differs from the coordinator's at step {}; resyncing",
+                task.run_id, task.version
+            );
+            replicas.remove(&task.run_id);
+            *resynced = true;
+            prepare_replica(task, replicas, client, rt, device)?;
+            let rep = replicas.get_mut(&task.run_id).expect("prepared");
+            if state_checksum(&rep.session.state_bytes()) != task.expected_checksum {
+                return Err(anyhow!(
+                    "replica of run {} still differs from the coordinator's at step {} after a resync",
+                    task.run_id,
+                    task.version
+                ));
+            }
+        }
+    }
+    let rep = replicas.get_mut(&task.run_id).expect("prepared");
+    let idx: Vec<usize> = task.examples.iter().map(|&i| i as usize).collect();
+    match pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Train) {
+        pb::TaskKind::Unspecified | pb::TaskKind::Train => {
+            let started = std::time::Instant::now();
+            let (per_seed, weight, tokens) = rep.session.train_losses(&task.seeds, &idx)?;
+            let seconds = started.elapsed().as_secs_f64();
+            Ok(Outcome::Losses { per_seed, weight, tokens, seconds })
+        }
+        pb::TaskKind::EvalDev => {
+            let (correct, total) = rep.session.eval_subset(EvalSet::Dev, &idx)?;
+            Ok(Outcome::Accuracy { correct, total })
+        }
+        pb::TaskKind::EvalTest => {
+            let (correct, total) = rep.session.eval_subset(EvalSet::Test, &idx)?;
+            Ok(Outcome::Accuracy { correct, total })
+        }
+    }
+}
+
+/// Brings the run's replica to the task's version: keeps it when it is there (and the last update
+/// it applied is the one the task names), applies the task's `previous` update when it is one step
+/// behind, and otherwise rebuilds it from the coordinator's snapshot and log.
+fn prepare_replica(
+    task: &pb::Task,
+    replicas: &mut HashMap<String, Replica>,
+    client: &Client,
+    rt: &tokio::runtime::Handle,
+    device: &str,
+) -> Result<()> {
+    let prev = task.previous.as_ref();
+    let stale = replicas.get(&task.run_id).is_some_and(|r| {
+        r.version > task.version
+            || (r.version == task.version && r.last.is_some() && prev.is_some() && r.last.as_ref() != prev)
+    });
+    if stale {
         replicas.remove(&task.run_id);
     }
     if !replicas.contains_key(&task.run_id) {
@@ -206,9 +285,17 @@ fn serve_task(
             return Err(anyhow!("snapshot of run {} arrived corrupt (checksum mismatch)", task.run_id));
         }
         eprintln!("worker: replica of run {} from the snapshot at step {}", task.run_id, snap.step);
-        replicas.insert(task.run_id.clone(), Replica { session, version: snap.step });
+        replicas.insert(task.run_id.clone(), Replica { session, version: snap.step, last: None });
     }
     let rep = replicas.get_mut(&task.run_id).expect("inserted above");
+    // The common case: one step behind, and the task carries that step's update.
+    if let Some(u) = prev.filter(|u| rep.version + 1 == task.version && u.step == rep.version) {
+        if !u.skipped {
+            rep.session.apply_logged(&u.seeds, &u.grads, u.lr)?;
+        }
+        rep.version += 1;
+        rep.last = Some(u.clone());
+    }
     if rep.version < task.version {
         let log = rt
             .block_on(
@@ -218,7 +305,7 @@ fn serve_task(
             )
             .context("fetching the log")?
             .into_inner();
-        for u in log.updates.iter().take_while(|u| u.step < task.version) {
+        for u in log.updates.into_iter().take_while(|u| u.step < task.version) {
             if u.step != rep.version {
                 return Err(anyhow!(
                     "log of run {} jumps from step {} to {}",
@@ -231,6 +318,7 @@ fn serve_task(
                 rep.session.apply_logged(&u.seeds, &u.grads, u.lr)?;
             }
             rep.version += 1;
+            rep.last = Some(u);
         }
         if rep.version != task.version {
             return Err(anyhow!(
@@ -241,23 +329,5 @@ fn serve_task(
             ));
         }
     }
-    let idx: Vec<usize> = task.examples.iter().map(|&i| i as usize).collect();
-    match pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Train) {
-        pb::TaskKind::Unspecified | pb::TaskKind::Train => {
-            let started = std::time::Instant::now();
-            let (per_seed, weight, tokens) = rep.session.train_losses(&task.seeds, &idx)?;
-            let seconds = started.elapsed().as_secs_f64();
-            let bytes = rep.session.state_bytes();
-            let checksum = if bytes.is_empty() { String::new() } else { state_checksum(&bytes) };
-            Ok(Outcome::Losses { per_seed, weight, checksum, tokens, seconds })
-        }
-        pb::TaskKind::EvalDev => {
-            let (correct, total) = rep.session.eval_subset(EvalSet::Dev, &idx)?;
-            Ok(Outcome::Accuracy { correct, total })
-        }
-        pb::TaskKind::EvalTest => {
-            let (correct, total) = rep.session.eval_subset(EvalSet::Test, &idx)?;
-            Ok(Outcome::Accuracy { correct, total })
-        }
-    }
+    Ok(())
 }
