@@ -304,7 +304,10 @@ fn bench_prints_one_json_line_per_configuration() {
         assert!(v["ms_per_step"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
     }
-    let out = mezo_ok(&["bench", "forward", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8", "--iters", "2"]);
+    let out = mezo_ok(&[
+        "bench", "forward", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8", "--iters",
+        "2",
+    ]);
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
     let out = mezo_ok(&["bench", "coordinator", "--iters", "200"]);
@@ -315,6 +318,21 @@ fn bench_prints_one_json_line_per_configuration() {
         assert!(v["steps"].as_u64().unwrap() >= 199, "{v}");
     }
     // A train peer that does not exist is named.
-    let e = mezo_err(&["bench", "train", "--device", "cpu", "--batch", "1", "--seq", "4", "--iters", "1", "--warmup", "0", "--peer", "/nonexistent/peer.py"]);
+    let e = mezo_err(&[
+        "bench",
+        "train",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--seq",
+        "4",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--peer",
+        "/nonexistent/peer.py",
+    ]);
     assert!(e.contains("/nonexistent/peer.py"), "{e}");
 }
