@@ -137,9 +137,7 @@ fn forward(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> R
 /// labels), answer-only cross-entropy, one direction seed per step.
 fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> Result<Value> {
     use mezo_data::ScoringRow;
-    use mezo_train::engine::{
-        projected_grads, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable,
-    };
+    use mezo_train::engine::{FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
     let vocab = config.vocab_size;
     let before = device.is_cuda().then(|| mezo_core::cuda::memory_in_use(device)).transpose()?;
     let model = Opt::random(config, device, kind, 0)?;
@@ -176,9 +174,8 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
     let mut step = |t: u64| -> Result<()> {
         let seeds: Vec<u64> =
             (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
-        let losses = engine.direction_losses(&model, &micro, &seeds)?;
-        let grads = projected_grads(&losses, eps).context("non-finite loss in the benchmark")?;
-        engine.apply_update(Some(&model), &seeds, &grads, 1e-6)?;
+        let (_, grads) = engine.step(&model, &micro, &seeds, 1e-6)?;
+        grads.context("non-finite loss in the benchmark")?;
         Ok(())
     };
     for t in 0..args.warmup as u64 {

@@ -24,6 +24,9 @@ pub struct SgdUpdate {
     pub grads: Vec<f32>,
     pub lr: f32,
     pub weight_decay: Option<f32>,
+    /// A perturbation still applied to `p` that the update undoes first (`p += scale * z(key)`,
+    /// rounded to p's dtype exactly as [`perturb_`] would store it): on CUDA in the same sweep.
+    pub restore: Option<(StreamKey, f32)>,
 }
 
 impl SgdUpdate {
@@ -72,6 +75,9 @@ pub fn sgd_update_(p: &Tensor, u: &SgdUpdate, dist: Distribution, table: &GaussT
     }
     match p.device() {
         Device::Cpu => {
+            if let Some((key, scale)) = u.restore {
+                perturb_(p, key, scale, dist, table)?;
+            }
             let t = host_gauss_table();
             let inv_n = u.inv_n();
             for_each_chunk(p, |i, theta| {
@@ -296,6 +302,7 @@ mod tests {
                     grads: grads.to_vec(),
                     lr: 1e-4,
                     weight_decay: Some(0.01),
+                    restore: None,
                 };
                 let fused = base.copy();
                 sgd_update_(&fused, &u, dist, &table).unwrap();
@@ -349,10 +356,19 @@ mod cuda_tests {
                     grads: vec![1.5, -0.25, 3.0, 0.125],
                     lr: 3e-4,
                     weight_decay: Some(0.1),
+                    restore: None,
                 };
                 sgd_update_(&c, &u, dist, &tc).unwrap();
                 sgd_update_(&g, &u, dist, &tg).unwrap();
                 assert!(c.equal(&g.to_device(Device::Cpu)), "{kind:?} {dist}: update differs on CUDA");
+                // The restore fused into the update sweep (CUDA) against the CPU's two passes.
+                let u = SgdUpdate { restore: Some((StreamKey::new(5, "w"), 2e-3)), ..u };
+                sgd_update_(&c, &u, dist, &tc).unwrap();
+                sgd_update_(&g, &u, dist, &tg).unwrap();
+                assert!(
+                    c.equal(&g.to_device(Device::Cpu)),
+                    "{kind:?} {dist}: restore+update differs on CUDA"
+                );
             }
         }
     }

@@ -308,28 +308,90 @@ impl Engine {
                 }
                 total.expect("at least one micro-batch") / weight
             }
-            Trainable::Full(f) => {
-                let mut out = Vec::with_capacity(2 * seeds.len());
-                for &seed in seeds {
-                    for scale in [1.0, -2.0] {
-                        self.perturb(model, f, seed, scale * eps)?;
-                        let mut total: Option<Tensor> = None;
-                        for p in micro {
-                            let s = p.loss_sums(model, None)?;
-                            total = Some(match total {
-                                Some(t) => t + s,
-                                None => s,
-                            });
-                        }
-                        out.push(total.expect("at least one micro-batch") / weight);
-                    }
-                    self.perturb(model, f, seed, eps)?;
-                }
-                Tensor::cat(&out, 0)
-            }
+            Trainable::Full(f) => self.full_losses(model, f, micro, seeds, false)?,
         };
         let v: Vec<f32> = Vec::<f32>::try_from(&losses.to_device(Device::Cpu))?;
         Ok(v.chunks(2).map(|c| (c[0] as f64, c[1] as f64)).collect())
+    }
+
+    /// Full-parameter losses: per direction θ+εz, θ-εz, then θ restored, except (with
+    /// `leave_last`) the last direction's restore, which the caller owes.
+    fn full_losses(
+        &self,
+        model: &Opt,
+        f: &FullState,
+        micro: &[Prepared],
+        seeds: &[u64],
+        leave_last: bool,
+    ) -> Result<Tensor> {
+        let eps = self.settings.eps;
+        let weight: f64 = micro.iter().map(|p| p.weight).sum();
+        let mut out = Vec::with_capacity(2 * seeds.len());
+        for (k, &seed) in seeds.iter().enumerate() {
+            for scale in [1.0, -2.0] {
+                self.perturb(model, f, seed, scale * eps)?;
+                let mut total: Option<Tensor> = None;
+                for p in micro {
+                    let s = p.loss_sums(model, None)?;
+                    total = Some(match total {
+                        Some(t) => t + s,
+                        None => s,
+                    });
+                }
+                out.push(total.expect("at least one micro-batch") / weight);
+            }
+            if !(leave_last && k + 1 == seeds.len()) {
+                self.perturb(model, f, seed, eps)?;
+            }
+        }
+        Ok(Tensor::cat(&out, 0))
+    }
+
+    /// A whole ZO step: every direction's losses, then the update when they are finite (the
+    /// projected gradients, or `None` for a skipped step). The same bits as [`Self::direction_losses`]
+    /// followed by [`Self::apply_update`]; for full-parameter ZO-SGD on fused kernels the last
+    /// direction's restore sweep is folded into the update's sweep (three passes over the weights
+    /// a step instead of four).
+    pub fn step(
+        &mut self,
+        model: &Opt,
+        micro: &[Prepared],
+        seeds: &[u64],
+        lr: f64,
+    ) -> Result<(Vec<(f64, f64)>, Option<Vec<f64>>)> {
+        let eps = self.settings.eps;
+        let fusable = match &self.trainable {
+            Trainable::Full(f) if self.settings.rule == Rule::Sgd && !seeds.is_empty() => {
+                let params = model.named_parameters();
+                f.selected.iter().all(|(i, _, _)| fused::supported(params[*i].1))
+            }
+            _ => false,
+        };
+        if !fusable {
+            let losses = self.direction_losses(model, micro, seeds)?;
+            let grads = projected_grads(&losses, eps);
+            if let Some(g) = &grads {
+                self.apply_update(Some(model), seeds, g, lr)?;
+            }
+            return Ok((losses, grads));
+        }
+        let Trainable::Full(f) = &self.trainable else { unreachable!("checked above") };
+        let losses = {
+            let _g = tch::no_grad_guard();
+            let t = self.full_losses(model, f, micro, seeds, true)?;
+            let v: Vec<f32> = Vec::<f32>::try_from(&t.to_device(Device::Cpu))?;
+            v.chunks(2).map(|c| (c[0] as f64, c[1] as f64)).collect::<Vec<_>>()
+        };
+        let last = *seeds.last().expect("not empty");
+        let grads = projected_grads(&losses, eps);
+        match &grads {
+            Some(g) => self.update(Some(model), seeds, g, lr, Some(last))?,
+            None => {
+                let _g = tch::no_grad_guard();
+                self.perturb(model, f, last, eps)?;
+            }
+        }
+        Ok((losses, grads))
     }
 
     /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
@@ -356,7 +418,21 @@ impl Engine {
     /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
     /// `model` is needed for full-parameter state only (LoRA state lives here).
     pub fn apply_update(&mut self, model: Option<&Opt>, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+        self.update(model, seeds, grads, lr, None)
+    }
+
+    /// [`Self::apply_update`]; `restore`: the seed whose `-εz` is still applied to the fused
+    /// full-parameter weights, undone in the update's sweep.
+    fn update(
+        &mut self,
+        model: Option<&Opt>,
+        seeds: &[u64],
+        grads: &[f64],
+        lr: f64,
+        restore: Option<u64>,
+    ) -> Result<()> {
         let _g = tch::no_grad_guard();
+        let eps = self.settings.eps;
         // A multiply by the f32 reciprocal, never a division: CUDA turns division by a scalar
         // into exactly this, the CPU would not, and replicas on both must agree.
         let inv_n = (1.0 / seeds.len() as f64) as f32 as f64;
@@ -380,6 +456,7 @@ impl Engine {
                 })?;
                 let params = model.named_parameters();
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
+                    debug_assert!(restore.is_none() || (rule == Rule::Sgd && fused::supported(params[*i].1)));
                     let p = params[*i].1;
                     let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
                     if rule == Rule::Sgd && fused::supported(p) {
@@ -388,6 +465,7 @@ impl Engine {
                             grads: grads.iter().map(|&g| g as f32).collect(),
                             lr: lr as f32,
                             weight_decay: (*decay && weight_decay != 0.0).then_some(weight_decay as f32),
+                            restore: restore.map(|r| (StreamKey::new(r, name), eps as f32)),
                         };
                         fused::sgd_update_(p, &u, dist, &self.table)?;
                         continue;

@@ -13,9 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::data::{mezo_splits, Batcher};
-use crate::engine::{
-    projected_grads, Engine, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable,
-};
+use crate::engine::{Engine, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
 use crate::error::{Result, TrainError};
 use crate::optim::{self, Rule, Schedule, Slot};
 
@@ -323,10 +321,10 @@ impl Session {
     pub fn zo_step(&mut self, step: u64, micro: &[Prepared]) -> Result<StepRecord> {
         let seeds: Vec<u64> =
             (0..self.cfg.directions as u32).map(|i| direction_seed(self.cfg.seed, step, i)).collect();
-        let losses = self.engine.direction_losses(&self.model, micro, &seeds)?;
-        let loss = losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / losses.len() as f64;
         let lr = self.cfg.schedule.lr(self.cfg.lr, step, self.cfg.steps);
-        let Some(grads) = projected_grads(&losses, self.cfg.eps) else {
+        let (losses, grads) = self.engine.step(&self.model, micro, &seeds, lr)?;
+        let loss = losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / losses.len() as f64;
+        let Some(grads) = grads else {
             return Ok(StepRecord {
                 step,
                 loss,
@@ -337,7 +335,6 @@ impl Session {
                 seconds: 0.0,
             });
         };
-        self.engine.apply_update(Some(&self.model), &seeds, &grads, lr)?;
         let g = grads.iter().sum::<f64>() / grads.len() as f64;
         Ok(StepRecord { step, loss, projected_grad: g, lr, skipped: false, dev_accuracy: None, seconds: 0.0 })
     }
