@@ -19,15 +19,25 @@ typedef unsigned long long u64;
 __device__ __forceinline__ u32 mix32(u32 x) {
   x ^= x >> 16; x *= 0x21f0aaadu; x ^= x >> 15; x *= 0x735a2d97u; x ^= x >> 15; return x;
 }
-// TD interleaves the table's values and differences (T[i], D[i]): one 8-byte load, one L2 sector
-// per element instead of two. The gather is what bounds these kernels (measured on an H100).
-__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float2* __restrict__ TD, int dist) {
+// The Gaussian table lives in shared memory: its lower half only, T[0..=32768] (131 KB). The upper
+// half is its mirror image (t[65536 - j] = -t[j]) and each difference d[j] = t[j+1] - t[j] is one
+// correctly rounded f32 subtraction of two knots, which equals the host's d[j] (rounded from the
+// exact f64 difference; tested on the host for every j). So z keeps the host's bits while the
+// gather stays on chip: reading a 512 KB table from L2 per element bounded these kernels.
+#define HALF 32768u
+__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
   u32 k = mix32(mix32(i ^ b) ^ a);
   if (dist) return (k >> 31) ? -1.0f : 1.0f;
   u32 hi = k >> 16;
   float frac = __fmul_rn((float)(k & 0xffffu), 1.52587890625e-05f);
-  float2 e = TD[hi];
-  return __fadd_rn(e.x, __fmul_rn(e.y, frac));
+  float t, d;
+  if (hi < HALF) { t = sT[hi]; d = __fsub_rn(sT[hi + 1], t); }
+  else { u32 m = 2 * HALF - hi; float x = sT[m]; t = -x; d = __fsub_rn(x, sT[m - 1]); }
+  return __fadd_rn(t, __fmul_rn(d, frac));
+}
+__device__ __forceinline__ void load_table(float* sT, const float* __restrict__ T) {
+  for (u32 j = threadIdx.x; j <= HALF; j += blockDim.x) sT[j] = T[j];
+  __syncthreads();
 }
 __device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
   if (dt == 0) return ((const float*)p)[i];
@@ -53,42 +63,45 @@ __device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
 // Each thread takes four elements a stride apart per iteration, so four table gathers are in
 // flight at once (latency, not bandwidth, bounds a lone gather); the arithmetic per element is
 // unchanged, so are the bits.
-extern "C" __global__ void mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale,
-                                        const float2* __restrict__ TD, int dist) {
+extern __shared__ float sT[];
+extern "C" __global__ void __launch_bounds__(1024, 1)
+mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale, const float* __restrict__ T, int dist) {
+  load_table(sT, T);
   u64 stride = (u64)gridDim.x * blockDim.x;
   u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+  // Four elements a stride apart per iteration: four independent loads in flight per thread.
   for (; i + 3 * stride < n; i += 4 * stride) {
     float z[4], v[4];
 #pragma unroll
-    for (int k = 0; k < 4; k++) { z[k] = zval((u32)(i + k * stride), a, b, TD, dist); v[k] = ld(p, i + k * stride, dt); }
+    for (int k = 0; k < 4; k++) { z[k] = zval((u32)(i + k * stride), a, b, sT, dist); v[k] = ld(p, i + k * stride, dt); }
 #pragma unroll
     for (int k = 0; k < 4; k++) st(p, i + k * stride, dt, __fadd_rn(v[k], __fmul_rn(z[k], scale)));
   }
   for (; i < n; i += stride) {
-    float z = zval((u32)i, a, b, TD, dist);
+    float z = zval((u32)i, a, b, sT, dist);
     st(p, i, dt, __fadd_rn(ld(p, i, dt), __fmul_rn(z, scale)));
   }
 }
 __device__ __forceinline__ float sgd_elem(const void* p, u64 i, int dt, const u32* a, const u32* b,
                                           const float* g, int m, float inv_n, int use_inv, float wd,
-                                          int use_wd, float lr, const float2* __restrict__ TD,
+                                          int use_wd, float lr, const float* sT,
                                           int dist, u32 ra, u32 rb, float rscale, int use_r) {
   u32 ii = (u32)i;
-  float acc = __fmul_rn(zval(ii, a[0], b[0], TD, dist), g[0]);
-  for (int j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, a[j], b[j], TD, dist), g[j]));
+  float acc = __fmul_rn(zval(ii, a[0], b[0], sT, dist), g[0]);
+  for (int j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, a[j], b[j], sT, dist), g[j]));
   if (use_inv) acc = __fmul_rn(acc, inv_n);
   float th = ld(p, i, dt);
   // A pending restore (the last direction's -eps z undone) fused into this sweep, rounded as
   // the separate perturb kernel's store would round it: the same bits, one sweep fewer.
-  if (use_r) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, TD, dist), rscale)), dt);
+  if (use_r) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, sT, dist), rscale)), dt);
   if (use_wd) acc = __fadd_rn(acc, __fmul_rn(th, wd));
   return __fsub_rn(th, __fmul_rn(acc, lr));
 }
-extern "C" __global__ void mezo_sgd_update(void* p, int dt, u64 n, const u32* a, const u32* b,
-                                           const float* g, int m, float inv_n, int use_inv,
-                                           float wd, int use_wd, float lr,
-                                           const float2* __restrict__ TD, int dist,
-                                           u32 ra, u32 rb, float rscale, int use_r) {
+extern "C" __global__ void __launch_bounds__(1024, 1)
+mezo_sgd_update(void* p, int dt, u64 n, const u32* a, const u32* b, const float* g, int m, float inv_n,
+                int use_inv, float wd, int use_wd, float lr, const float* __restrict__ T, int dist,
+                u32 ra, u32 rb, float rscale, int use_r) {
+  load_table(sT, T);
   u64 stride = (u64)gridDim.x * blockDim.x;
   u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
   // Four elements in flight per thread, as in mezo_perturb.
@@ -96,12 +109,12 @@ extern "C" __global__ void mezo_sgd_update(void* p, int dt, u64 n, const u32* a,
     float v[4];
 #pragma unroll
     for (int k = 0; k < 4; k++)
-      v[k] = sgd_elem(p, i + k * stride, dt, a, b, g, m, inv_n, use_inv, wd, use_wd, lr, TD, dist, ra, rb, rscale, use_r);
+      v[k] = sgd_elem(p, i + k * stride, dt, a, b, g, m, inv_n, use_inv, wd, use_wd, lr, sT, dist, ra, rb, rscale, use_r);
 #pragma unroll
     for (int k = 0; k < 4; k++) st(p, i + k * stride, dt, v[k]);
   }
   for (; i < n; i += stride)
-    st(p, i, dt, sgd_elem(p, i, dt, a, b, g, m, inv_n, use_inv, wd, use_wd, lr, TD, dist, ra, rb, rscale, use_r));
+    st(p, i, dt, sgd_elem(p, i, dt, a, b, g, m, inv_n, use_inv, wd, use_wd, lr, sT, dist, ra, rb, rscale, use_r));
 }
 "#;
 
@@ -131,6 +144,7 @@ struct Api {
     cu_ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
     cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
     cu_mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
+    cu_func_set_attribute: unsafe extern "C" fn(*mut c_void, c_int, c_int) -> CuResult,
     nvrtc_create_program: unsafe extern "C" fn(
         *mut *mut c_void,
         *const c_char,
@@ -194,6 +208,7 @@ impl Api {
             cu_ctx_get_device: sym!(cuda, b"cuCtxGetDevice"),
             cu_device_get_attribute: sym!(cuda, b"cuDeviceGetAttribute"),
             cu_mem_get_info: sym!(cuda, b"cuMemGetInfo_v2"),
+            cu_func_set_attribute: sym!(cuda, b"cuFuncSetAttribute"),
             nvrtc_create_program: sym!(nvrtc, b"nvrtcCreateProgram"),
             nvrtc_compile_program: sym!(nvrtc, b"nvrtcCompileProgram"),
             nvrtc_get_ptx_size: sym!(nvrtc, b"nvrtcGetPTXSize"),
@@ -225,7 +240,14 @@ impl Api {
 struct Module {
     perturb: usize,
     update: usize,
+    /// The device's multiprocessors: one block each (the shared table takes most of an SM's
+    /// shared memory, and fewer blocks load it fewer times).
+    sms: u32,
 }
+
+/// Shared memory a block takes: the lower half of the Gaussian table, knots 0..=32768.
+const TABLE_SHARED_BYTES: u32 = (32_769 * 4) as u32;
+const THREADS: u32 = 1024;
 
 struct Kernels {
     api: Api,
@@ -243,7 +265,7 @@ fn kernels() -> Result<&'static Kernels> {
 
 impl Kernels {
     /// The functions for the current context, compiling for its device on first use.
-    fn functions(&self) -> Result<(usize, usize)> {
+    fn functions(&self) -> Result<(usize, usize, u32)> {
         let api = &self.api;
         let mut ctx = std::ptr::null_mut();
         api.check(unsafe { (api.cu_ctx_get_current)(&mut ctx) }, "cuCtxGetCurrent")?;
@@ -254,7 +276,7 @@ impl Kernels {
         }
         let mut modules = self.modules.lock().expect("kernel cache lock");
         if let Some((_, m)) = modules.iter().find(|(c, _)| *c == ctx as usize) {
-            return Ok((m.perturb, m.update));
+            return Ok((m.perturb, m.update, m.sms));
         }
         let mut dev = 0;
         api.check(unsafe { (api.cu_ctx_get_device)(&mut dev) }, "cuCtxGetDevice")?;
@@ -272,10 +294,18 @@ impl Kernels {
             let mut f = std::ptr::null_mut();
             let c = CString::new(name).expect("no NUL");
             api.check(unsafe { (api.cu_module_get_function)(&mut f, module, c.as_ptr()) }, name)?;
+            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8: above the default 48 KB.
+            api.check(
+                unsafe { (api.cu_func_set_attribute)(f, 8, TABLE_SHARED_BYTES as c_int) },
+                "allowing the kernel 131 KB of shared memory",
+            )?;
             Ok(f as usize)
         };
-        let m = Module { perturb: get("mezo_perturb")?, update: get("mezo_sgd_update")? };
-        let out = (m.perturb, m.update);
+        let mut sms = 0;
+        // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16.
+        api.check(unsafe { (api.cu_device_get_attribute)(&mut sms, 16, dev) }, "multiprocessor count")?;
+        let m = Module { perturb: get("mezo_perturb")?, update: get("mezo_sgd_update")?, sms: sms.max(1) as u32 };
+        let out = (m.perturb, m.update, m.sms);
         modules.push((ctx as usize, m));
         Ok(out)
     }
@@ -317,9 +347,9 @@ impl Kernels {
         Ok(ptx)
     }
 
-    fn launch(&self, f: usize, n: u64, args: &mut [*mut c_void]) -> Result<()> {
-        let threads = 256u32;
-        let blocks = n.div_ceil(u64::from(threads)).clamp(1, 132 * 32) as u32;
+    fn launch(&self, f: usize, sms: u32, n: u64, args: &mut [*mut c_void]) -> Result<()> {
+        let threads = THREADS;
+        let blocks = n.div_ceil(u64::from(threads)).clamp(1, u64::from(sms)) as u32;
         let api = &self.api;
         let r = unsafe {
             (api.cu_launch_kernel)(
@@ -330,7 +360,7 @@ impl Kernels {
                 threads,
                 1,
                 1,
-                0,
+                TABLE_SHARED_BYTES,
                 std::ptr::null_mut(),
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
@@ -368,12 +398,12 @@ pub(crate) fn perturb(
 ) -> Result<()> {
     table_on(p, table)?;
     let k = kernels()?;
-    let (f, _) = k.functions()?;
+    let (f, _, sms) = k.functions()?;
     let mut ptr = p.data_ptr();
     let mut dt = dtype_code(p);
     let mut n = p.numel() as u64;
     let (mut a, mut b, mut s) = (key.a, key.b, scale);
-    let mut tp = table.td.data_ptr();
+    let mut tp = table.t.data_ptr();
     let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
     let mut args: Vec<*mut c_void> = vec![
         &mut ptr as *mut _ as *mut c_void,
@@ -385,7 +415,7 @@ pub(crate) fn perturb(
         &mut tp as *mut _ as *mut c_void,
         &mut di as *mut _ as *mut c_void,
     ];
-    k.launch(f, n, &mut args)
+    k.launch(f, sms, n, &mut args)
 }
 
 pub(crate) fn sgd_update(
@@ -397,7 +427,7 @@ pub(crate) fn sgd_update(
 ) -> Result<()> {
     table_on(p, table)?;
     let k = kernels()?;
-    let (_, f) = k.functions()?;
+    let (_, f, sms) = k.functions()?;
     let dev = p.device();
     let to_dev = |v: Vec<i32>| Tensor::from_slice(&v).to_device(dev);
     let a = to_dev(u.keys.iter().map(|k| k.a as i32).collect());
@@ -413,7 +443,7 @@ pub(crate) fn sgd_update(
     let mut wd = u.weight_decay.unwrap_or(0.0);
     let mut use_wd: c_int = u.weight_decay.is_some().into();
     let mut lr = u.lr;
-    let mut tp = table.td.data_ptr();
+    let mut tp = table.t.data_ptr();
     let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
     let (mut ra, mut rb, mut rs) = u.restore.map_or((0, 0, 0.0), |(k, s)| (k.a, k.b, s));
     let mut use_r: c_int = u.restore.is_some().into();
@@ -437,7 +467,7 @@ pub(crate) fn sgd_update(
         &mut rs as *mut _ as *mut c_void,
         &mut use_r as *mut _ as *mut c_void,
     ];
-    k.launch(f, n, &mut args)?;
+    k.launch(f, sms, n, &mut args)?;
     // `a`, `b`, `g` must outlive the kernel: the caching allocator only recycles their memory
     // for work queued after this point on the same stream, so dropping them here is safe.
     drop((a, b, g));

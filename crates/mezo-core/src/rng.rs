@@ -259,6 +259,25 @@ mod tests {
         })
     }
 
+    /// What the CUDA kernels rely on to keep only half the table in shared memory: every
+    /// difference is one f32 subtraction of its two knots, and the upper half mirrors the lower.
+    #[test]
+    fn gauss_table_halves_and_differences_are_exact() {
+        let tab = host_gauss_table();
+        let n = GAUSS_TABLE_LEN;
+        for j in 0..n - 1 {
+            assert_eq!(tab.d[j].to_bits(), (tab.t[j + 1] - tab.t[j]).to_bits(), "d[{j}]");
+            // (The middle knot mirrors to -0.0; the kernel adds a non-negative d*frac to it,
+            // which gives +0.0 or the same nonzero value as the host's 0.0 + d*frac.)
+            if j != n / 2 {
+                assert_eq!(tab.t[n - 1 - j].to_bits(), (-tab.t[j]).to_bits(), "t mirror at {j}");
+            }
+        }
+        for j in 0..n - 1 {
+            assert_eq!(tab.d[n - 2 - j].to_bits(), tab.d[j].to_bits(), "d mirror at {j}");
+        }
+    }
+
     #[test]
     fn gauss_table_is_the_correctly_rounded_inverse_cdf() {
         let tab = host_gauss_table();

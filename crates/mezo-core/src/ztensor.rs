@@ -25,18 +25,14 @@ const MASK32: i64 = 0xFFFF_FFFF;
 pub struct GaussTable {
     pub t: Tensor,
     pub d: Tensor,
-    /// `t` and `d` interleaved (t0, d0, t1, d1, …): the fused CUDA kernels read both with one load.
-    pub td: Tensor,
 }
 
 impl GaussTable {
     pub fn new(device: Device) -> Self {
         let host = host_gauss_table();
-        let td: Vec<f32> = host.t.iter().zip(&host.d).flat_map(|(&t, &d)| [t, d]).collect();
         GaussTable {
             t: Tensor::from_slice(&host.t).to_device(device),
             d: Tensor::from_slice(&host.d).to_device(device),
-            td: Tensor::from_slice(&td).to_device(device),
         }
     }
 
