@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 
 use crate::dispatch::{aggregate, plan_train, Completion, TaskKind, TaskResult, WorkerId};
 use crate::fleet::Fleet;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMemory};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -138,6 +138,7 @@ impl Inner {
                 eprintln!("run {run_id}: failed: {message}");
             }
             let _ = inner.store.set_status(&run_id, status, &message);
+            inner.count_runs();
             inner.fleet.cancel_run(&run_id).await;
             let done = pb::StreamMetricsResponse {
                 done: true,
@@ -187,6 +188,7 @@ impl Inner {
             tokio::task::spawn_blocking(move || DataPlan::new(&c2)).await.map_err(|e| e.to_string())?;
         let plan = plan.map_err(|e| e.to_string())?;
         self.store.set_status(run_id, RunStatus::Running, "").map_err(|e| e.to_string())?;
+        self.count_runs();
         // The coordinator's copy of the LoRA state (none for full-parameter runs).
         let mut engine = match cfg.lora_config().map_err(|e| e.to_string())? {
             Some(lc) => {
@@ -231,12 +233,14 @@ impl Inner {
         }
         let mut batcher =
             Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
+        let evals: HashMap<u64, f64> =
+            self.store.evals(run_id).map_err(|e| e.to_string())?.into_iter().collect();
         for rec in &logged {
             let _ = batcher.next_batch();
             if let (Some(e), false, true) = (engine.as_mut(), rec.skipped, rec.step >= from) {
                 e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
             }
-            self.publish(run, rec, None);
+            self.publish(run, rec, evals.get(&rec.step).copied());
         }
         let mut step = logged.len() as u64;
         self.set_state(run, step, engine.as_ref());
@@ -284,7 +288,10 @@ impl Inner {
                 self.metrics.checkpoint_duration.observe(t.elapsed().as_secs_f64());
             }
             let dev = if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {
-                Some(self.evaluate(run_id, step, step, TaskKind::EvalDev, plan.n_dev).await?)
+                let acc = self.evaluate(run_id, step, step, TaskKind::EvalDev, plan.n_dev).await?;
+                // Kept so a client charting the run later (`mezo report`) sees it after a restart.
+                self.store.append_eval(run_id, rec.step, acc).map_err(|e| e.to_string())?;
+                Some(acc)
             } else {
                 None
             };
@@ -304,34 +311,54 @@ impl Inner {
     }
 
     fn publish(&self, run: &Run, rec: &StepRecord, dev: Option<f64>) {
-        let n = rec.losses.len().max(1) as f64;
-        let loss = rec.losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / n;
-        let g = if rec.grads.is_empty() {
-            f64::NAN
-        } else {
-            rec.grads.iter().sum::<f64>() / rec.grads.len() as f64
-        };
-        if loss.is_finite() {
-            self.metrics.train_loss.set(loss);
+        let m = step_message(rec, dev);
+        if m.loss.is_finite() {
+            self.metrics.train_loss.set(m.loss);
         }
-        if g.is_finite() {
-            self.metrics.projected_grad.set(g);
+        if m.projected_grad.is_finite() {
+            self.metrics.projected_grad.set(m.projected_grad);
         }
         if let Some(d) = dev {
             self.metrics.dev_accuracy.set(d);
         }
-        let m = pb::StreamMetricsResponse {
-            step: rec.step,
-            loss,
-            projected_grad: g,
-            lr: rec.lr,
-            skipped: rec.skipped,
-            dev_accuracy: dev,
-            done: false,
-            status: pb::RunStatus::Running as i32,
-        };
         run.history.lock().expect("history").push(m.clone());
         let _ = run.events.send(m);
+    }
+
+    /// Sets `mezo_runs{status}` from the store (a handful of runs: a scan is cheap, and the
+    /// store is the one place every status change goes through).
+    fn count_runs(&self) {
+        let Ok(runs) = self.store.list_runs() else { return };
+        for (name, status) in crate::metrics::RUN_STATUSES.iter().zip([
+            RunStatus::Pending,
+            RunStatus::Running,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Stopped,
+        ]) {
+            let n = runs.iter().filter(|(_, s)| *s == status).count();
+            self.metrics.runs.with_label_values(&[name]).set(n as i64);
+        }
+    }
+
+    /// The metrics history of a run that ended before this coordinator process started (so has no
+    /// driver): rebuilt from the step log and the recorded dev accuracies, then the final message.
+    fn stored_history(&self, run_id: &str) -> Result<Vec<pb::StreamMetricsResponse>, Status> {
+        let (status, _) = self.store.status(run_id).map_err(store_status)?;
+        let evals: HashMap<u64, f64> = self.store.evals(run_id).map_err(store_status)?.into_iter().collect();
+        let mut out: Vec<_> = self
+            .store
+            .steps(run_id, 0)
+            .map_err(store_status)?
+            .iter()
+            .map(|rec| step_message(rec, evals.get(&rec.step).copied()))
+            .collect();
+        out.push(pb::StreamMetricsResponse {
+            done: true,
+            status: pb_status(status) as i32,
+            ..Default::default()
+        });
+        Ok(out)
     }
 
     fn run(&self, id: &str) -> Result<Arc<Run>, Status> {
@@ -341,6 +368,25 @@ impl Inner {
             .get(id)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("run `{id}` not found")))
+    }
+}
+
+/// What clients see of one logged step: the mean of (L+ + L-)/2 over its directions as the loss,
+/// and the mean projected gradient (NaN for a skipped step).
+fn step_message(rec: &StepRecord, dev: Option<f64>) -> pb::StreamMetricsResponse {
+    let n = rec.losses.len().max(1) as f64;
+    let loss = rec.losses.iter().map(|(a, b)| (a + b) / 2.0).sum::<f64>() / n;
+    let g =
+        if rec.grads.is_empty() { f64::NAN } else { rec.grads.iter().sum::<f64>() / rec.grads.len() as f64 };
+    pb::StreamMetricsResponse {
+        step: rec.step,
+        loss,
+        projected_grad: g,
+        lr: rec.lr,
+        skipped: rec.skipped,
+        dev_accuracy: dev,
+        done: false,
+        status: pb::RunStatus::Running as i32,
     }
 }
 
@@ -384,6 +430,7 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
             .store
             .create_run(&run_id, &serde_json::to_string(&stored).map_err(internal)?)
             .map_err(store_status)?;
+        self.0.count_runs();
         self.0.launch(run_id.clone(), stored);
         Ok(Response::new(pb::StartRunResponse { run_id }))
     }
@@ -395,7 +442,20 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         req: Request<pb::StreamMetricsRequest>,
     ) -> Result<Response<MetricsStream>, Status> {
         let req = req.into_inner();
-        let run = self.0.run(&req.run_id)?;
+        let run = match self.0.run(&req.run_id) {
+            Ok(run) => run,
+            // Not driven by this process: a run that ended before a restart. Its history comes
+            // from the store (NotFound there too for a run that never existed).
+            Err(not_here) => {
+                let past = match self.0.stored_history(&req.run_id) {
+                    Ok(p) => p,
+                    Err(e) if e.code() == tonic::Code::NotFound => return Err(not_here),
+                    Err(e) => return Err(e),
+                };
+                let out = past.into_iter().filter(|m| m.done || m.step >= req.from_step).map(Ok);
+                return Ok(Response::new(Box::pin(tokio_stream::iter(out.collect::<Vec<_>>()))));
+            }
+        };
         let mut rx = run.events.subscribe();
         let past: Vec<_> = run
             .history
@@ -533,8 +593,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let id = worker_id(&req.into_inner().worker_id)?;
-        let known = self.0.fleet.heartbeat(id).await?;
+        let req = req.into_inner();
+        let id = worker_id(&req.worker_id)?;
+        let memory = req.memory.and_then(|m| WorkerMemory::new(&m.device, m.used_bytes, m.total_bytes));
+        let known = self.0.fleet.heartbeat(id, memory).await?;
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
@@ -643,17 +705,24 @@ pub async fn serve(
     if resumed > 0 {
         eprintln!("coordinator: resumed {resumed} run(s) from the store");
     }
+    inner.count_runs();
     if let Some(l) = metrics_listener {
         let m = inner.metrics.clone();
         tokio::spawn(async move {
             let _ = crate::metrics::serve(l, m, std::future::pending()).await;
         });
     }
+    // Both reflection versions: grpcurl and current tools ask v1 first; older clients (grpcurl
+    // before 1.9, Python's grpcio-reflection, Postman) speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     tonic::transport::Server::builder()
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone())))
         .add_service(pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner)))
         // TCP_NODELAY: a step is a few small messages back and forth; Nagle's algorithm with
