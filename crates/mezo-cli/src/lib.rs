@@ -1,6 +1,8 @@
 //! The `mezo` command line. `main.rs` only parses; each subcommand is a function here.
 
 mod bench;
+mod progress;
+pub mod report;
 pub mod service;
 pub mod train;
 
@@ -36,6 +38,8 @@ pub enum Command {
     /// Client commands for a coordinator's runs.
     #[command(subcommand)]
     Run(service::RunCommand),
+    /// Chart a run's training loss and dev accuracy (SVG) from its stored step log.
+    Report(report::ReportArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,6 +85,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Coordinator(args) => service::coordinator(args),
         Command::Worker(args) => service::worker(args),
         Command::Run(cmd) => service::run(cmd),
+        Command::Report(args) => report::report(args),
     }
 }
 
