@@ -159,6 +159,23 @@ mod tests {
         assert!(matches!(MemoryProbe::new("cuda:3"), MemoryProbe::Cuda { ordinal: 3 }));
     }
 
+    /// On a GPU (`cargo test -p mezo-worker --release -- --ignored`): nothing before libtorch
+    /// opens the device, then a 1 GiB allocation shows in the memory in use.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_probe_sees_libtorch_allocations() {
+        let probe = MemoryProbe::new("cuda:0");
+        assert_eq!(probe.report(), None, "no primary context before libtorch opens the device");
+        let warm = tch::Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let before = probe.report().expect("libtorch made the primary context active");
+        assert_eq!(before.device, "cuda");
+        let big = tch::Tensor::zeros([256 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let after = probe.report().unwrap();
+        assert!(after.used_bytes >= before.used_bytes + (1 << 30), "{before:?} -> {after:?}");
+        assert!(after.used_bytes <= after.total_bytes);
+        drop((warm, big));
+    }
+
     /// On a machine without a GPU or libcuda the CUDA probe says nothing rather than failing.
     #[test]
     fn cuda_probe_without_an_active_device_reports_nothing_or_a_sane_value() {
