@@ -124,11 +124,17 @@ pub fn read_log(path: &std::path::Path) -> Result<Vec<Point>> {
     Ok(points)
 }
 
-/// Round tick values covering `[lo, hi]`: multiples of 1, 2 or 5 times a power of ten.
+/// Round tick values within `[lo, hi]`: multiples of 1, 2 or 5 times a power of ten, the
+/// spacing whose count of intervals is nearest `about`.
 fn ticks(lo: f64, hi: f64, about: usize) -> Vec<f64> {
     let raw = (hi - lo) / about as f64;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| raw <= *s).unwrap_or(10.0 * mag);
+    let off = |s: f64| ((hi - lo) / s - about as f64).abs();
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .min_by(|a, b| off(*a).total_cmp(&off(*b)))
+        .expect("four candidates");
     let first = (lo / step).ceil() as i64;
     let last = (hi / step).floor() as i64;
     (first..=last).map(|k| k as f64 * step).collect()
