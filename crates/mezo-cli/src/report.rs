@@ -29,7 +29,7 @@ pub struct ReportArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Steps in the moving average of the smoothed loss curve (default: a 50th of the steps, at
-    /// least 1).
+    /// least 5: single-step MeZO losses are noisy).
     #[arg(long)]
     pub smooth: Option<usize>,
 }
@@ -50,14 +50,14 @@ pub fn report(a: ReportArgs) -> Result<()> {
         bail!("--smooth must be at least 1 (steps in the moving average)");
     }
     let (title, points) = match (&a.log, &a.run_id) {
-        (Some(log), _) => (format!("mezo train {}", log.display()), read_log(log)?),
+        (Some(log), _) => (format!("mezo train: {}", log.display()), read_log(log)?),
         (None, Some(id)) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             (format!("mezo run {id}"), rt.block_on(fetch(&a.client.coordinator, id))?)
         }
         (None, None) => bail!("name a RUN on the coordinator, or --log FILE"),
     };
-    let smooth = a.smooth.unwrap_or((points.len() / 50).max(1));
+    let smooth = a.smooth.unwrap_or((points.len() / 50).max(5));
     let svg = render_svg(&title, &points, smooth);
     std::fs::write(&a.out, svg).with_context(|| format!("writing {}", a.out.display()))?;
     let evals = points.iter().filter(|p| p.dev_accuracy.is_some()).count();
@@ -251,7 +251,15 @@ pub fn render_svg(title: &str, points: &[Point], smooth: usize) -> String {
         Some(b) if b.1 >= e.1 => Some(b),
         _ => Some(e),
     });
-    let mut headline = format!("{}: {} steps", escape(title), points.len());
+    // The title on its own line, cut from the left when long (a log's path: its end says most).
+    let chars: Vec<char> = title.chars().collect();
+    let shown: String = if chars.len() > 110 {
+        std::iter::once('…').chain(chars[chars.len() - 109..].iter().copied()).collect()
+    } else {
+        title.into()
+    };
+    let _ = writeln!(svg, r##"<text x="{LEFT}" y="22" font-size="15">{}</text>"##, escape(&shown));
+    let mut headline = format!("{} steps", points.len());
     match (smoothed.last(), window.min(losses.len())) {
         (Some(&(_, l)), 1) => {
             let _ = write!(headline, ", final loss {l:.4}");
@@ -264,14 +272,14 @@ pub fn render_svg(title: &str, points: &[Point], smooth: usize) -> String {
     if let Some((s, a)) = best {
         let _ = write!(headline, ", best dev accuracy {:.1}% at step {s}", 100.0 * a);
     }
-    let _ = writeln!(svg, r##"<text x="{LEFT}" y="24" font-size="15">{headline}</text>"##);
+    let _ = writeln!(svg, r##"<text x="{LEFT}" y="42" fill="#444">{headline}</text>"##);
 
     // Training loss.
     let (lo, hi) =
         losses.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 };
-    let loss_panel = Panel { top: 70.0, bottom: 380.0, x, y: (lo - pad, hi + pad) };
+    let loss_panel = Panel { top: 80.0, bottom: 380.0, x, y: (lo - pad, hi + pad) };
     loss_panel.axes(&mut svg, "Training loss", label);
     let to_px = |panel: &Panel, pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
         pts.iter().map(|&(s, v)| (panel.px(s), panel.py(v))).collect()
@@ -364,7 +372,7 @@ mod tests {
         assert_eq!(count("loss-smoothed"), 9);
         assert_eq!(count("dev-accuracy"), 2);
         assert_eq!(svg.matches("class=\"skipped\"").count(), 1);
-        assert!(svg.contains("a &lt;run&gt;: 10 steps"), "{svg}");
+        assert!(svg.contains(">a &lt;run&gt;</text>") && svg.contains(">10 steps, final loss"), "{svg}");
         assert!(svg.contains("best dev accuracy 59.0% at step 9"), "{svg}");
     }
 }
