@@ -15,13 +15,14 @@ if [ "$(cat "$MEZO_VENV/.requirements" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$MEZO_VENV/.requirements"
 fi
 
-# promtool (Debian's prometheus package) checks the coordinator's /metrics in the tests.
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian's prometheus package: promtool checks the coordinator's /metrics and deploy/prometheus/,
+# and a real prometheus scrapes a live coordinator for the dashboards test.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing promtool (Debian package prometheus)"
+    echo "setup: installing prometheus and promtool (Debian package prometheus)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
   else
-    echo "setup: promtool missing; install Debian's prometheus package (the metrics test needs it)" >&2
+    echo "setup: prometheus/promtool missing; install Debian's prometheus package (the metrics, dashboards and deploy tests need it)" >&2
   fi
 fi
 

@@ -343,7 +343,7 @@ async fn instant_worker(addr: &str) -> Result<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(period).await;
-            if hb.heartbeat(pb::HeartbeatRequest { worker_id: hb_id.clone() }).await.is_err() {
+            if hb.heartbeat(pb::HeartbeatRequest { worker_id: hb_id.clone(), memory: None }).await.is_err() {
                 return;
             }
         }

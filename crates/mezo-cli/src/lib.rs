@@ -2,6 +2,8 @@
 
 mod bench;
 pub mod local;
+mod progress;
+pub mod report;
 pub mod service;
 pub mod train;
 
@@ -38,6 +40,8 @@ pub enum Command {
     /// Client commands for a coordinator's runs.
     #[command(subcommand)]
     Run(service::RunCommand),
+    /// Chart a run's training loss and dev accuracy (SVG) from its stored step log.
+    Report(report::ReportArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,6 +88,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Coordinator(args) => service::coordinator(args),
         Command::Worker(args) => service::worker(args),
         Command::Run(cmd) => service::run(cmd),
+        Command::Report(args) => report::report(args),
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget};
 use mezo_proto::v1 as pb;
 use mezo_proto::v1::mezo_service_client::MezoServiceClient;
 use mezo_train::spec::{spec_from_config, Split};
@@ -183,18 +183,20 @@ pub fn run(cmd: RunCommand) -> Result<()> {
             }
             RunCommand::Watch(a) => {
                 let mut c = client(&a.client.coordinator).await?;
-                let total = c
+                let run = c
                     .get_run(pb::GetRunRequest { run_id: a.run_id.clone() })
                     .await
                     .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-                    .into_inner()
-                    .spec
-                    .map_or(0, |s| s.steps);
-                let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}")
-                        .expect("valid template"),
-                );
+                    .into_inner();
+                let total = run.spec.map_or(0, |s| s.steps);
+                let bar = if a.json { ProgressBar::hidden() } else { crate::progress::step_bar(total) };
+                // The stream first replays the steps already done, all at once: they must not count
+                // towards the rate (the ETA would read near zero), so the bar stays hidden and its
+                // estimate restarts once the replay has caught up with the steps done when we asked.
+                let mut replaying = run.steps_done > 0 && !a.json;
+                if replaying {
+                    bar.set_draw_target(ProgressDrawTarget::hidden());
+                }
                 let mut s = c
                     .stream_metrics(pb::StreamMetricsRequest { run_id: a.run_id.clone(), from_step: 0 })
                     .await
@@ -210,6 +212,14 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                         );
                     } else if !m.done {
                         bar.set_position(m.step + 1);
+                        if replaying && m.step + 1 >= run.steps_done {
+                            replaying = false;
+                            // set_position defers the estimator's update to the next draw: make it
+                            // take the jump now, then forget it.
+                            bar.tick();
+                            bar.reset_eta();
+                            bar.set_draw_target(ProgressDrawTarget::stderr());
+                        }
                         let dev = m.dev_accuracy.map_or(String::new(), |d| format!(" dev {:.1}%", 100.0 * d));
                         bar.set_message(format!("loss {:.4}{dev}", m.loss));
                     }

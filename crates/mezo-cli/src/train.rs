@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mezo_train::optim::Schedule;
 use mezo_train::{train, LossKind, ModeSpec, Observer, OptimizerSpec, StepRecord, TrainConfig, TrainReport};
 
@@ -179,13 +179,7 @@ impl Bar {
 
 impl Observer for Bar {
     fn on_start(&mut self, total: u64) {
-        self.bar = ProgressBar::new(total);
-        self.bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
-            )
-            .expect("valid template"),
-        );
+        self.bar = crate::progress::step_bar(total);
     }
 
     fn on_step(&mut self, r: &StepRecord) {

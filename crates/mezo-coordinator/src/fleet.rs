@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::dispatch::{Completion, Dispatcher, TaskKind, TaskResult, TaskSpec, WorkerId};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMemory};
 
 type Group = (String, u64, TaskKind);
 type StepResults = Vec<(TaskSpec, TaskResult)>;
@@ -32,6 +32,7 @@ enum Cmd {
     },
     Heartbeat {
         id: WorkerId,
+        memory: Option<WorkerMemory>,
         reply: oneshot::Sender<bool>,
     },
     OpenStream {
@@ -84,6 +85,7 @@ impl Fleet {
         let actor = Actor {
             dispatch: Dispatcher::new(lease),
             streams: HashMap::new(),
+            memory: HashMap::new(),
             waiters: HashMap::new(),
             contexts: HashMap::new(),
             metrics,
@@ -111,8 +113,9 @@ impl Fleet {
         self.ask(|reply| Cmd::Register { reply }).await
     }
 
-    pub async fn heartbeat(&self, id: WorkerId) -> Result<bool, Status> {
-        self.ask(|reply| Cmd::Heartbeat { id, reply }).await
+    /// Renews `id`'s lease and records its memory report, if it sent one.
+    pub async fn heartbeat(&self, id: WorkerId, memory: Option<WorkerMemory>) -> Result<bool, Status> {
+        self.ask(|reply| Cmd::Heartbeat { id, memory, reply }).await
     }
 
     pub async fn open_stream(
@@ -157,6 +160,9 @@ impl Fleet {
 struct Actor {
     dispatch: Dispatcher,
     streams: HashMap<WorkerId, mpsc::Sender<Result<pb::Task, Status>>>,
+    /// Each live worker's latest memory report; kept here so a worker whose lease runs out
+    /// leaves the memory gauges with it.
+    memory: HashMap<WorkerId, WorkerMemory>,
     waiters: HashMap<Group, oneshot::Sender<StepResults>>,
     contexts: HashMap<Group, StepContext>,
     metrics: Arc<Metrics>,
@@ -176,6 +182,7 @@ impl Actor {
                     let dead = self.dispatch.expire(Instant::now());
                     for id in dead {
                         self.streams.remove(&id);
+                        self.memory.remove(&id);
                     }
                 }
             }
@@ -188,8 +195,12 @@ impl Actor {
             Cmd::Register { reply } => {
                 let _ = reply.send(self.dispatch.register(Instant::now()));
             }
-            Cmd::Heartbeat { id, reply } => {
-                let _ = reply.send(self.dispatch.heartbeat(id, Instant::now()));
+            Cmd::Heartbeat { id, memory, reply } => {
+                let known = self.dispatch.heartbeat(id, Instant::now());
+                if let (true, Some(m)) = (known, memory) {
+                    self.memory.insert(id, m);
+                }
+                let _ = reply.send(known);
             }
             Cmd::OpenStream { id, tx } => {
                 self.streams.insert(id, tx);
@@ -252,6 +263,7 @@ impl Actor {
         let c = self.dispatch.counters;
         let m = &self.metrics;
         m.workers.set(self.dispatch.workers() as i64);
+        m.set_worker_memory(self.memory.values());
         m.tasks_reassigned.inc_by(c.tasks_reassigned.saturating_sub(m.tasks_reassigned.get()));
         m.leases_expired.inc_by(c.leases_expired.saturating_sub(m.leases_expired.get()));
         m.tasks_failed.inc_by(c.tasks_failed.saturating_sub(m.tasks_failed.get()));

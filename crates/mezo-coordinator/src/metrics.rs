@@ -16,6 +16,28 @@ use tokio::net::{TcpListener, TcpStream};
 /// dashboard never sees a series appear from nothing.
 pub const RUN_STATUSES: [&str; 5] = ["pending", "running", "completed", "failed", "stopped"];
 
+/// The device kinds `mezo_worker_memory_bytes` is labelled with. A worker's report with any other
+/// device string is ignored, so a misbehaving worker cannot add series.
+pub const DEVICE_KINDS: [&str; 2] = ["cpu", "cuda"];
+
+/// One worker's memory report (from its heartbeats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerMemory {
+    /// An index into [`DEVICE_KINDS`].
+    pub device: usize,
+    pub used_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl WorkerMemory {
+    /// `None` for a device kind outside [`DEVICE_KINDS`] or a report of nothing (`total` 0: the
+    /// worker could not read its memory).
+    pub fn new(device: &str, used_bytes: u64, total_bytes: u64) -> Option<Self> {
+        let device = DEVICE_KINDS.iter().position(|&d| d == device)?;
+        (total_bytes > 0).then_some(WorkerMemory { device, used_bytes, total_bytes })
+    }
+}
+
 /// Every metric the coordinator exports, in one registry. Names follow Prometheus conventions:
 /// `mezo_` prefix, base units, `_total` on counters, `_seconds`/`_bytes`; labels only from small
 /// fixed sets (never a run id, seed or step); every metric has help text.
@@ -55,6 +77,11 @@ pub struct Metrics {
     pub runs: IntGaugeVec,
     /// `mezo_build_info{version}` = 1
     pub build_info: IntGaugeVec,
+    /// `mezo_worker_memory_bytes{device}`: the most memory in use on any live worker's device of
+    /// that kind (the one closest to running out); absent while no worker of that kind reports.
+    pub worker_memory: IntGaugeVec,
+    /// `mezo_worker_memory_capacity_bytes{device}`: the smallest capacity among those devices.
+    pub worker_memory_capacity: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -85,7 +112,21 @@ impl Metrics {
         }
         let build_info = gauge_vec("mezo_build_info", "Always 1; the build's version as a label.", "version");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let worker_memory = gauge_vec(
+            "mezo_worker_memory_bytes",
+            "Most memory in use on a live worker's device, by device kind (CUDA: the GPU's memory in \
+             use; CPU: the worker process's resident set).",
+            "device",
+        );
+        let worker_memory_capacity = gauge_vec(
+            "mezo_worker_memory_capacity_bytes",
+            "Smallest memory capacity among live workers' devices, by device kind (CUDA: the GPU's \
+             memory; CPU: the host's physical memory).",
+            "device",
+        );
         Self {
+            worker_memory,
+            worker_memory_capacity,
             steps: counter("mezo_steps_total", "Optimizer steps applied."),
             skipped_steps: counter(
                 "mezo_skipped_steps_total",
@@ -119,6 +160,29 @@ impl Metrics {
             runs,
             build_info,
             registry,
+        }
+    }
+
+    /// Sets the memory gauges from the live workers' latest reports: per device kind the most
+    /// memory in use and the smallest capacity. A kind no live worker reports has no series, so a
+    /// dashboard shows a gap rather than a stale value from a worker that is gone.
+    pub fn set_worker_memory<'a>(&self, reports: impl IntoIterator<Item = &'a WorkerMemory>) {
+        let mut per_kind: [Option<(u64, u64)>; DEVICE_KINDS.len()] = [None; DEVICE_KINDS.len()];
+        for r in reports {
+            let e = per_kind[r.device].get_or_insert((0, u64::MAX));
+            *e = (e.0.max(r.used_bytes), e.1.min(r.total_bytes));
+        }
+        for (kind, v) in DEVICE_KINDS.iter().zip(per_kind) {
+            match v {
+                Some((used, total)) => {
+                    self.worker_memory.with_label_values(&[kind]).set(used as i64);
+                    self.worker_memory_capacity.with_label_values(&[kind]).set(total as i64);
+                }
+                None => {
+                    let _ = self.worker_memory.remove_label_values(&[kind]);
+                    let _ = self.worker_memory_capacity.remove_label_values(&[kind]);
+                }
+            }
         }
     }
 
@@ -222,17 +286,47 @@ mod tests {
     use std::process::{Command, Stdio};
 
     #[rustfmt::skip]
-    const NAMES: [&str; 17] = [
+    const NAMES: [&str; 19] = [
         "mezo_steps_total", "mezo_skipped_steps_total", "mezo_step_duration_seconds",
         "mezo_forward_duration_seconds", "mezo_train_loss", "mezo_projected_gradient", "mezo_dev_accuracy",
         "mezo_workers_connected", "mezo_tasks_reassigned_total", "mezo_tasks_failed_total",
         "mezo_duplicate_results_total", "mezo_replica_resyncs_total", "mezo_worker_leases_expired_total",
         "mezo_tokens_total", "mezo_checkpoint_duration_seconds", "mezo_runs", "mezo_build_info",
+        "mezo_worker_memory_bytes", "mezo_worker_memory_capacity_bytes",
     ];
 
     #[test]
+    fn worker_memory_takes_the_fullest_device_per_kind_and_drops_absent_kinds() {
+        let m = Metrics::new();
+        let gpu = |used, total| WorkerMemory::new("cuda", used, total).unwrap();
+        let reports = [gpu(30 << 30, 80 << 30), gpu(70 << 30, 80 << 30), gpu(10 << 30, 40 << 30)];
+        m.set_worker_memory(&reports);
+        let text = m.render();
+        assert!(
+            text.contains(&format!("mezo_worker_memory_bytes{{device=\"cuda\"}} {}\n", 70u64 << 30)),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("mezo_worker_memory_capacity_bytes{{device=\"cuda\"}} {}\n", 40u64 << 30)),
+            "{text}"
+        );
+        assert!(!text.contains("mezo_worker_memory_bytes{device=\"cpu\"}"), "no CPU worker reported: {text}");
+        // The workers left: the series go rather than keep a stale value.
+        m.set_worker_memory(&[WorkerMemory::new("cpu", 1 << 20, 1 << 30).unwrap()]);
+        let text = m.render();
+        assert!(!text.contains("mezo_worker_memory_bytes{device=\"cuda\"}"), "{text}");
+        assert!(text.contains("mezo_worker_memory_bytes{device=\"cpu\"} 1048576\n"), "{text}");
+        // Reports that would add series or say nothing are refused.
+        assert_eq!(WorkerMemory::new("cuda:0", 1, 2), None);
+        assert_eq!(WorkerMemory::new("tpu", 1, 2), None);
+        assert_eq!(WorkerMemory::new("cpu", 0, 0), None);
+    }
+
+    #[test]
     fn render_describes_every_metric() {
-        let text = Metrics::new().render();
+        let m = Metrics::new();
+        m.set_worker_memory(&[WorkerMemory::new("cpu", 1, 2).unwrap()]);
+        let text = m.render();
         for name in NAMES {
             assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{text}");
             assert!(text.contains(&format!("# TYPE {name} ")), "no TYPE for {name}:\n{text}");
@@ -284,6 +378,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.steps.inc();
         metrics.train_loss.set(0.693);
+        metrics.set_worker_memory(&[WorkerMemory::new("cuda", 5 << 30, 80 << 30).unwrap()]);
         let promtool = Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(Stdio::piped())

@@ -40,7 +40,7 @@ use tonic::{Request, Response, Status};
 use crate::commit::Committer;
 use crate::dispatch::{aggregate, plan_train, TaskKind, TaskResult, WorkerId};
 use crate::fleet::{Fleet, StepContext};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WorkerMemory};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -184,6 +184,43 @@ impl Inner {
         tokio::spawn(actor.run());
     }
 
+    /// Sets `mezo_runs{status}` from the store (a handful of runs: a scan is cheap, and the
+    /// store is the one place every status change goes through).
+    fn count_runs(&self) {
+        let Ok(runs) = self.store.list_runs() else { return };
+        for (name, status) in crate::metrics::RUN_STATUSES.iter().zip([
+            RunStatus::Pending,
+            RunStatus::Running,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Stopped,
+        ]) {
+            let n = runs.iter().filter(|(_, s)| *s == status).count();
+            self.metrics.runs.with_label_values(&[name]).set(n as i64);
+        }
+    }
+
+    /// The metrics history of a run that ended before this coordinator process started (so has no
+    /// actor): rebuilt from the step log and the recorded dev accuracies, then the final message.
+    fn stored_history(&self, run_id: &str) -> Result<Vec<pb::StreamMetricsResponse>, Status> {
+        let (status, msg) = self.store.status(run_id).map_err(store_status)?;
+        let evals: HashMap<u64, f64> = self.store.evals(run_id).map_err(store_status)?.into_iter().collect();
+        let mut out: Vec<_> = self
+            .store
+            .steps(run_id, 0)
+            .map_err(store_status)?
+            .iter()
+            .map(|rec| message(rec, evals.get(&rec.step).copied()))
+            .collect();
+        out.push(pb::StreamMetricsResponse {
+            done: true,
+            status: pb_status(status) as i32,
+            message: msg,
+            ..Default::default()
+        });
+        Ok(out)
+    }
+
     /// A worker's result: counted in the metrics and handed to the fleet actor. False for a task
     /// this coordinator does not know (issued by an earlier incarnation, or garbage).
     async fn take_result(&self, r: pb::SubmitResultRequest) -> Result<bool, Status> {
@@ -261,6 +298,7 @@ impl RunActor {
             eprintln!("run {}: failed: {message}", self.id);
         }
         let _ = self.inner.store.set_status(&self.id, status, &message);
+        self.inner.count_runs();
         self.inner.fleet.cancel_run(&self.id).await;
         // A run that failed before it was ready must not keep snapshot fetchers waiting.
         self.state.send_modify(|p| p.ready = true);
@@ -348,6 +386,7 @@ impl RunActor {
             .map_err(|e| e.to_string())?;
         let store = &self.inner.store;
         store.set_status(&self.id, RunStatus::Running, "").map_err(|e| e.to_string())?;
+        self.inner.count_runs();
         // The coordinator's copy of the LoRA state (none for full-parameter runs).
         let mut engine = match cfg.lora_config().map_err(|e| e.to_string())? {
             Some(lc) => {
@@ -394,12 +433,14 @@ impl RunActor {
         }
         let mut batcher =
             Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
+        let evals: HashMap<u64, f64> =
+            store.evals(&self.id).map_err(|e| e.to_string())?.into_iter().collect();
         for rec in &logged {
             let _ = batcher.next_batch();
             if let (Some(e), false, true) = (engine.as_mut(), rec.skipped, rec.step >= from) {
                 e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
             }
-            self.send(message(rec, None));
+            self.send(message(rec, evals.get(&rec.step).copied()));
         }
         let mut step = logged.len() as u64;
         let mut last = logged.last().cloned();
@@ -454,7 +495,10 @@ impl RunActor {
             last = Some(rec.clone());
             let mut p = Pending { seq, rec, version: step, bytes: bytes.clone(), dev: None, duration };
             if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {
-                p.dev = Some(self.evaluate(step, step, TaskKind::EvalDev, plan.n_dev, context).await?);
+                let acc = self.evaluate(step, step, TaskKind::EvalDev, plan.n_dev, context).await?;
+                // Kept so a client charting the run later (`mezo report`) sees it after a restart.
+                self.inner.store.append_eval(&self.id, p.rec.step, acc).map_err(|e| e.to_string())?;
+                p.dev = Some(acc);
             }
             pending.push_back(p);
             let keep = if self.inner.opts.strict_durability { 0 } else { MAX_UNDURABLE };
@@ -585,6 +629,7 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
             .store
             .create_run(&run_id, &serde_json::to_string(&stored).map_err(internal)?)
             .map_err(store_status)?;
+        self.0.count_runs();
         self.0.launch(run_id.clone(), stored);
         Ok(Response::new(pb::StartRunResponse { run_id }))
     }
@@ -596,7 +641,20 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         req: Request<pb::StreamMetricsRequest>,
     ) -> Result<Response<MetricsStream>, Status> {
         let req = req.into_inner();
-        let run = self.0.run(&req.run_id)?;
+        let run = match self.0.run(&req.run_id) {
+            Ok(run) => run,
+            // Not driven by this process: a run that ended before a restart. Its history comes
+            // from the store (NotFound there too for a run that never existed).
+            Err(not_here) => {
+                let past = match self.0.stored_history(&req.run_id) {
+                    Ok(p) => p,
+                    Err(e) if e.code() == tonic::Code::NotFound => return Err(not_here),
+                    Err(e) => return Err(e),
+                };
+                let out = past.into_iter().filter(|m| m.done || m.step >= req.from_step).map(Ok);
+                return Ok(Response::new(Box::pin(tokio_stream::iter(out.collect::<Vec<_>>()))));
+            }
+        };
         let (reply, rx) = oneshot::channel();
         run.cmds
             .send(RunCmd::Subscribe { from_step: req.from_step, reply })
@@ -737,8 +795,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let id = worker_id(&req.into_inner().worker_id)?;
-        let known = self.0.fleet.heartbeat(id).await?;
+        let req = req.into_inner();
+        let id = worker_id(&req.worker_id)?;
+        let memory = req.memory.and_then(|m| WorkerMemory::new(&m.device, m.used_bytes, m.total_bytes));
+        let known = self.0.fleet.heartbeat(id, memory).await?;
         Ok(Response::new(pb::HeartbeatResponse { known }))
     }
 
@@ -838,17 +898,24 @@ pub async fn serve(
     if resumed > 0 {
         eprintln!("coordinator: resumed {resumed} run(s) from the store");
     }
+    inner.count_runs();
     if let Some(l) = metrics_listener {
         let m = inner.metrics.clone();
         tokio::spawn(async move {
             let _ = crate::metrics::serve(l, m, std::future::pending()).await;
         });
     }
+    // Both reflection versions: grpcurl and current tools ask v1 first; older clients (grpcurl
+    // before 1.9, Python's grpcio-reflection, Postman) speak only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     tonic::transport::Server::builder()
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone())))
         .add_service(pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner)))
         // TCP_NODELAY: a step is a few small messages back and forth; Nagle's algorithm with

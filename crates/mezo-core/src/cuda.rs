@@ -304,7 +304,8 @@ impl Kernels {
         let mut sms = 0;
         // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16.
         api.check(unsafe { (api.cu_device_get_attribute)(&mut sms, 16, dev) }, "multiprocessor count")?;
-        let m = Module { perturb: get("mezo_perturb")?, update: get("mezo_sgd_update")?, sms: sms.max(1) as u32 };
+        let m =
+            Module { perturb: get("mezo_perturb")?, update: get("mezo_sgd_update")?, sms: sms.max(1) as u32 };
         let out = (m.perturb, m.update, m.sms);
         modules.push((ctx as usize, m));
         Ok(out)

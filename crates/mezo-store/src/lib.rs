@@ -103,6 +103,9 @@ pub struct Store {
     runs: sled::Tree,
     status: sled::Tree,
     steps: sled::Tree,
+    /// Dev-set accuracy by step (`run_id 0x00 step` -> f64 bits): what a client charting a run
+    /// needs beyond the step log, which holds only what replay needs.
+    evals: sled::Tree,
     snapshots: sled::Tree,
     /// Serialises read-check-write sequences (append, snapshot index, prune) within this process;
     /// sled's file lock keeps other processes out.
@@ -261,6 +264,7 @@ impl Store {
             runs: tree("runs")?,
             status: tree("status")?,
             steps: tree("steps")?,
+            evals: tree("evals")?,
             snapshots: tree("snapshots")?,
             db,
             db_path,
@@ -463,6 +467,42 @@ impl Store {
                 });
             }
             out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Records the dev-set accuracy measured after step `step` was applied; flushed when it
+    /// returns. A later value for the same step (a re-evaluation after a restart) replaces it.
+    pub fn append_eval(&self, run_id: &str, step: u64, accuracy: f64) -> Result<()> {
+        self.require_run(run_id)?;
+        if !(0.0..=1.0).contains(&accuracy) {
+            return Err(StoreError::InvalidArgument {
+                what: "dev accuracy".into(),
+                value: accuracy.to_string(),
+                expected: "a ratio from 0 to 1".into(),
+            });
+        }
+        self.evals
+            .insert(step_key(run_id, step), &accuracy.to_bits().to_le_bytes())
+            .map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
+    /// Every recorded dev accuracy of a run as `(step, accuracy)`, in step order.
+    pub fn evals(&self, run_id: &str) -> Result<Vec<(u64, f64)>> {
+        self.require_run(run_id)?;
+        let mut out = Vec::new();
+        for kv in self.evals.scan_prefix(run_prefix(run_id)) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let (Some(step), Ok(bits)) = (step_of_key(&k), <[u8; 8]>::try_from(v.as_ref())) else {
+                return Err(StoreError::DataLoss {
+                    message: format!(
+                        "run {run_id:?}: a dev-accuracy record ({} bytes) does not decode",
+                        v.len()
+                    ),
+                });
+            };
+            out.push((step, f64::from_bits(u64::from_le_bytes(bits))));
         }
         Ok(out)
     }

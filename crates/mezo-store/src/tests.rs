@@ -310,3 +310,29 @@ fn corrupt_store_is_an_error_naming_the_path() {
         Ok(s) => assert!(s.steps("r", 0).map(|v| v.len() != 10).unwrap_or(true)),
     }
 }
+
+#[test]
+fn dev_accuracies_survive_a_reopen_per_run_in_step_order() {
+    let tmp = TempDir::new("evals");
+    {
+        let s = Store::open(&tmp.0).unwrap();
+        s.create_run("r1", "{}").unwrap();
+        s.create_run("r10", "{}").unwrap();
+        for (step, acc) in [(300u64, 0.75), (20, 0.5), (40, 0.625)] {
+            s.append_eval("r1", step, acc).unwrap();
+        }
+        // A run whose id extends r1's keeps its own records.
+        s.append_eval("r10", 20, 1.0).unwrap();
+        // A re-evaluation of a step replaces the first value.
+        s.append_eval("r1", 40, 0.6875).unwrap();
+        let e = s.append_eval("r1", 50, 1.5).unwrap_err();
+        assert!(matches!(e, StoreError::InvalidArgument { .. }) && e.to_string().contains("1.5"), "{e}");
+        let e = s.append_eval("nope", 1, 0.5).unwrap_err();
+        assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+    }
+    let s = Store::open(&tmp.0).unwrap();
+    assert_eq!(s.evals("r1").unwrap(), vec![(20, 0.5), (40, 0.6875), (300, 0.75)]);
+    assert_eq!(s.evals("r10").unwrap(), vec![(20, 1.0)]);
+    s.create_run("r2", "{}").unwrap();
+    assert!(s.evals("r2").unwrap().is_empty());
+}

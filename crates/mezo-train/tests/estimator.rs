@@ -135,7 +135,9 @@ fn fused_step_equals_losses_then_update() {
                 }
             }
             let mut out: Vec<Tensor> = model.named_parameters().into_iter().map(|(_, t)| t.copy()).collect();
-            out.push(Tensor::from_slice(&losses.concat().iter().flat_map(|(a, b)| [*a, *b]).collect::<Vec<_>>()));
+            out.push(Tensor::from_slice(
+                &losses.concat().iter().flat_map(|(a, b)| [*a, *b]).collect::<Vec<_>>(),
+            ));
             out
         };
         let (a, b) = (run(true), run(false));

@@ -15,6 +15,8 @@ use mezo_train::Session;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
+pub mod memory;
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// e.g. http://127.0.0.1:50051
@@ -46,6 +48,7 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
     let handle = tokio::runtime::Handle::current();
     let engine_client = client.clone();
     let device = opts.device.clone();
+    let probe = std::sync::Arc::new(memory::MemoryProbe::new(&opts.device));
     std::thread::Builder::new()
         .name("mezo-engine".into())
         .spawn(move || engine_thread(engine_rx, engine_client, handle, device))
@@ -70,11 +73,13 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
         let (lost_tx, mut lost_rx) = oneshot::channel::<()>();
         let mut hb = client.clone();
         let hb_id = id.clone();
+        let hb_probe = probe.clone();
         let period = Duration::from_millis(u64::from(reg.lease_ms / 3).max(50));
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                match hb.heartbeat(pb::HeartbeatRequest { worker_id: hb_id.clone() }).await {
+                let memory = hb_probe.report();
+                match hb.heartbeat(pb::HeartbeatRequest { worker_id: hb_id.clone(), memory }).await {
                     Ok(r) if r.get_ref().known => {}
                     // Unknown (our lease ran out) or unreachable: register again.
                     _ => {
