@@ -6,8 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let protos: Vec<_> =
         ["run.proto", "mezo.proto", "worker.proto"].iter().map(|f| root.join("mezo/v1").join(f)).collect();
-    for p in &protos {
-        println!("cargo:rerun-if-changed={}", p.display());
+    // Relative to this package (cargo resolves them so): an absolute path would tie the cached
+    // build to whichever clone built it first, since clones share the target dir.
+    for f in ["run.proto", "mezo.proto", "worker.proto"] {
+        println!("cargo:rerun-if-changed=../../proto/mezo/v1/{f}");
     }
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };

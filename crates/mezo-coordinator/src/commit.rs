@@ -86,6 +86,11 @@ impl Committer {
         seq
     }
 
+    /// Follows the durable mark (a run actor publishes its steps as it moves).
+    pub fn subscribe(&self) -> watch::Receiver<Durable> {
+        self.durable.clone()
+    }
+
     /// Whether entry `seq` is durable (`Err` if flushing failed).
     pub fn is_durable(&self, seq: u64) -> Result<bool, String> {
         let d = self.durable.borrow();

@@ -180,6 +180,9 @@ impl Inner {
             events,
             history: Vec::new(),
             stop: false,
+            pending: VecDeque::new(),
+            durable: self.commit.subscribe(),
+            snapshot_every: 0,
         };
         tokio::spawn(actor.run());
     }
@@ -285,6 +288,10 @@ struct RunActor {
     events: broadcast::Sender<pb::StreamMetricsResponse>,
     history: Vec<pb::StreamMetricsResponse>,
     stop: bool,
+    /// Logged steps waiting for the committer, oldest first; published the moment they are durable.
+    pending: VecDeque<Pending>,
+    durable: watch::Receiver<crate::commit::Durable>,
+    snapshot_every: u64,
 }
 
 impl RunActor {
@@ -325,7 +332,7 @@ impl RunActor {
         }
     }
 
-    /// Awaits `fut` while answering commands.
+    /// Awaits `fut` while answering commands and publishing steps as they become durable.
     async fn serving<F: Future>(&mut self, fut: F) -> F::Output {
         tokio::pin!(fut);
         loop {
@@ -333,7 +340,17 @@ impl RunActor {
                 biased;
                 out = &mut fut => return out,
                 Some(cmd) = self.cmds.recv() => self.handle(cmd),
+                Ok(()) = self.durable.changed(), if !self.pending.is_empty() => self.publish_ready(),
             }
+        }
+    }
+
+    /// Publishes, in order, the pending steps the committer has made durable (no waiting).
+    fn publish_ready(&mut self) {
+        let upto = self.durable.borrow_and_update().upto;
+        while self.pending.front().is_some_and(|p| p.seq <= upto) {
+            let p = self.pending.pop_front().expect("front exists");
+            self.publish(p);
         }
     }
 
@@ -451,7 +468,7 @@ impl RunActor {
         } else {
             self.inner.opts.snapshot_every
         };
-        let mut pending: VecDeque<Pending> = VecDeque::new();
+        self.snapshot_every = snapshot_every;
         let mut bytes = bytes;
         while step < cfg.steps && !self.stop {
             let started = Instant::now();
@@ -500,11 +517,11 @@ impl RunActor {
                 self.inner.store.append_eval(&self.id, p.rec.step, acc).map_err(|e| e.to_string())?;
                 p.dev = Some(acc);
             }
-            pending.push_back(p);
+            self.pending.push_back(p);
             let keep = if self.inner.opts.strict_durability { 0 } else { MAX_UNDURABLE };
-            self.publish_durable(&mut pending, keep, snapshot_every).await?;
+            self.publish_durable(keep).await?;
         }
-        self.publish_durable(&mut pending, 0, snapshot_every).await?;
+        self.publish_durable(0).await?;
         if self.stop && step < cfg.steps {
             return Ok((RunStatus::Stopped, None));
         }
@@ -520,35 +537,40 @@ impl RunActor {
 
     /// Publishes the pending steps that are durable, in order, waiting for the oldest ones while
     /// more than `keep` remain.
-    async fn publish_durable(
-        &mut self,
-        pending: &mut VecDeque<Pending>,
-        keep: usize,
-        snapshot_every: u64,
-    ) -> Result<(), String> {
-        while let Some(seq) = pending.front().map(|p| p.seq) {
+    async fn publish_durable(&mut self, keep: usize) -> Result<(), String> {
+        while let Some(seq) = self.pending.front().map(|p| p.seq) {
             if !self.inner.commit.is_durable(seq)? {
-                if pending.len() <= keep {
+                if self.pending.len() <= keep {
                     break;
                 }
                 let inner = self.inner.clone();
                 self.serving(async move { inner.commit.wait(seq).await }).await?;
             }
-            let p = pending.pop_front().expect("front exists");
-            self.publish(p, snapshot_every)?;
+            // `serving` may have published it meanwhile.
+            if self.pending.front().is_some_and(|p| p.seq == seq) {
+                let p = self.pending.pop_front().expect("front exists");
+                self.publish(p);
+            }
         }
         Ok(())
     }
 
     /// Tells everyone about a durable step: the published state, a snapshot when one is due,
     /// metrics, subscribers.
-    fn publish(&mut self, p: Pending, snapshot_every: u64) -> Result<(), String> {
+    fn publish(&mut self, p: Pending) {
         self.state.send_replace(Published { ready: true, version: p.version, bytes: p.bytes.clone() });
         let m = &self.inner.metrics;
-        if snapshot_every > 0 && p.version % snapshot_every == 0 && !p.bytes.is_empty() {
+        let every = self.snapshot_every;
+        if every > 0 && p.version % every == 0 && !p.bytes.is_empty() {
             let t = Instant::now();
-            self.inner.store.write_snapshot(&self.id, p.version, &p.bytes).map_err(|e| e.to_string())?;
-            let _ = self.inner.store.prune_snapshots(&self.id, 3);
+            // A snapshot only shortens a replay (the log is the truth): a failed one is reported
+            // and the run goes on; recovery falls back to an older snapshot or the whole log.
+            match self.inner.store.write_snapshot(&self.id, p.version, &p.bytes) {
+                Ok(_) => {
+                    let _ = self.inner.store.prune_snapshots(&self.id, 3);
+                }
+                Err(e) => eprintln!("run {}: writing the snapshot at step {}: {e}", self.id, p.version),
+            }
             m.checkpoint_duration.observe(t.elapsed().as_secs_f64());
         }
         m.steps.inc();
@@ -567,7 +589,6 @@ impl RunActor {
             m.dev_accuracy.set(d);
         }
         self.send(msg);
-        Ok(())
     }
 }
 
@@ -755,7 +776,16 @@ impl MezoSvc {
         let stored: StoredSpec =
             serde_json::from_str(&self.0.store.run_spec(id).map_err(store_status)?).map_err(internal)?;
         let (status, message) = self.0.store.status(id).map_err(store_status)?;
-        let steps_done = self.0.store.next_step(id).map_err(store_status)?;
+        // Steps a client may hear of: the durable ones the run's actor published (the store's log
+        // can run a few steps ahead while the committer flushes).
+        let published = self.0.run(id).ok().and_then(|h| {
+            let p = h.state.borrow();
+            p.ready.then_some(p.version)
+        });
+        let steps_done = match published {
+            Some(v) => v,
+            None => self.0.store.next_step(id).map_err(store_status)?,
+        };
         let split = if stored.data_parallel { Split::Data } else { Split::Direction };
         Ok(pb::GetRunResponse {
             run_id: id.into(),

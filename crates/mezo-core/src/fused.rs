@@ -369,6 +369,13 @@ mod cuda_tests {
                     c.equal(&g.to_device(Device::Cpu)),
                     "{kind:?} {dist}: restore+update differs on CUDA"
                 );
+                // A view that starts one element in: not aligned for the kernels' vector path.
+                let (cv, gv) = (c.narrow(0, 1, 100_001), g.narrow(0, 1, 100_001));
+                perturb_(&cv, key, -2e-3, dist, &tc).unwrap();
+                perturb_(&gv, key, -2e-3, dist, &tg).unwrap();
+                sgd_update_(&cv, &u, dist, &tc).unwrap();
+                sgd_update_(&gv, &u, dist, &tg).unwrap();
+                assert!(c.equal(&g.to_device(Device::Cpu)), "{kind:?} {dist}: unaligned view differs on CUDA");
             }
         }
     }
