@@ -1,6 +1,5 @@
-//! A coordinator and workers as real processes on loopback, for the tests of what sits around
-//! the service (dashboards, deployment files, clients). tests/service.rs has its own copy of
-//! this shape with the fault-injection helpers it needs.
+//! A coordinator and workers as real processes on loopback, for the end-to-end tests (the
+//! service itself, dashboards, deployment files, clients).
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -35,9 +34,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(program: &std::path::Path, args: &[&str], log: PathBuf) -> Proc {
+        Proc::spawn_env(program, args, &[], log)
+    }
+    /// With extra environment variables (the fault-injection hooks).
+    pub fn spawn_env(program: &std::path::Path, args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
@@ -47,12 +51,16 @@ impl Proc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill9();
     }
 }
 
@@ -117,23 +125,41 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    pub fn add_worker(&mut self) {
-        let log = self.dir.join(format!("worker-{}.log", self.workers.len()));
-        self.workers.push(Proc::spawn(&mezo_bin(), &["worker", "--coordinator", &self.url()], log));
+    /// Starts a worker; its index in `workers`.
+    pub fn add_worker(&mut self) -> usize {
+        self.add_worker_env(&[])
+    }
+    pub fn add_worker_env(&mut self, env: &[(&str, &str)]) -> usize {
+        let i = self.workers.len();
+        let log = self.dir.join(format!("worker-{i}.log"));
+        self.workers.push(Proc::spawn_env(&mezo_bin(), &["worker", "--coordinator", &self.url()], env, log));
+        i
     }
     /// `mezo run start` on the bundled small model and SST-2 sample with a small dev set.
     pub fn start_run(&self, run_id: &str, steps: u64, extra: &[&str]) {
         let a = repo_root().join("crates/mezo-cli/assets");
-        let (url, model, data, steps) = (self.url(), a.join("opt-mini"), a.join("sst2"), steps.to_string());
+        let (model, data, steps) = (a.join("opt-mini"), a.join("sst2"), steps.to_string());
         #[rustfmt::skip]
         let mut args = vec![
-            "run", "start", "--coordinator", &url, "--run-id", run_id,
             "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
             "--steps", &steps, "--n-train", "64", "--n-dev", "16", "--test-limit", "16",
             "--lr", "1e-3", "--directions", "2", "--batch-size", "8",
         ];
         args.extend_from_slice(extra);
-        assert_eq!(mezo_ok(&args).trim(), run_id);
+        self.start_run_args(run_id, &args);
+    }
+    /// `mezo run start --run-id RUN_ID ARGS` (ARGS: `mezo train`'s flags).
+    pub fn start_run_args(&self, run_id: &str, args: &[&str]) {
+        let url = self.url();
+        let mut all = vec!["run", "start", "--coordinator", &url, "--run-id", run_id];
+        all.extend_from_slice(args);
+        assert_eq!(mezo_ok(&all).trim(), run_id);
+    }
+    /// `mezo run export`: the adapter's safetensors bytes.
+    pub fn export(&self, run_id: &str) -> Vec<u8> {
+        let out = self.dir.join(format!("export-{run_id}"));
+        mezo_ok(&["run", "export", run_id, "--coordinator", &self.url(), "--out", out.to_str().unwrap()]);
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap()
     }
     pub fn get(&self, run_id: &str) -> Option<Value> {
         let out = mezo(&["run", "get", run_id, "--coordinator", &self.url()]);

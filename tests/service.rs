@@ -2,186 +2,30 @@
 //! bundled small model on the CPU. Workers and the coordinator are killed with SIGKILL mid-run;
 //! the runs must finish with the same adapter, bit for bit, as an uninterrupted run.
 
+mod cluster;
 mod common;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use cluster::*;
 use common::*;
 use serde_json::Value;
 
 const STEPS: &str = "40";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The cluster of one test of this suite.
+fn cluster(name: &str, workers: usize) -> Cluster {
+    Cluster::new("service", name, workers)
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let base = std::env::var_os("MEZO_TEST_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-    let d = base.join("service").join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A process killed (SIGKILL) when dropped, with its stderr in a file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], log: PathBuf) -> Proc {
-        Proc::spawn_env(args, &[], log)
-    }
-    fn spawn_env(args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(mezo_bin())
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .expect("mezo starts");
-        Proc { child, log }
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-    metrics_port: u16,
-    coordinator: Option<Proc>,
-    workers: Vec<Proc>,
-}
-
-impl Cluster {
-    fn new(name: &str, workers: usize) -> Cluster {
-        let mut c = Cluster {
-            dir: tmp(name),
-            port: free_port(),
-            metrics_port: free_port(),
-            coordinator: None,
-            workers: vec![],
-        };
-        c.start_coordinator();
-        c.wait_ready();
-        for _ in 0..workers {
-            c.add_worker();
-        }
-        c
-    }
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-    fn start_coordinator(&mut self) {
-        let n = std::fs::read_dir(&self.dir).unwrap().count();
-        let log = self.dir.join(format!("coordinator-{n}.log"));
-        let store = self.dir.join("store");
-        self.coordinator = Some(Proc::spawn(
-            &[
-                "coordinator",
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-                "--metrics-listen",
-                &format!("127.0.0.1:{}", self.metrics_port),
-                "--data-dir",
-                store.to_str().unwrap(),
-                "--lease-ms",
-                "1500",
-                "--snapshot-every",
-                "5",
-            ],
-            log,
-        ));
-    }
-    /// Waits until the coordinator accepts connections (it loads nothing heavy: seconds at most).
-    fn wait_ready(&self) {
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the coordinator did not listen:\n{}",
-                self.coordinator.as_ref().unwrap().log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    fn add_worker(&mut self) -> usize {
-        self.add_worker_env(&[])
-    }
-    fn add_worker_env(&mut self, env: &[(&str, &str)]) -> usize {
-        let i = self.workers.len();
-        let log = self.dir.join(format!("worker-{i}.log"));
-        self.workers.push(Proc::spawn_env(&["worker", "--coordinator", &self.url()], env, log));
-        i
-    }
-    fn start_run(&self, run_id: &str) {
-        self.start_run_with(run_id, &[]);
-    }
-    fn start_run_with(&self, run_id: &str, extra: &[&str]) {
-        let url = self.url();
-        let mut args = vec!["run", "start", "--coordinator", &url, "--run-id", run_id];
-        let spec = run_spec();
-        args.extend(spec.iter().map(String::as_str));
-        args.extend_from_slice(extra);
-        assert_eq!(mezo_ok(&args).trim(), run_id);
-    }
-    /// `mezo run get` as JSON, retrying while the coordinator restarts.
-    fn get(&self, run_id: &str) -> Option<Value> {
-        let out = mezo(&["run", "get", run_id, "--coordinator", &self.url()]);
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-    fn wait_steps(&self, run_id: &str, at_least: u64, limit: Duration) -> Value {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = self.get(run_id) {
-                if v["steps_done"].as_u64().unwrap() >= at_least
-                    || v["status"] != "running" && v["status"] != "pending"
-                {
-                    return v;
-                }
-            }
-            assert!(start.elapsed() < limit, "run {run_id} did not reach step {at_least} in {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    /// Waits until the run has ended (the status is set just after its last step is logged).
-    fn wait_done(&self, run_id: &str, limit: Duration) -> Value {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = self.get(run_id) {
-                if v["status"] != "running" && v["status"] != "pending" {
-                    return v;
-                }
-            }
-            assert!(start.elapsed() < limit, "run {run_id} did not end in {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    fn export(&self, run_id: &str) -> Vec<u8> {
-        let out = self.dir.join(format!("export-{run_id}"));
-        mezo_ok(&["run", "export", run_id, "--coordinator", &self.url(), "--out", out.to_str().unwrap()]);
-        std::fs::read(out.join("adapter_model.safetensors")).unwrap()
-    }
+/// Starts a run with [`run_spec`] and `extra` flags.
+fn start(c: &Cluster, run_id: &str, extra: &[&str]) {
+    let mut args = run_spec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.start_run_args(run_id, &args);
 }
 
 /// The flags of the runs these tests compare (`mezo train`'s).
@@ -201,8 +45,8 @@ fn run_spec() -> Vec<String> {
 fn reference() -> &'static Vec<u8> {
     static R: OnceLock<Vec<u8>> = OnceLock::new();
     R.get_or_init(|| {
-        let c = Cluster::new("reference", 2);
-        c.start_run("r");
+        let c = cluster("reference", 2);
+        start(&c, "r", &[]);
         let v = c.wait_done("r", Duration::from_secs(300));
         assert_eq!(v["status"], "completed", "{v}");
         c.export("r")
@@ -212,8 +56,8 @@ fn reference() -> &'static Vec<u8> {
 #[test]
 fn a_killed_worker_loses_nothing_and_a_new_one_joins() {
     let expected = reference().clone();
-    let mut c = Cluster::new("worker-kill", 3);
-    c.start_run("r");
+    let mut c = cluster("worker-kill", 3);
+    start(&c, "r", &[]);
     c.wait_steps("r", 10, Duration::from_secs(120));
     c.workers[0].kill9();
     c.wait_steps("r", 20, Duration::from_secs(120));
@@ -239,8 +83,8 @@ fn a_killed_worker_loses_nothing_and_a_new_one_joins() {
 #[test]
 fn coordinator_killed_five_times_resumes_bit_identical() {
     let expected = reference().clone();
-    let mut c = Cluster::new("coordinator-kill", 2);
-    c.start_run("r");
+    let mut c = cluster("coordinator-kill", 2);
+    start(&c, "r", &[]);
     let mut at = 0;
     for (i, gap) in [4u64, 7, 3, 6, 5].into_iter().enumerate() {
         at += gap;
@@ -270,15 +114,15 @@ fn coordinator_killed_five_times_resumes_bit_identical() {
 #[test]
 fn a_corrupted_replica_is_caught_and_resynced() {
     let expected = reference().clone();
-    let mut c = Cluster::new("resync", 1);
+    let mut c = cluster("resync", 1);
     c.add_worker_env(&[("MEZO_FAULT_CORRUPT_REPLICA_AT", "10")]);
-    c.start_run("r");
+    start(&c, "r", &[]);
     let v = c.wait_done("r", Duration::from_secs(300));
     assert_eq!(v["status"], "completed", "{v}");
     let log = c.workers[1].log();
     assert!(log.contains("fault injection: corrupted the replica"), "the fault was not injected:\n{log}");
     assert!(log.contains("differs from the coordinator's") && log.contains("resyncing"), "{log}");
-    let body = http_get(c.metrics_port, "/metrics");
+    let body = http_get(c.metrics_port, "/metrics").1;
     let resyncs: f64 = body
         .lines()
         .find_map(|l| l.strip_prefix("mezo_replica_resyncs_total "))
@@ -293,7 +137,7 @@ fn a_corrupted_replica_is_caught_and_resynced() {
 #[test]
 fn train_with_workers_matches_the_fleet() {
     let expected = reference().clone();
-    let out = tmp("train-workers");
+    let out = tmp("service", "train-workers");
     let mut args = vec!["train", "--workers", "2", "--json", "--out", out.to_str().unwrap()];
     let spec = run_spec();
     args.extend(spec.iter().map(String::as_str));
@@ -312,7 +156,7 @@ fn train_with_workers_matches_the_fleet() {
 
 #[test]
 fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
-    let c = Cluster::new("python", 2);
+    let c = cluster("python", 2);
     let a = repo_root().join("crates/mezo-cli/assets");
     let out = run_python(&[
         repo_root().join("tests/py/grpc_client.py").to_str().unwrap(),
@@ -330,7 +174,7 @@ fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
     assert_eq!(v["slow_run_status"], "RUN_STATUS_COMPLETED", "{v}");
     assert_eq!(v["slow_stream_done"], true, "{v}");
     // The live /metrics passes promtool and counts the run's steps.
-    let body = http_get(c.metrics_port, "/metrics");
+    let body = http_get(c.metrics_port, "/metrics").1;
     assert!(body.contains("mezo_steps_total 312"), "12 + 300 steps: {body}");
     assert!(body.contains("mezo_workers_connected 2"), "{body}");
     let tokens: f64 = body
@@ -353,9 +197,9 @@ fn a_python_client_starts_a_run_and_streams_it_to_the_end() {
 /// deterministic too: the same run twice gives the same adapter.
 #[test]
 fn runs_share_the_fleet_and_data_parallel_is_deterministic() {
-    let c = Cluster::new("shared", 2);
-    c.start_run_with("d1", &["--split", "data", "--grad-accum", "2"]);
-    c.start_run_with("d2", &["--split", "data", "--grad-accum", "2"]);
+    let c = cluster("shared", 2);
+    start(&c, "d1", &["--split", "data", "--grad-accum", "2"]);
+    start(&c, "d2", &["--split", "data", "--grad-accum", "2"]);
     for r in ["d1", "d2"] {
         let v = c.wait_done(r, Duration::from_secs(300));
         assert_eq!(v["status"], "completed", "{v}");
@@ -378,15 +222,4 @@ fn runs_share_the_fleet_and_data_parallel_is_deterministic() {
     // A run that does not exist is a clear NotFound.
     let e = mezo_err(&["run", "get", "nope", "--coordinator", &c.url()]);
     assert!(e.contains("run `nope`") || e.contains("nope"), "{e}");
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
 }

@@ -86,10 +86,10 @@ __device__ __forceinline__ void st4(void* p, u64 q, int dt, const float* v) {
   ((uint2*)p)[q] = w;
 }
 extern __shared__ float sT[];
-extern "C" __global__ void __launch_bounds__(1024, 1)
-mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale, const float* __restrict__ T, int dist,
-             int vec) {
-  load_table(sT, T);
+// One sweep over p: th <- f(th, i) for every element, four consecutive elements per vector load
+// and store where `vec` says the pointer is aligned for it, the scalar path for the rest.
+template <class F>
+__device__ __forceinline__ void sweep(void* p, int dt, u64 n, int vec, F f) {
   u64 stride = (u64)gridDim.x * blockDim.x;
   u64 t = blockIdx.x * (u64)blockDim.x + threadIdx.x;
   u64 tail = 0;
@@ -100,52 +100,34 @@ mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale, const float* __r
       float v[4];
       ld4(p, q, dt, v);
 #pragma unroll
-      for (int k = 0; k < 4; k++) v[k] = __fadd_rn(v[k], __fmul_rn(zval((u32)(i + k), a, b, sT, dist), scale));
+      for (int k = 0; k < 4; k++) v[k] = f(v[k], (u32)(i + k));
       st4(p, q, dt, v);
     }
     tail = nq << 2;
   }
-  for (u64 i = tail + t; i < n; i += stride) {
-    float z = zval((u32)i, a, b, sT, dist);
-    st(p, i, dt, __fadd_rn(ld(p, i, dt), __fmul_rn(z, scale)));
-  }
+  for (u64 i = tail + t; i < n; i += stride) st(p, i, dt, f(ld(p, i, dt), (u32)i));
 }
-__device__ __forceinline__ float sgd_val(float th, u32 ii, int dt, const u32* a, const u32* b,
-                                         const float* g, int m, float inv_n, int use_inv, float wd,
-                                         int use_wd, float lr, const float* sT,
-                                         int dist, u32 ra, u32 rb, float rscale, int use_r) {
-  float acc = __fmul_rn(zval(ii, a[0], b[0], sT, dist), g[0]);
-  for (int j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, a[j], b[j], sT, dist), g[j]));
-  if (use_inv) acc = __fmul_rn(acc, inv_n);
-  // A pending restore (the last direction's -eps z undone) fused into this sweep, rounded as
-  // the separate perturb kernel's store would round it: the same bits, one sweep fewer.
-  if (use_r) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, sT, dist), rscale)), dt);
-  if (use_wd) acc = __fadd_rn(acc, __fmul_rn(th, wd));
-  return __fsub_rn(th, __fmul_rn(acc, lr));
+extern "C" __global__ void __launch_bounds__(1024, 1)
+mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale, const float* __restrict__ T, int dist,
+             int vec) {
+  load_table(sT, T);
+  sweep(p, dt, n, vec, [=](float th, u32 i) { return __fadd_rn(th, __fmul_rn(zval(i, a, b, sT, dist), scale)); });
 }
 extern "C" __global__ void __launch_bounds__(1024, 1)
 mezo_sgd_update(void* p, int dt, u64 n, const u32* a, const u32* b, const float* g, int m, float inv_n,
                 int use_inv, float wd, int use_wd, float lr, const float* __restrict__ T, int dist,
                 u32 ra, u32 rb, float rscale, int use_r, int vec) {
   load_table(sT, T);
-  u64 stride = (u64)gridDim.x * blockDim.x;
-  u64 t = blockIdx.x * (u64)blockDim.x + threadIdx.x;
-  u64 tail = 0;
-  if (vec) {
-    u64 nq = n >> 2;
-    for (u64 q = t; q < nq; q += stride) {
-      u64 i = q << 2;
-      float v[4];
-      ld4(p, q, dt, v);
-#pragma unroll
-      for (int k = 0; k < 4; k++)
-        v[k] = sgd_val(v[k], (u32)(i + k), dt, a, b, g, m, inv_n, use_inv, wd, use_wd, lr, sT, dist, ra, rb, rscale, use_r);
-      st4(p, q, dt, v);
-    }
-    tail = nq << 2;
-  }
-  for (u64 i = tail + t; i < n; i += stride)
-    st(p, i, dt, sgd_val(ld(p, i, dt), (u32)i, dt, a, b, g, m, inv_n, use_inv, wd, use_wd, lr, sT, dist, ra, rb, rscale, use_r));
+  sweep(p, dt, n, vec, [=](float th, u32 ii) {
+    float acc = __fmul_rn(zval(ii, a[0], b[0], sT, dist), g[0]);
+    for (int j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, a[j], b[j], sT, dist), g[j]));
+    if (use_inv) acc = __fmul_rn(acc, inv_n);
+    // A pending restore (the last direction's -eps z undone) fused into this sweep, rounded as
+    // the separate perturb kernel's store would round it: the same bits, one sweep fewer.
+    if (use_r) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, sT, dist), rscale)), dt);
+    if (use_wd) acc = __fadd_rn(acc, __fmul_rn(th, wd));
+    return __fsub_rn(th, __fmul_rn(acc, lr));
+  });
 }
 "#;
 

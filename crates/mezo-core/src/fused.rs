@@ -375,7 +375,10 @@ mod cuda_tests {
                 perturb_(&gv, key, -2e-3, dist, &tg).unwrap();
                 sgd_update_(&cv, &u, dist, &tc).unwrap();
                 sgd_update_(&gv, &u, dist, &tg).unwrap();
-                assert!(c.equal(&g.to_device(Device::Cpu)), "{kind:?} {dist}: unaligned view differs on CUDA");
+                assert!(
+                    c.equal(&g.to_device(Device::Cpu)),
+                    "{kind:?} {dist}: unaligned view differs on CUDA"
+                );
             }
         }
     }
