@@ -48,17 +48,66 @@ pub struct BenchArgs {
     pub peer: Option<String>,
     #[arg(long, default_value = "python3")]
     pub peer_python: String,
+    /// scaling: the worker counts to run (simulated workers on this machine).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub workers: Vec<usize>,
+    /// scaling: what one direction's two forwards over the whole batch take on one GPU (ms); a
+    /// simulated worker sleeps that long per direction, times its share of the batch.
+    #[arg(long, default_value_t = 12.0)]
+    pub task_ms: f64,
+    /// scaling: what applying one direction's update to a replica takes (ms); every worker
+    /// applies every direction's update once a step (full-parameter: a sweep over the weights).
+    #[arg(long, default_value_t = 0.0)]
+    pub update_ms: f64,
+    /// scaling: directions per step.
+    #[arg(long, default_value_t = 8)]
+    pub step_directions: usize,
+    /// scaling: direction (a task is one direction over the batch) or data (a task is every
+    /// direction over one of N shards of the batch, N = the workers).
+    #[arg(long, default_value = "direction")]
+    pub split: String,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.what == "coordinator" {
         for strict in [false, true] {
-            coordinator_overhead(&[1, 4, 16], args.iters.max(100) as u64, strict)?;
+            for k in [1, 4, 16] {
+                let s =
+                    Fleet { workers: k, directions: k, task_ms: 0.0, update_ms: 0.0, data: false, strict };
+                println!("{}", s.run(args.iters.max(100) as u64)?);
+            }
+        }
+        return Ok(());
+    }
+    if args.what == "scaling" {
+        let data = match args.split.as_str() {
+            "direction" => false,
+            "data" => true,
+            s => bail!("unknown --split `{s}`: expected direction or data"),
+        };
+        if args.workers.is_empty() || args.workers.contains(&0) || args.step_directions == 0 {
+            bail!("--workers needs positive counts and --step-directions at least 1");
+        }
+        let mut base = None;
+        for &k in &args.workers {
+            let s = Fleet {
+                workers: k,
+                directions: args.step_directions,
+                task_ms: args.task_ms,
+                update_ms: args.update_ms,
+                data,
+                strict: false,
+            };
+            let mut v = s.run(args.iters as u64)?;
+            let sps = v["steps_per_s"].as_f64().unwrap_or(0.0);
+            let b = *base.get_or_insert(sps);
+            v["speedup"] = json!((sps / b * 100.0).round() / 100.0);
+            println!("{v}");
         }
         return Ok(());
     }
     if args.what != "forward" && args.what != "train" {
-        bail!("unknown benchmark `{}`: expected forward, train or coordinator", args.what);
+        bail!("unknown benchmark `{}`: expected forward, train, coordinator or scaling", args.what);
     }
     let config = OptConfig::shape(&args.shape).with_context(|| {
         format!("unknown --shape `{}`: expected 125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b or 66b", args.shape)
@@ -247,16 +296,29 @@ fn tempfile_path(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-{name}", std::process::id()))
 }
 
-/// `mezo bench coordinator`: steps/s of the real coordinator (gRPC, store flushed every step)
-/// with in-process workers that answer every task at once, so only the coordinator's overhead
-/// is timed; with pipelined durability (the default) and with `strict` (each step's flush
-/// awaited before the next step goes out). Full-parameter spec (the coordinator holds no tensors), one direction per worker.
-pub fn coordinator_overhead(workers: &[usize], steps: u64, strict: bool) -> Result<()> {
-    use mezo_proto::v1 as pb;
-    let assets = crate::train::assets_dir()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
-        for &k in workers {
+/// A simulated fleet: the real coordinator (gRPC, store, group commit) with `workers` in-process
+/// workers that answer each task after sleeping for its simulated forwards (none for
+/// `mezo bench coordinator`, which then times the coordinator's own overhead; `task_ms` per
+/// direction over the whole batch for `mezo bench scaling`). Full-parameter spec: the
+/// coordinator holds no tensors.
+struct Fleet {
+    workers: usize,
+    directions: usize,
+    task_ms: f64,
+    update_ms: f64,
+    data: bool,
+    strict: bool,
+}
+
+const SIM_BATCH: usize = 16;
+
+impl Fleet {
+    fn run(&self, steps: u64) -> Result<Value> {
+        use mezo_proto::v1 as pb;
+        let assets = crate::train::assets_dir()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let k = self.workers;
+        rt.block_on(async move {
             let dir = std::env::temp_dir().join(format!("mezo-bench-coord-{}-{k}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -265,7 +327,7 @@ pub fn coordinator_overhead(workers: &[usize], steps: u64, strict: bool) -> Resu
                 data_dir: dir.clone(),
                 lease: std::time::Duration::from_secs(10),
                 snapshot_every: 0,
-                strict_durability: strict,
+                strict_durability: self.strict,
             };
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(mezo_coordinator::server::serve(opts, listener, None, async move {
@@ -274,7 +336,8 @@ pub fn coordinator_overhead(workers: &[usize], steps: u64, strict: bool) -> Resu
             let mut fakes = Vec::new();
             for _ in 0..k {
                 let addr = addr.clone();
-                fakes.push(tokio::spawn(async move { instant_worker(&addr).await }));
+                let (ms, ums) = (self.task_ms, self.update_ms);
+                fakes.push(tokio::spawn(async move { instant_worker(&addr, ms, ums).await }));
             }
             let mut client = loop {
                 match pb::mezo_service_client::MezoServiceClient::connect(addr.clone()).await {
@@ -287,7 +350,11 @@ pub fn coordinator_overhead(workers: &[usize], steps: u64, strict: bool) -> Resu
                 data_dir: assets.join("sst2").to_string_lossy().into(),
                 mode: Some(pb::run_spec::Mode::Full(pb::FullSpec { patterns: vec![] })),
                 steps,
-                directions: k as u32,
+                directions: self.directions as u32,
+                batch_size: SIM_BATCH as u32,
+                // Data-parallel: one shard of the batch per worker.
+                grad_accum: if self.data { k as u32 } else { 1 },
+                split: if self.data { pb::WorkSplit::Data } else { pb::WorkSplit::Direction } as i32,
                 n_train: 64,
                 n_dev: 16,
                 ..Default::default()
@@ -309,25 +376,38 @@ pub fn coordinator_overhead(workers: &[usize], steps: u64, strict: bool) -> Resu
             let dt = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
             // The first step's time is not in `dt`: count the steps after it.
             let steps_per_s = if dt > 0.0 { (n.saturating_sub(1)) as f64 / dt } else { 0.0 };
-            println!(
-                "{}",
-                json!({"bench": "coordinator", "durability": if strict { "strict" } else { "pipelined" },
-                       "workers": k, "directions": k, "steps": n,
-                       "steps_per_s": (steps_per_s * 10.0).round() / 10.0})
-            );
             let _ = stop_tx.send(());
             for f in fakes {
                 f.abort();
             }
             let _ = server.await;
             let _ = std::fs::remove_dir_all(&dir);
-        }
-        Ok(())
-    })
+            let mut v = json!({"bench": if self.task_ms > 0.0 { "scaling" } else { "coordinator" },
+                   "durability": if self.strict { "strict" } else { "pipelined" },
+                   "workers": k, "directions": self.directions, "steps": n,
+                   "steps_per_s": (steps_per_s * 10.0).round() / 10.0});
+            if self.task_ms > 0.0 {
+                v["split"] = json!(if self.data { "data" } else { "direction" });
+                v["task_ms"] = json!(self.task_ms);
+                // What a perfect fleet would do: rounds of whole directions, or even shards
+                // (at most one example each), and no overhead.
+                let per_step_ms = self.update_ms * self.directions as f64
+                    + if self.data {
+                        self.task_ms * self.directions as f64 / k.min(SIM_BATCH) as f64
+                    } else {
+                        self.task_ms * self.directions.div_ceil(k) as f64
+                    };
+                v["update_ms"] = json!(self.update_ms);
+                v["ideal_steps_per_s"] = json!((1000.0 / per_step_ms * 10.0).round() / 10.0);
+            }
+            Ok(v)
+        })
+    }
 }
 
-/// A worker that answers every training task at once with fixed losses.
-async fn instant_worker(addr: &str) -> Result<()> {
+/// A worker that answers every training task with fixed losses, at once or after `task_ms` per
+/// direction and batch (a simulated GPU).
+async fn instant_worker(addr: &str, task_ms: f64, update_ms: f64) -> Result<()> {
     use mezo_proto::v1 as pb;
     let mut c = loop {
         match pb::worker_service_client::WorkerServiceClient::connect(addr.to_string()).await {
@@ -354,8 +434,21 @@ async fn instant_worker(addr: &str) -> Result<()> {
     let mut rc = c.clone();
     let submitter =
         tokio::spawn(async move { rc.submit_results(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let mut version = 0;
     while let Some(t) = tasks.message().await? {
         let n = t.seeds.len();
+        // A new version: the replica first applies the previous step's update, every direction.
+        if update_ms > 0.0 && t.version > version {
+            let dirs = t.previous.as_ref().map_or(0, |u| u.seeds.len());
+            tokio::time::sleep(std::time::Duration::from_secs_f64(update_ms * 1e-3 * dirs as f64)).await;
+            version = t.version;
+        }
+        if task_ms > 0.0 {
+            // Each direction's two forwards over this task's share of the batch.
+            let share = t.examples.len() as f64 / SIM_BATCH as f64;
+            tokio::time::sleep(std::time::Duration::from_secs_f64(task_ms * 1e-3 * n.max(1) as f64 * share))
+                .await;
+        }
         let r = pb::SubmitResultRequest {
             worker_id: id.clone(),
             task_id: t.task_id,

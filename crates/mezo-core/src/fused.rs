@@ -100,6 +100,57 @@ pub fn sgd_update_(p: &Tensor, u: &SgdUpdate, dist: Distribution, table: &GaussT
     }
 }
 
+/// One parameter's stretch of a flat vector: where it starts, how long it is, and its stream key
+/// for each direction.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub offset: usize,
+    pub len: usize,
+    pub keys: Vec<StreamKey>,
+}
+
+/// [`sgd_update_`] over a CPU f32 vector made of several parameters laid end to end (a LoRA
+/// state): element `offset + j` of a segment takes `z(key, j)`. The same arithmetic in the same
+/// order as `sgd_update_` on each parameter and as the LoRA path's tensor ops, so the same bits;
+/// one pass over the whole vector on every core instead of a dozen int64 tensor passes.
+pub fn sgd_update_segments_(
+    flat: &Tensor,
+    segs: &[Segment],
+    grads: &[f32],
+    lr: f32,
+    weight_decay: Option<f32>,
+    dist: Distribution,
+) -> Result<()> {
+    check(flat)?;
+    let n = flat.numel();
+    let covered = segs.iter().enumerate().all(|(i, s)| {
+        s.keys.len() == grads.len()
+            && s.offset == if i == 0 { 0 } else { segs[i - 1].offset + segs[i - 1].len }
+    }) && segs.last().is_some_and(|s| s.offset + s.len == n);
+    if flat.device() != Device::Cpu || flat.kind() != Kind::Float || grads.is_empty() || !covered {
+        return Err(unsupported(flat, "segments must tile a CPU f32 vector, one key per gradient"));
+    }
+    let t = host_gauss_table();
+    let inv_n = (grads.len() > 1).then(|| (1.0 / grads.len() as f64) as f32);
+    for_each_chunk(flat, |i, theta| {
+        let i = i as usize;
+        let s = &segs[segs.partition_point(|s| s.offset <= i) - 1];
+        let local = (i - s.offset) as u32;
+        let mut acc = z_of(s.keys[0], local, dist, t) * grads[0];
+        for (k, g) in s.keys.iter().zip(grads).skip(1) {
+            acc += z_of(*k, local, dist, t) * g;
+        }
+        if let Some(sc) = inv_n {
+            acc *= sc;
+        }
+        if let Some(wd) = weight_decay {
+            acc += theta * wd;
+        }
+        theta - acc * lr
+    });
+    Ok(())
+}
+
 #[inline]
 fn z_of(key: StreamKey, i: u32, dist: Distribution, t: &HostGaussTable) -> f32 {
     let bits = key.bits(i);

@@ -191,6 +191,21 @@ impl LoraState {
         z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
     }
 
+    /// Each LoRA matrix's stretch of `flat` with its stream key per direction.
+    fn segments(&self, seeds: &[u64]) -> Vec<fused::Segment> {
+        let mut offset = 0;
+        self.tensors
+            .iter()
+            .map(|t| {
+                let len = t.numel() as usize;
+                let keys = seeds.iter().map(|&s| StreamKey::new(s, &t.key)).collect();
+                let seg = fused::Segment { offset, len, keys };
+                offset += len;
+                seg
+            })
+            .collect()
+    }
+
     /// One variant (the current θ) for evaluation.
     pub fn batch(&self, kind: Kind) -> Result<LoraBatch> {
         Ok(LoraBatch::from_flat(&self.flat.unsqueeze(0), &self.config, &self.tensors, kind)?)
@@ -438,17 +453,17 @@ impl Engine {
         let inv_n = (1.0 / seeds.len() as f64) as f32 as f64;
         let StepSettings { dist, rule, weight_decay, .. } = self.settings;
         match &mut self.trainable {
+            Trainable::Lora(l) if rule == Rule::Sgd && l.flat.device() == Device::Cpu => {
+                // The coordinator's copy (and CPU runs): one fused pass on every core, the same
+                // bits as the tensor ops below (tested).
+                l.slot.count_step();
+                let segs = l.segments(seeds);
+                let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
+                let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
+                fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
+            }
             Trainable::Lora(l) => {
-                let z = l.z(seeds, dist, &self.table);
-                // ĝ summed in a fixed order with element-wise ops: identical bits on every device.
-                let mut ghat = z.get(0) * grads[0];
-                for (i, &g) in grads.iter().enumerate().skip(1) {
-                    ghat = ghat + z.get(i as i64) * g;
-                }
-                if seeds.len() > 1 {
-                    ghat = ghat * inv_n;
-                }
-                l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+                lora_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
             }
             Trainable::Full(f) => {
                 let model = model.ok_or_else(|| {
@@ -503,6 +518,31 @@ impl Engine {
     }
 }
 
+/// The LoRA update with tensor ops (any device, any rule): ĝ summed in a fixed order with
+/// element-wise ops, identical bits on every device.
+#[allow(clippy::too_many_arguments)]
+fn lora_update_tensor(
+    l: &mut LoraState,
+    seeds: &[u64],
+    grads: &[f64],
+    lr: f64,
+    rule: Rule,
+    weight_decay: f64,
+    dist: Distribution,
+    table: &GaussTable,
+) {
+    let inv_n = (1.0 / seeds.len() as f64) as f32 as f64;
+    let z = l.z(seeds, dist, table);
+    let mut ghat = z.get(0) * grads[0];
+    for (i, &g) in grads.iter().enumerate().skip(1) {
+        ghat = ghat + z.get(i as i64) * g;
+    }
+    if seeds.len() > 1 {
+        ghat = ghat * inv_n;
+    }
+    l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+}
+
 /// Elements a generic (unfused) chunk handles at once: bounds the int64 temporaries of Z.
 const CHUNK: i64 = 1 << 22;
 
@@ -552,6 +592,36 @@ mod tests {
         assert!(name_matches("model.decoder.layers.3.fc1.weight", "*.layers.*.fc1.*"));
         assert!(!name_matches("model.decoder.layers.3.fc2.weight", "*.fc1.*"));
         assert!(name_matches("lm_head.weight", "lm_head*"));
+    }
+
+    /// The fused CPU update of a LoRA state gives the tensor path's bits: one and three
+    /// directions, with and without weight decay, Gaussian and Rademacher.
+    #[test]
+    fn lora_fused_update_equals_tensor_update() {
+        let json = serde_json::json!({
+            "model_type": "opt", "vocab_size": 96, "hidden_size": 24, "num_hidden_layers": 2,
+            "ffn_dim": 48, "num_attention_heads": 2, "max_position_embeddings": 32,
+        });
+        let mc = OptConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
+        let lc = LoraConfig { r: 4, alpha: 8.0, targets: vec![mezo_model::Target::Q, mezo_model::Target::V] };
+        let table = GaussTable::new(Device::Cpu);
+        for dist in [Distribution::Gaussian, Distribution::Rademacher] {
+            for (seeds, grads, wd) in
+                [(vec![7u64], vec![0.75f64], 0.0), (vec![1, 2, 3], vec![1.5, -0.25, 3.0], 0.01)]
+            {
+                let mut a = LoraState::init(lc.clone(), &mc, Device::Cpu, 5).unwrap();
+                // B starts at zero: give every element a value so decay and updates show.
+                a.flat = Tensor::randn([a.flat.numel() as i64], (Kind::Float, Device::Cpu));
+                let mut b = LoraState::init(lc.clone(), &mc, Device::Cpu, 5).unwrap();
+                b.flat = a.flat.copy();
+                let settings = StepSettings { eps: 1e-2, dist, rule: Rule::Sgd, weight_decay: wd };
+                let mut engine = Engine::new(Trainable::Lora(a), settings, Device::Cpu);
+                engine.apply_update(None, &seeds, &grads, 1e-3).unwrap();
+                lora_update_tensor(&mut b, &seeds, &grads, 1e-3, Rule::Sgd, wd, dist, &table);
+                let Trainable::Lora(a) = &engine.trainable else { unreachable!() };
+                assert!(a.flat.equal(&b.flat), "{dist} {seeds:?}: fused and tensor LoRA updates differ");
+            }
+        }
     }
 
     #[test]

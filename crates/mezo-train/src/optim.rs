@@ -60,6 +60,11 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// Counts a step applied outside [`apply`] (a fused SGD update, which keeps no state).
+    pub fn count_step(&mut self) {
+        self.t += 1;
+    }
+
     pub fn state_bytes(&self) -> i64 {
         [&self.m, &self.v].iter().filter_map(|t| t.as_ref()).map(|t| t.numel() as i64 * 4).sum()
     }
