@@ -365,15 +365,21 @@ impl Fleet {
                 .await?
                 .into_inner();
             let mut first: Option<Instant> = None;
+            let mut last = None;
             let mut n = 0u64;
             while let Some(m) = stream.message().await? {
                 if m.done {
                     break;
                 }
                 first.get_or_insert_with(Instant::now);
+                last = Some(Instant::now());
                 n += 1;
             }
-            let dt = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+            // From the first step to the last (the run's final test evaluation is not a step).
+            let dt = match (first, last) {
+                (Some(f), Some(l)) => (l - f).as_secs_f64(),
+                _ => 0.0,
+            };
             // The first step's time is not in `dt`: count the steps after it.
             let steps_per_s = if dt > 0.0 { (n.saturating_sub(1)) as f64 / dt } else { 0.0 };
             let _ = stop_tx.send(());
@@ -385,7 +391,7 @@ impl Fleet {
             let mut v = json!({"bench": if self.task_ms > 0.0 { "scaling" } else { "coordinator" },
                    "durability": if self.strict { "strict" } else { "pipelined" },
                    "workers": k, "directions": self.directions, "steps": n,
-                   "steps_per_s": (steps_per_s * 10.0).round() / 10.0});
+                   "steps_per_s": (steps_per_s * 100.0).round() / 100.0});
             if self.task_ms > 0.0 {
                 v["split"] = json!(if self.data { "data" } else { "direction" });
                 v["task_ms"] = json!(self.task_ms);
@@ -398,7 +404,7 @@ impl Fleet {
                         self.task_ms * self.directions.div_ceil(k) as f64
                     };
                 v["update_ms"] = json!(self.update_ms);
-                v["ideal_steps_per_s"] = json!((1000.0 / per_step_ms * 10.0).round() / 10.0);
+                v["ideal_steps_per_s"] = json!((1000.0 / per_step_ms * 100.0).round() / 100.0);
             }
             Ok(v)
         })
@@ -443,7 +449,8 @@ async fn instant_worker(addr: &str, task_ms: f64, update_ms: f64) -> Result<()> 
             tokio::time::sleep(std::time::Duration::from_secs_f64(update_ms * 1e-3 * dirs as f64)).await;
             version = t.version;
         }
-        if task_ms > 0.0 {
+        let train = t.kind == pb::TaskKind::Train as i32 || t.kind == pb::TaskKind::Unspecified as i32;
+        if task_ms > 0.0 && train {
             // Each direction's two forwards over this task's share of the batch.
             let share = t.examples.len() as f64 / SIM_BATCH as f64;
             tokio::time::sleep(std::time::Duration::from_secs_f64(task_ms * 1e-3 * n.max(1) as f64 * share))
