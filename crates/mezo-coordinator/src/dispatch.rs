@@ -65,7 +65,14 @@ struct Task {
     spec: TaskSpec,
     owner: Option<WorkerId>,
     result: Option<TaskResult>,
+    /// Failures workers reported for this task: after [`MAX_TASK_FAILURES`] it is given up.
+    failures: u32,
 }
+
+/// A task that fails this many times (reported by workers: out of memory, a model a worker cannot
+/// load, a bad example) ends its step with the failure instead of circling the fleet forever; the
+/// run then fails with the worker's message.
+pub const MAX_TASK_FAILURES: u32 = 5;
 
 /// Counters the service exports as metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +173,7 @@ impl Dispatcher {
             let task_id = self.next_task;
             self.next_task += 1;
             let spec = TaskSpec { task_id, run_id: run_id.into(), step, kind, seeds, examples, version };
-            self.tasks.insert(task_id, Task { spec, owner: None, result: None });
+            self.tasks.insert(task_id, Task { spec, owner: None, result: None, failures: 0 });
             self.queue.push_back(task_id);
             ids.push(task_id);
         }
@@ -200,6 +207,20 @@ impl Dispatcher {
     }
 
     /// Records a worker's result for a task; see [`Completion`].
+    /// Puts a task its worker never got (its stream was closed or full) back in the queue, without
+    /// counting it as a failure of the task.
+    pub fn unassign(&mut self, worker: WorkerId, task_id: u64) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.in_flight.retain(|&t| t != task_id);
+        }
+        if let Some(task) = self.tasks.get_mut(&task_id) {
+            if task.owner == Some(worker) && task.result.is_none() {
+                task.owner = None;
+                self.queue.push_front(task_id);
+            }
+        }
+    }
+
     pub fn complete(&mut self, worker: WorkerId, task_id: u64, result: TaskResult) -> Completion {
         let Some(task) = self.tasks.get_mut(&task_id) else { return Completion::Unknown };
         if let Some(w) = self.workers.get_mut(&worker) {
@@ -209,11 +230,19 @@ impl Dispatcher {
             self.counters.duplicate_results += 1;
             return Completion::Duplicate;
         }
-        if let TaskResult::Failed(_) = result {
+        if let TaskResult::Failed(msg) = result {
             self.counters.tasks_failed += 1;
-            // Only the current owner's failure requeues: a stale worker's report changes nothing.
+            // Only the current owner's failure counts: a stale worker's report changes nothing.
             if task.owner == Some(worker) {
                 task.owner = None;
+                task.failures += 1;
+                if task.failures >= MAX_TASK_FAILURES {
+                    task.result = Some(TaskResult::Failed(format!(
+                        "task {task_id} of step {} failed {} times, last on worker {worker}: {msg}",
+                        task.spec.step, task.failures
+                    )));
+                    return Completion::Accepted;
+                }
                 self.queue.push_back(task_id);
             }
             return Completion::Requeued;
@@ -302,7 +331,10 @@ pub fn aggregate(results: &[(TaskSpec, TaskResult)]) -> Result<StepLosses, Strin
     let mut acc: HashMap<u64, (f64, f64, f64)> = HashMap::new();
     for (spec, result) in results {
         let TaskResult::Losses { per_seed, weight } = result else {
-            return Err(format!("task {} of step {}: not a loss result", spec.task_id, spec.step));
+            return Err(match result {
+                TaskResult::Failed(msg) => msg.clone(),
+                _ => format!("task {} of step {}: not a loss result", spec.task_id, spec.step),
+            });
         };
         if per_seed.len() != spec.seeds.len() || weight.is_nan() || *weight <= 0.0 {
             return Err(format!(
@@ -337,6 +369,37 @@ mod tests {
 
     fn losses(l: f64) -> TaskResult {
         TaskResult::Losses { per_seed: vec![(l, l - 1.0)], weight: 1.0 }
+    }
+
+    /// A task every worker fails ends its step with the failure (the run fails with the message)
+    /// after MAX_TASK_FAILURES reports, instead of being requeued forever.
+    #[test]
+    fn a_task_that_keeps_failing_is_given_up_with_its_message() {
+        let t0 = Instant::now();
+        let mut d = Dispatcher::new(ms(1000));
+        let w = d.register(t0);
+        d.submit_step("r", 3, TaskKind::Train, 3, plan_train(&[9], &[0, 1], false, 1));
+        for i in 1..=MAX_TASK_FAILURES {
+            let got = d.assign(t0, 1);
+            assert_eq!(got.len(), 1, "attempt {i} is assigned");
+            let c = d.complete(w, got[0].1.task_id, TaskResult::Failed("CUDA out of memory".into()));
+            assert_eq!(c, if i < MAX_TASK_FAILURES { Completion::Requeued } else { Completion::Accepted });
+        }
+        assert!(d.assign(t0, 1).is_empty(), "not requeued again");
+        let results = d.take_step("r", 3, TaskKind::Train).expect("the step ends");
+        let e = aggregate(&results).unwrap_err();
+        assert!(
+            e.contains("failed 5 times") && e.contains("CUDA out of memory") && e.contains("step 3"),
+            "{e}"
+        );
+        // A task its worker never received is requeued without counting as a failure.
+        d.submit_step("r", 4, TaskKind::Train, 4, plan_train(&[9], &[0, 1], false, 1));
+        for _ in 0..2 * MAX_TASK_FAILURES {
+            let got = d.assign(t0, 1);
+            d.unassign(w, got[0].1.task_id);
+        }
+        assert_eq!(d.queued(), 1);
+        assert_eq!(d.counters.tasks_failed, u64::from(MAX_TASK_FAILURES));
     }
 
     #[test]

@@ -257,7 +257,7 @@ impl Actor {
                 expected_checksum: context.expected_checksum,
             };
             if !self.streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok()) {
-                self.dispatch.complete(wid, t.task_id, TaskResult::Failed("task stream unavailable".into()));
+                self.dispatch.unassign(wid, t.task_id);
             }
         }
         let c = self.dispatch.counters;

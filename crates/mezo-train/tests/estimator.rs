@@ -104,13 +104,18 @@ fn averaged_spsa_estimates_align_with_autograd() {
 /// weights bit-identical to `direction_losses` followed by `apply_update`, in fp32 and in fp16.
 #[test]
 fn fused_step_equals_losses_then_update() {
-    // One intra-op thread: with the other test of this file running beside it, a multi-threaded
-    // BLAS may split a matmul differently from one call to the next, and the two runs compared
-    // here must see the same losses.
-    tch::set_num_threads(1);
+    // Both runs start from the same weights, copied: `Opt::random` draws from libtorch's global
+    // generator, which the other test of this file may draw from at the same time.
+    let init: Vec<Tensor> = tiny_model().named_parameters().into_iter().map(|(_, t)| t.copy()).collect();
     for kind in [Kind::Float, Kind::Half] {
         let run = |fused: bool| -> Vec<Tensor> {
             let mut model = tiny_model();
+            {
+                let _g = tch::no_grad_guard();
+                for ((_, t), w) in model.named_parameters().into_iter().zip(&init) {
+                    t.shallow_clone().copy_(w);
+                }
+            }
             if kind != Kind::Float {
                 let _g = tch::no_grad_guard();
                 for (_, t) in model.named_parameters() {
