@@ -65,6 +65,8 @@ impl Drop for Proc {
 }
 
 pub struct Cluster {
+    /// Extra flags for `mezo coordinator` (kept across restarts).
+    pub coordinator_args: Vec<String>,
     pub dir: PathBuf,
     pub port: u16,
     pub metrics_port: u16,
@@ -74,7 +76,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(suite: &str, name: &str, workers: usize) -> Cluster {
+        Cluster::with_args(suite, name, workers, &[])
+    }
+    /// A cluster whose coordinator gets `args` besides the usual flags.
+    pub fn with_args(suite: &str, name: &str, workers: usize, args: &[&str]) -> Cluster {
         let mut c = Cluster {
+            coordinator_args: args.iter().map(|s| s.to_string()).collect(),
             dir: tmp(suite, name),
             port: free_port(),
             metrics_port: free_port(),
@@ -112,7 +119,10 @@ impl Cluster {
                 "1500",
                 "--snapshot-every",
                 "5",
-            ],
+            ]
+            .into_iter()
+            .chain(self.coordinator_args.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             self.dir.join(format!("coordinator-{n}.log")),
         ));
         let start = Instant::now();

@@ -223,3 +223,45 @@ fn runs_share_the_fleet_and_data_parallel_is_deterministic() {
     let e = mezo_err(&["run", "get", "nope", "--coordinator", &c.url()]);
     assert!(e.contains("run `nope`") || e.contains("nope"), "{e}");
 }
+
+/// Inputs a client controls are bounded: paths outside `--path-root` (by `..` or a symlink), a
+/// field out of its range, and an oversized request are all refused with what was wrong.
+#[test]
+fn out_of_bounds_inputs_are_refused_with_reasons() {
+    let assets = repo_root().join("crates/mezo-cli/assets");
+    let c = Cluster::with_args("service", "limits", 0, &["--path-root", assets.to_str().unwrap()]);
+    let (url, model, data) = (c.url(), assets.join("opt-mini"), assets.join("sst2"));
+    let start = |m: &str, d: &str, extra: &[&str]| {
+        let mut a = vec!["run", "start", "--coordinator", &url, "--model", m, "--data-dir", d];
+        a.extend_from_slice(extra);
+        mezo_err(&a)
+    };
+    // `..` out of the root.
+    let escape = assets.join("../../../tests");
+    let e = start(escape.to_str().unwrap(), data.to_str().unwrap(), &[]);
+    assert!(e.contains("model") && e.contains("outside the allowed roots"), "{e}");
+    // A symlink inside the root that leads out of it.
+    let link = assets.join(format!("escape-{}", std::process::id()));
+    std::os::unix::fs::symlink(repo_root().join("tests"), &link).unwrap();
+    let e = start(model.to_str().unwrap(), link.to_str().unwrap(), &[]);
+    let _ = std::fs::remove_file(&link);
+    assert!(e.contains("data_dir") && e.contains("outside the allowed roots"), "{e}");
+    // A field out of range, named with its range.
+    let e = start(model.to_str().unwrap(), data.to_str().unwrap(), &["--directions", "5000"]);
+    assert!(e.contains("(directions) must be between 1 and 1024, got 5000"), "{e}");
+    // A request over the 4 MiB limit is refused before it is buffered whole.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let code = rt.block_on(async {
+        use mezo_proto::v1 as pb;
+        let mut client = pb::mezo_service_client::MezoServiceClient::connect(url.clone()).await.unwrap();
+        let spec = pb::RunSpec { template: "x".repeat(5 << 20), ..Default::default() };
+        client.start_run(pb::StartRunRequest { spec: Some(spec), run_id: "big".into() }).await.unwrap_err()
+    });
+    assert!(
+        matches!(code.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        "an oversized request: {code:?}"
+    );
+    // None of the refused requests created a run.
+    let list = mezo_ok(&["run", "list", "--coordinator", &url]);
+    assert!(list.trim().is_empty(), "{list}");
+}

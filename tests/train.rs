@@ -257,7 +257,14 @@ fn bad_train_arguments_are_named() {
     let with = |extra: &[&str]| mezo_err(&[&base[..], extra].concat());
     assert!(with(&["--steps", "0"]).contains("--steps"));
     let e = with(&["--lr=-1"]);
-    assert!(e.contains("--lr must be a positive number"), "{e}");
+    assert!(e.contains("--lr (lr) must be in (0, 10], got -1"), "{e}");
+    // Upper bounds too, with the range named.
+    let e = with(&["--batch-size", "100000"]);
+    assert!(e.contains("--batch-size (batch_size) must be between 1 and 4096, got 100000"), "{e}");
+    let e = with(&["--directions", "5000"]);
+    assert!(e.contains("--directions (directions) must be between 1 and 1024"), "{e}");
+    let e = with(&["--lora-r", "4096"]);
+    assert!(e.contains("--lora-r (lora.r) must be between 1 and 1024"), "{e}");
     assert!(with(&["--lora-targets", "gate_proj"]).contains("gate_proj"));
     assert!(with(&["--optimizer", "lion"]).contains("--optimizer `lion`"));
     assert!(with(&["--distribution", "cauchy"]).contains("cauchy"));

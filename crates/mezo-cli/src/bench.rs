@@ -328,6 +328,7 @@ impl Fleet {
                 lease: std::time::Duration::from_secs(10),
                 snapshot_every: 0,
                 strict_durability: self.strict,
+                path_roots: Vec::new(),
             };
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(mezo_coordinator::server::serve(opts, listener, None, async move {

@@ -53,6 +53,7 @@ pub fn train_with_workers(a: TrainCmd) -> Result<()> {
             lease: Duration::from_secs(30),
             snapshot_every: 50,
             strict_durability: false,
+            path_roots: Vec::new(),
         };
         let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut stop_rx = stop.subscribe();
@@ -88,7 +89,7 @@ async fn drive(
 ) -> Result<()> {
     let mut client = loop {
         match pb::mezo_service_client::MezoServiceClient::connect(url.to_string()).await {
-            Ok(c) => break c,
+            Ok(c) => break c.max_decoding_message_size(mezo_coordinator::server::MAX_REPLY_BYTES),
             Err(_) if started.elapsed() < Duration::from_secs(30) => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }

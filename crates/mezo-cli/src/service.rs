@@ -32,6 +32,11 @@ pub struct CoordinatorArgs {
     /// with the next step's forwards. Either way no client hears of a step before it is durable.
     #[arg(long)]
     pub strict_durability: bool,
+    /// Only accept runs whose model and data folders (and the files directly in them) resolve
+    /// inside one of these folders; `..` and symlinks that lead out are refused. Repeatable.
+    /// Without it a client may name any folder the coordinator can read.
+    #[arg(long)]
+    pub path_root: Vec<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,6 +131,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             lease: Duration::from_millis(a.lease_ms),
             snapshot_every: a.snapshot_every,
             strict_durability: a.strict_durability,
+            path_roots: a.path_root.clone(),
         };
         mezo_coordinator::server::serve(opts, listener, Some(metrics), shutdown_signal()).await
     })
@@ -140,9 +146,11 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 async fn client(url: &str) -> Result<MezoServiceClient<tonic::transport::Channel>> {
-    MezoServiceClient::connect(url.to_string())
+    Ok(MezoServiceClient::connect(url.to_string())
         .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))
+        .with_context(|| format!("connecting to the coordinator at {url}"))?
+        // An exported adapter can exceed tonic's 4 MiB default (6 MB for OPT-1.3B at r=8).
+        .max_decoding_message_size(mezo_coordinator::server::MAX_REPLY_BYTES))
 }
 
 fn status_name(s: i32) -> &'static str {

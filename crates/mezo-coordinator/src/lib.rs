@@ -8,6 +8,7 @@ pub mod commit;
 pub mod dispatch;
 pub mod fleet;
 pub mod metrics;
+pub mod paths;
 pub mod server;
 
 pub use dispatch::{Completion, Dispatcher, StepLosses, TaskKind, TaskResult, TaskSpec, WorkerId};

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub duplicate_results: IntCounter,
     /// `mezo_replica_resyncs_total`
     pub replica_resyncs: IntCounter,
+    /// `mezo_stream_messages_dropped_total`: metric messages a slow StreamMetrics subscriber missed
+    pub stream_dropped: IntCounter,
     /// `mezo_worker_leases_expired_total`
     pub leases_expired: IntCounter,
     /// `mezo_tokens_total`: tokens through forward passes; `rate()` gives tokens/s
@@ -150,6 +152,10 @@ impl Metrics {
             replica_resyncs: counter(
                 "mezo_replica_resyncs_total",
                 "Worker replicas resynchronised after a checksum mismatch.",
+            ),
+            stream_dropped: counter(
+                "mezo_stream_messages_dropped_total",
+                "StreamMetrics messages a subscriber missed because it read slower than the run published.",
             ),
             leases_expired: counter("mezo_worker_leases_expired_total", "Worker leases that expired."),
             tokens: counter("mezo_tokens_total", "Tokens processed by forward passes."),
@@ -286,13 +292,13 @@ mod tests {
     use std::process::{Command, Stdio};
 
     #[rustfmt::skip]
-    const NAMES: [&str; 19] = [
+    const NAMES: [&str; 20] = [
         "mezo_steps_total", "mezo_skipped_steps_total", "mezo_step_duration_seconds",
         "mezo_forward_duration_seconds", "mezo_train_loss", "mezo_projected_gradient", "mezo_dev_accuracy",
         "mezo_workers_connected", "mezo_tasks_reassigned_total", "mezo_tasks_failed_total",
         "mezo_duplicate_results_total", "mezo_replica_resyncs_total", "mezo_worker_leases_expired_total",
         "mezo_tokens_total", "mezo_checkpoint_duration_seconds", "mezo_runs", "mezo_build_info",
-        "mezo_worker_memory_bytes", "mezo_worker_memory_capacity_bytes",
+        "mezo_worker_memory_bytes", "mezo_worker_memory_capacity_bytes", "mezo_stream_messages_dropped_total",
     ];
 
     #[test]

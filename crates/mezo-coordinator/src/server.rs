@@ -51,6 +51,8 @@ pub struct Options {
     /// Wait for each step's flush before dispatching the next one (instead of overlapping the
     /// flush with the next step's forwards). Slower on disks with slow fsync; no safer in outcome.
     pub strict_durability: bool,
+    /// Folders a run's model and data must resolve inside (empty: anywhere). See [`crate::paths`].
+    pub path_roots: Vec<PathBuf>,
 }
 
 /// What the store keeps as a run's spec.
@@ -91,6 +93,8 @@ struct RunHandle {
 
 pub struct Inner {
     opts: Options,
+    /// `opts.path_roots`, canonical.
+    path_roots: Vec<PathBuf>,
     store: Arc<Store>,
     /// Makes logged steps durable in batches (group commit).
     commit: Committer,
@@ -135,11 +139,13 @@ fn step_update(r: &StepRecord) -> pb::StepUpdate {
 }
 
 impl Inner {
-    pub fn open(opts: Options) -> Result<Arc<Self>, mezo_store::StoreError> {
+    pub fn open(opts: Options) -> anyhow::Result<Arc<Self>> {
         let store = Arc::new(Store::open(&opts.data_dir)?);
+        let path_roots = crate::paths::canonical_roots(&opts.path_roots).map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::new());
         let inner = Arc::new(Inner {
             commit: Committer::start(store.clone()),
+            path_roots,
             fleet: Fleet::spawn(opts.lease, metrics.clone()),
             opts,
             store,
@@ -638,6 +644,9 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         let (config, split, snapshot_every) =
             config_from_spec(&spec, self.0.opts.data_dir.join("runs").join(&run_id))
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let roots = &self.0.path_roots;
+        crate::paths::confine("model", &config.model, roots).map_err(Status::invalid_argument)?;
+        crate::paths::confine("data_dir", &config.data_dir, roots).map_err(Status::invalid_argument)?;
         // Bad paths or data (no model, no train.jsonl, too few examples) are the client's error,
         // reported now rather than as a failed run later.
         let check = config.clone();
@@ -683,6 +692,7 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let (past, mut rx) = rx.await.map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let (tx, out) = mpsc::channel(256);
+        let dropped = self.0.metrics.stream_dropped.clone();
         tokio::spawn(async move {
             let mut last = None;
             for m in past {
@@ -703,8 +713,11 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
                             return;
                         }
                     }
-                    // A slow subscriber misses steps rather than stalling training.
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    // A slow subscriber misses steps rather than stalling training (counted).
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        dropped.inc_by(n);
+                        continue;
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
@@ -916,6 +929,11 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     }
 }
 
+/// The largest request either service decodes.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// The largest reply either service sends (snapshots, exported adapters).
+pub const MAX_REPLY_BYTES: usize = 1 << 30;
+
 /// Serves both services on `listener` and /metrics on `metrics_listener` until `shutdown`.
 pub async fn serve(
     opts: Options,
@@ -946,8 +964,19 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone())))
-        .add_service(pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner)))
+        // Message size limits, explicit: requests are small (a run spec, a result of a few
+        // scalars), so 4 MiB in bounds what a client can make the coordinator buffer; replies may
+        // carry a LoRA state or an adapter (26 MB for OPT-13B at r=8), so up to 1 GiB out.
+        .add_service(
+            pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
+        .add_service(
+            pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner))
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_REPLY_BYTES),
+        )
         // TCP_NODELAY: a step is a few small messages back and forth; Nagle's algorithm with
         // delayed ACKs would add ~40 ms to each.
         .serve_with_incoming_shutdown(

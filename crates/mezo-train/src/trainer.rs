@@ -94,6 +94,9 @@ pub struct TrainConfig {
     pub out: PathBuf,
 }
 
+/// The most steps a run may ask for.
+pub const MAX_STEPS: u64 = 100_000_000;
+
 impl TrainConfig {
     /// Checks every field a user sets, naming it and the accepted range.
     pub fn validate(&self) -> Result<()> {
@@ -101,19 +104,31 @@ impl TrainConfig {
         if self.task != "sst2" {
             return bad(format!("unknown task `{}`: expected sst2", self.task));
         }
-        if self.steps == 0 {
-            return bad("--steps must be at least 1".into());
+        // Each count within a range: beyond it a typo (an extra zero) would allocate or run for
+        // days before anyone noticed. The message names the flag and the run-spec field.
+        let counts: [(&str, u64, u64, u64); 8] = [
+            ("--steps (steps)", self.steps, 1, MAX_STEPS),
+            ("--batch-size (batch_size)", self.batch_size as u64, 1, 4096),
+            ("--directions (directions)", self.directions as u64, 1, 1024),
+            ("--grad-accum (grad_accum)", self.grad_accum as u64, 1, 4096),
+            ("--eval-batch-size (eval_batch_size)", self.eval_batch_size as u64, 1, 4096),
+            ("--n-train (n_train)", self.n_train as u64, 1, 10_000_000),
+            ("--n-dev (n_dev)", self.n_dev as u64, 1, 10_000_000),
+            ("--min-words (min_words)", self.min_words as u64, 0, 10_000),
+        ];
+        for (name, v, lo, hi) in counts {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!("{name} must be between {lo} and {hi}, got {v}"));
+            }
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad(format!("--lr must be a positive number, got {}", self.lr));
+        if self.test_limit == Some(0) {
+            return bad("--test-limit (test_limit) must be at least 1 when given".into());
         }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return bad(format!("--eps must be a positive number, got {}", self.eps));
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0) {
+            return bad(format!("--lr (lr) must be in (0, 10], got {}", self.lr));
         }
-        if self.batch_size == 0 || self.directions == 0 || self.grad_accum == 0 || self.eval_batch_size == 0 {
-            return bad(
-                "--batch-size, --directions, --grad-accum and --eval-batch-size must be at least 1".into()
-            );
+        if !(self.eps.is_finite() && self.eps > 0.0 && self.eps <= 1.0) {
+            return bad(format!("--eps (eps) must be in (0, 1], got {}", self.eps));
         }
         if self.grad_accum > self.batch_size {
             return bad(format!("--grad-accum {} exceeds --batch-size {}", self.grad_accum, self.batch_size));
@@ -121,15 +136,21 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.momentum) {
             return bad(format!("--momentum must be in [0, 1), got {}", self.momentum));
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad(format!("--weight-decay must be >= 0, got {}", self.weight_decay));
+        if !(self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay)) {
+            return bad(format!(
+                "--weight-decay (weight_decay) must be in [0, 1], got {}",
+                self.weight_decay
+            ));
         }
         if let ModeSpec::Lora { r, alpha, targets } = &self.mode {
-            if *r < 1 || !alpha.is_finite() || targets.is_empty() {
-                return bad(
-                    "LoRA needs --lora-r >= 1, a finite --lora-alpha and at least one --lora-targets module"
-                        .into(),
-                );
+            if !(1..=1024).contains(r) {
+                return bad(format!("--lora-r (lora.r) must be between 1 and 1024, got {r}"));
+            }
+            if !(alpha.is_finite() && *alpha > 0.0) {
+                return bad(format!("--lora-alpha (lora.alpha) must be a positive number, got {alpha}"));
+            }
+            if targets.is_empty() {
+                return bad("--lora-targets (lora.targets) needs at least one module".into());
             }
             for t in targets {
                 Target::parse(t)?;
