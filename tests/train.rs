@@ -257,7 +257,7 @@ fn bad_train_arguments_are_named() {
     let with = |extra: &[&str]| mezo_err(&[&base[..], extra].concat());
     assert!(with(&["--steps", "0"]).contains("--steps"));
     let e = with(&["--lr=-1"]);
-    assert!(e.contains("--lr (lr) must be in (0, 10], got -1"), "{e}");
+    assert!(e.contains("--lr (lr) must be a positive finite number, got -1"), "{e}");
     // Upper bounds too, with the range named.
     let e = with(&["--batch-size", "100000"]);
     assert!(e.contains("--batch-size (batch_size) must be between 1 and 4096, got 100000"), "{e}");
