@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use mezo_proto::v1 as pb;
 
-use crate::service::ClientArgs;
+use crate::service::{rpc_error, ClientArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
@@ -53,7 +53,7 @@ pub fn report(a: ReportArgs) -> Result<()> {
         (Some(log), _) => (format!("mezo train: {}", log.display()), read_log(log)?),
         (None, Some(id)) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            (format!("mezo run {id}"), rt.block_on(fetch(&a.client.coordinator, id))?)
+            (format!("mezo run {id}"), rt.block_on(fetch(&a.client, id))?)
         }
         (None, None) => bail!("name a RUN on the coordinator, or --log FILE"),
     };
@@ -67,25 +67,19 @@ pub fn report(a: ReportArgs) -> Result<()> {
 
 /// The run's logged steps as the coordinator replays them; for a run still training, those logged
 /// when we asked (the report does not wait for the run to end).
-async fn fetch(url: &str, run_id: &str) -> Result<Vec<Point>> {
-    let mut c = pb::mezo_service_client::MezoServiceClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))?;
-    let run = c
-        .get_run(pb::GetRunRequest { run_id: run_id.into() })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
+async fn fetch(client: &ClientArgs, run_id: &str) -> Result<Vec<Point>> {
+    let mut c = client.connect().await?;
+    let run = c.get_run(pb::GetRunRequest { run_id: run_id.into() }).await.map_err(rpc_error)?.into_inner();
     if run.steps_done == 0 {
         bail!("run `{run_id}` has no logged step yet: nothing to chart");
     }
     let mut stream = c
         .stream_metrics(pb::StreamMetricsRequest { run_id: run_id.into(), from_step: 0 })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(rpc_error)?
         .into_inner();
     let mut points = Vec::new();
-    while let Some(m) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
+    while let Some(m) = stream.message().await.map_err(rpc_error)? {
         if m.done {
             break;
         }

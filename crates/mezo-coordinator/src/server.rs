@@ -35,8 +35,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Role, Security};
 use crate::commit::Committer;
 use crate::dispatch::{aggregate, plan_train, TaskKind, TaskResult, WorkerId};
 use crate::fleet::{Fleet, StepContext};
@@ -916,9 +918,23 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     }
 }
 
-/// Serves both services on `listener` and /metrics on `metrics_listener` until `shutdown`.
+/// Serves both services on `listener` and /metrics on `metrics_listener` until `shutdown`,
+/// admitting every caller (see [`serve_secured`]).
 pub async fn serve(
     opts: Options,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_secured(opts, Security::default(), listener, metrics_listener, shutdown).await
+}
+
+/// Serves both services on `listener` (TLS and the callers' credentials as `security` says) and
+/// /metrics on `metrics_listener` (plaintext, no credentials: Prometheus scrapes it, so it belongs
+/// on an internal port) until `shutdown`.
+pub async fn serve_secured(
+    opts: Options,
+    security: Security,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -943,11 +959,25 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    tonic::transport::Server::builder()
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone())))
-        .add_service(pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner)))
+    // Every service sits behind the guard of its role; reflection is the clients' (it is how
+    // their tools find the API; nobody unauthenticated needs to learn even its shape).
+    let client = security.guard(Role::Client, Some(inner.metrics.clone()));
+    let worker = security.guard(Role::Worker, Some(inner.metrics.clone()));
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls.clone() {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .add_service(InterceptedService::new(reflection, client.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, client.clone()))
+        .add_service(pb::mezo_service_server::MezoServiceServer::with_interceptor(
+            MezoSvc(inner.clone()),
+            client,
+        ))
+        .add_service(pb::worker_service_server::WorkerServiceServer::with_interceptor(
+            WorkerSvc(inner),
+            worker,
+        ))
         // TCP_NODELAY: a step is a few small messages back and forth; Nagle's algorithm with
         // delayed ACKs would add ~40 ms to each.
         .serve_with_incoming_shutdown(
