@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use mezo_proto::v1 as pb;
 
-use crate::service::{rpc_error, ClientArgs};
+use crate::service::ClientArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
@@ -69,17 +69,21 @@ pub fn report(a: ReportArgs) -> Result<()> {
 /// when we asked (the report does not wait for the run to end).
 async fn fetch(client: &ClientArgs, run_id: &str) -> Result<Vec<Point>> {
     let mut c = client.connect().await?;
-    let run = c.get_run(pb::GetRunRequest { run_id: run_id.into() }).await.map_err(rpc_error)?.into_inner();
+    let run = c
+        .get_run(pb::GetRunRequest { run_id: run_id.into() })
+        .await
+        .map_err(|s| client.rpc_error(s))?
+        .into_inner();
     if run.steps_done == 0 {
         bail!("run `{run_id}` has no logged step yet: nothing to chart");
     }
     let mut stream = c
         .stream_metrics(pb::StreamMetricsRequest { run_id: run_id.into(), from_step: 0 })
         .await
-        .map_err(rpc_error)?
+        .map_err(|s| client.rpc_error(s))?
         .into_inner();
     let mut points = Vec::new();
-    while let Some(m) = stream.message().await.map_err(rpc_error)? {
+    while let Some(m) = stream.message().await.map_err(|s| client.rpc_error(s))? {
         if m.done {
             break;
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 use mezo_coordinator::auth::{Security, SecurityFiles};
-use mezo_proto::connect::{AuthChannel, Target};
+use mezo_proto::connect::{status_chain, transport_hint, AuthChannel, Target};
 use mezo_proto::credentials::caller_token;
 use mezo_proto::v1 as pb;
 use mezo_proto::v1::mezo_service_client::MezoServiceClient;
@@ -122,17 +122,26 @@ impl ClientArgs {
     }
 }
 
-/// A coordinator's refusal as a user reads it: its message, and for a credentials problem also
-/// the status and what a client passes.
-pub fn rpc_error(s: tonic::Status) -> anyhow::Error {
-    match s.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => anyhow!(
-            "the coordinator refused the call ({:?}): {} (a client sends its token with --token-file FILE \
-             or $MEZO_TOKEN)",
-            s.code(),
-            s.message()
-        ),
-        _ => anyhow!("{}", s.message()),
+impl ClientArgs {
+    /// A failed call as a user reads it: the coordinator's message; for a credentials problem
+    /// also the status and what a client passes; for a failure below gRPC, its causes and the
+    /// likely mistake.
+    pub fn rpc_error(&self, s: tonic::Status) -> anyhow::Error {
+        match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => anyhow!(
+                "the coordinator refused the call ({:?}): {} (a client sends its token with --token-file \
+                 FILE or $MEZO_TOKEN)",
+                s.code(),
+                s.message()
+            ),
+            _ if std::error::Error::source(&s).is_some() => anyhow!(
+                "the call to the coordinator at {} failed: {}{}",
+                self.coordinator,
+                status_chain(&s),
+                transport_hint(&self.coordinator, &s)
+            ),
+            _ => anyhow!("{}", s.message()),
+        }
     }
 }
 
@@ -262,7 +271,7 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                     .await?
                     .start_run(pb::StartRunRequest { spec: Some(spec), run_id: a.run_id })
                     .await
-                    .map_err(rpc_error)?;
+                    .map_err(|s| a.client.rpc_error(s))?;
                 println!("{}", r.into_inner().run_id);
             }
             RunCommand::Watch(a) => {
@@ -270,7 +279,7 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                 let run = c
                     .get_run(pb::GetRunRequest { run_id: a.run_id.clone() })
                     .await
-                    .map_err(rpc_error)?
+                    .map_err(|s| a.client.rpc_error(s))?
                     .into_inner();
                 let total = run.spec.map_or(0, |s| s.steps);
                 let bar = if a.json { ProgressBar::hidden() } else { crate::progress::step_bar(total) };
@@ -284,9 +293,9 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                 let mut s = c
                     .stream_metrics(pb::StreamMetricsRequest { run_id: a.run_id.clone(), from_step: 0 })
                     .await
-                    .map_err(rpc_error)?
+                    .map_err(|s| a.client.rpc_error(s))?
                     .into_inner();
-                while let Some(m) = s.message().await.map_err(rpc_error)? {
+                while let Some(m) = s.message().await.map_err(|s| a.client.rpc_error(s))? {
                     if a.json {
                         println!(
                             "{}",
@@ -322,11 +331,11 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                     .await?
                     .get_run(pb::GetRunRequest { run_id: a.run_id })
                     .await
-                    .map_err(rpc_error)?;
+                    .map_err(|s| a.client.rpc_error(s))?;
                 println!("{}", describe(r.get_ref()));
             }
             RunCommand::List(a) => {
-                let r = a.connect().await?.list_runs(pb::ListRunsRequest {}).await.map_err(rpc_error)?;
+                let r = a.connect().await?.list_runs(pb::ListRunsRequest {}).await.map_err(|s| a.rpc_error(s))?;
                 for run in &r.get_ref().runs {
                     println!("{}", describe(run));
                 }
@@ -337,7 +346,7 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                     .await?
                     .stop_run(pb::StopRunRequest { run_id: a.run_id.clone() })
                     .await
-                    .map_err(rpc_error)?;
+                    .map_err(|s| a.client.rpc_error(s))?;
                 println!("run {}: stopping (was {})", a.run_id, status_name(r.get_ref().status));
             }
             RunCommand::Export(a) => {
@@ -346,7 +355,7 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                     .await?
                     .export_adapter(pb::ExportAdapterRequest { run_id: a.run_id.clone() })
                     .await
-                    .map_err(rpc_error)?
+                    .map_err(|s| a.client.rpc_error(s))?
                     .into_inner();
                 std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
                 std::fs::write(a.out.join("adapter_config.json"), &r.adapter_config_json)?;

@@ -189,15 +189,18 @@ impl Security {
                 // Build it once now: a key that does not match its certificate, or a file rustls
                 // cannot parse, is reported at start-up and names the files.
                 tonic::transport::Server::builder().tls_config(tls.clone()).map_err(|e| {
+                    let detail = error_chain(&e);
+                    let hint = if detail.contains("KeyMismatch") {
+                        " (--tls-key is not the private key of --tls-cert)"
+                    } else {
+                        ""
+                    };
+                    let ca = f.tls_client_ca.as_ref().map(|c| format!(" / --tls-client-ca {}", c.display()));
                     SecurityError::Flags(format!(
-                        "--tls-cert {} / --tls-key {}{}: {}",
+                        "--tls-cert {} / --tls-key {}{}: {detail}{hint}",
                         cert.display(),
                         key.display(),
-                        f.tls_client_ca
-                            .as_ref()
-                            .map(|c| format!(" / --tls-client-ca {}", c.display()))
-                            .unwrap_or_default(),
-                        error_chain(&e)
+                        ca.unwrap_or_default()
                     ))
                 })?;
                 Some(tls)

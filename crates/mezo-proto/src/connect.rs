@@ -82,6 +82,52 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// A status with its causes ("transport error: connection error: received fatal alert: …"):
+/// a call that failed below gRPC carries the reason in its source, not its message.
+pub fn status_chain(s: &Status) -> String {
+    match std::error::Error::source(s) {
+        Some(src) => {
+            let chain = error_chain(src);
+            if chain.contains(s.message()) {
+                chain
+            } else {
+                format!("{}: {chain}", s.message())
+            }
+        }
+        None => s.message().to_string(),
+    }
+}
+
+/// Whether a failed call means the coordinator's TLS layer refused this side's certificate
+/// (or its lack): a TLS alert, which no retry can cure.
+pub fn refused_by_tls(s: &Status) -> bool {
+    status_chain(s).contains("received fatal alert")
+}
+
+/// How a plaintext call to a TLS server fails: the server reads the HTTP/2 preface as a bad TLS
+/// record, answers with an alert and closes, so the client sees a bad frame, a closed
+/// connection, or a pipe broken mid-request.
+const PLAINTEXT_TO_TLS: [&str; 5] =
+    ["h2 protocol error", "frame", "connection closed", "broken pipe", "connection reset"];
+
+/// What a user most likely got wrong, judged from a failed call's causes (none for a status the
+/// coordinator itself returned).
+pub fn transport_hint(url: &str, s: &Status) -> String {
+    if std::error::Error::source(s).is_none() {
+        return String::new();
+    }
+    let d = status_chain(s).to_ascii_lowercase();
+    if url.starts_with("http://") && PLAINTEXT_TO_TLS.iter().any(|c| d.contains(c)) {
+        " (the connection failed below gRPC: if the coordinator serves TLS, use https:// and --tls-ca)".into()
+    } else if d.contains("received fatal alert") {
+        " (the coordinator's TLS layer refused this side's certificate: a worker's --tls-cert must be \
+          signed by the coordinator's --tls-client-ca and made for client authentication)"
+            .into()
+    } else {
+        String::new()
+    }
+}
+
 impl Target {
     pub fn new(url: impl Into<String>) -> Target {
         Target { url: url.into(), ..Default::default() }
@@ -140,10 +186,9 @@ impl Target {
     /// What the user most likely got wrong, judged from a connection error's text.
     fn hint(&self, detail: &str) -> String {
         let d = detail.to_ascii_lowercase();
-        if !self.is_tls()
-            && (d.contains("connection closed") || d.contains("frame") || d.contains("h2 protocol"))
-        {
-            " (does the coordinator serve TLS? then use https:// and --tls-ca)".into()
+        if !self.is_tls() && PLAINTEXT_TO_TLS.iter().any(|c| d.contains(c)) {
+            " (the connection failed below gRPC: if the coordinator serves TLS, use https:// and --tls-ca)"
+                .into()
         } else if self.is_tls() && (d.contains("corrupt message") || d.contains("invalidcontenttype")) {
             " (the coordinator answered in plaintext: use http://, or start it with --tls-cert and --tls-key)"
                 .into()

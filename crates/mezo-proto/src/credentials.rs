@@ -19,7 +19,8 @@ pub const MIN_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("{flag} {}: cannot read it: {source}", path.display())]
+    // The io error's text comes through `source` (anyhow's `{:#}` prints the chain).
+    #[error("{flag} {}: cannot read it", path.display())]
     Read {
         flag: &'static str,
         path: PathBuf,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use mezo_proto::connect::{AuthChannel, ConnectError, Target};
+use mezo_proto::connect::{refused_by_tls, status_chain, transport_hint, AuthChannel, ConnectError, Target};
 use mezo_proto::v1 as pb;
 use mezo_proto::v1::worker_service_client::WorkerServiceClient;
 use mezo_train::spec::config_from_spec;
@@ -44,6 +44,13 @@ async fn connect(target: &Target) -> Result<Client> {
 
 /// Refusals that retrying cannot cure: this worker's credentials are wrong for the coordinator.
 fn refused(e: &tonic::Status, url: &str) -> Option<anyhow::Error> {
+    if refused_by_tls(e) {
+        return Some(anyhow!(
+            "the coordinator at {url} refused this worker's TLS connection: {}{}",
+            status_chain(e),
+            transport_hint(url, e)
+        ));
+    }
     matches!(e.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied).then(|| {
         anyhow!(
             "the coordinator at {url} refused this worker ({:?}): {} (a worker sends --token-file or \
@@ -82,7 +89,7 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
                 eprintln!(
                     "worker: registering with {} failed ({}); retrying",
                     opts.coordinator.url,
-                    e.message()
+                    status_chain(&e)
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 client = connect(&opts.coordinator).await?;
