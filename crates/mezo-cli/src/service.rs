@@ -120,9 +120,7 @@ impl ClientArgs {
     pub async fn connect(&self) -> Result<MezoServiceClient<AuthChannel>> {
         Ok(self.target()?.mezo().await?)
     }
-}
 
-impl ClientArgs {
     /// A failed call as a user reads it: the coordinator's message; for a credentials problem
     /// also the status and what a client passes; for a failure below gRPC, its causes and the
     /// likely mistake.
