@@ -6,7 +6,9 @@
 - what no schema can see: Services select the pods they front and name ports those pods have,
   the StatefulSet's governing Service is headless, workers point at the coordinator's Service
   and port and ask for a GPU, claims exist; in compose, bind-mounted files exist, Prometheus and
-  Grafana find their configuration where they look for it, and workers reach the coordinator.
+  Grafana find their configuration where they look for it, and workers reach the coordinator;
+  in both, every token file is a mounted Secret (never part of the image), workers send the
+  token the coordinator checks for workers, and a worker cannot read the clients' token.
 
 Usage: python deploy/validate.py [--root REPO]      (exit 1 listing every problem)
 Needs: pip install kubernetes-validate check-jsonschema pyyaml (scripts/requirements.txt).
@@ -116,6 +118,52 @@ def kubernetes(root):
                       f"{w['metadata']['name']}: --coordinator {m.group(0)} is no Service port")
             gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
             check(gpus is not None and int(gpus) >= 1, f"{w['metadata']['name']}: worker requests no nvidia.com/gpu")
+
+    # Tokens: every token file is in a mounted Secret, workers send the token the coordinator
+    # checks for workers, and no worker can read the clients' token.
+    def secret_file(w, c, path):
+        """(secretName, key) of the Secret file at `path` in container c, or None."""
+        vols = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+        for m in c.get("volumeMounts", []):
+            sec = vols.get(m["name"], {}).get("secret")
+            root = m["mountPath"].rstrip("/") + "/"
+            if sec and path.startswith(root):
+                rel = path[len(root):]
+                items = sec.get("items")
+                if items is None:
+                    return sec["secretName"], rel
+                key = next((i["key"] for i in items if i["path"] == rel), None)
+                return (sec["secretName"], key) if key else None
+        return None
+
+    def token_flags(c):
+        return dict(m.groups() for a in c.get("args", []) if (m := re.match(r"--((?:client-|worker-)?token-file)=(.+)", a)))
+
+    coordinator_tokens = {}
+    for w in workloads:
+        wn = f"{w['kind']}/{w['metadata']['name']}"
+        for c in containers(w):
+            for flag, path in token_flags(c).items():
+                f = secret_file(w, c, path)
+                check(f, f"{wn}: --{flag}={path} is not a file of a mounted Secret (tokens must not be in the image or the manifest)")
+                if f and flag != "token-file":
+                    coordinator_tokens[flag] = f
+    for w in workers:
+        wn = f"{w['kind']}/{w['metadata']['name']}"
+        for c in containers(w):
+            path = token_flags(c).get("token-file")
+            expected = coordinator_tokens.get("worker-token-file")
+            check((path is None) == (expected is None), f"{wn}: the coordinator checks worker tokens but the worker sends none (--token-file)" if expected else f"{wn}: the worker sends a token the coordinator does not check")
+            if path and expected:
+                check(secret_file(w, c, path) == expected, f"{wn}: --token-file={path} is not the Secret key {'/'.join(expected)} the coordinator's --worker-token-file reads")
+            client = coordinator_tokens.get("client-token-file")
+            vols = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+            for m in c.get("volumeMounts", []):
+                sec = vols.get(m["name"], {}).get("secret")
+                if client and sec and sec["secretName"] == client[0]:
+                    keys = None if sec.get("items") is None else [i["key"] for i in sec["items"]]
+                    check(keys is not None and client[1] not in keys,
+                          f"{wn}: the worker's pod can read the clients' token (Secret {client[0]} key {client[1]}): mount only the worker's key (items)")
     return len(docs)
 
 
@@ -182,6 +230,36 @@ def compose(root):
     check(lm and f"--coordinator=http://coordinator:{lm.group(1)}" in wcmd, f"worker: `{wcmd}` does not reach the coordinator's --listen")
     devices = w.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
     check(any("gpu" in d.get("capabilities", []) for d in devices), "worker: no GPU device reservation")
+    # Tokens: compose secrets (files under /run/secrets), workers send the coordinator's worker
+    # token, and no worker has the clients' token.
+    def secrets_of(svc):
+        out = {}
+        for x in services.get(svc, {}).get("secrets", []):
+            name = x if isinstance(x, str) else x["source"]
+            target = name if isinstance(x, str) else x.get("target", name)
+            out[f"/run/secrets/{target}"] = name
+        return out
+
+    defined = c.get("secrets", {})
+    tokens = {}
+    for name in ["coordinator", "worker"]:
+        for a in services.get(name, {}).get("command", []):
+            m = re.match(r"--((?:client-|worker-)?token-file)=(.+)", a)
+            if not m:
+                continue
+            secret = secrets_of(name).get(m.group(2))
+            check(secret in defined, f"docker-compose.yml: {name} {a} is not a secret the service has")
+            if secret in defined:
+                src = defined[secret].get("file", "")
+                check(src.startswith("./secrets/") and os.path.exists(os.path.join(deploy, "secrets", ".gitignore")),
+                      f"docker-compose.yml: secret {secret} is read from {src}, outside the git-ignored deploy/secrets/")
+            tokens[(name, m.group(1))] = secret
+    expected = tokens.get(("coordinator", "worker-token-file"))
+    sent = tokens.get(("worker", "token-file"))
+    check(sent == expected, f"docker-compose.yml: the worker sends the token of secret {sent}, the coordinator checks workers against {expected}")
+    client_secret = tokens.get(("coordinator", "client-token-file"))
+    check(client_secret is None or client_secret not in secrets_of("worker").values(),
+          f"docker-compose.yml: the worker has the clients' token (secret {client_secret})")
     return len(services)
 
 

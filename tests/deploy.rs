@@ -85,6 +85,22 @@ fn broken_manifests_and_compose_file_are_refused_naming_the_problem() {
         "--coordinator=http://mezo-coordinator:50051",
         "--coordinator=http://mezo-coordinator:5051",
     );
+    edit("deploy/kubernetes/worker.yaml", "- key: worker-token", "- key: client-token");
+    edit(
+        "deploy/kubernetes/coordinator.yaml",
+        "--worker-token-file=/etc/mezo/tokens/worker-token",
+        "--worker-token-file=/etc/mezo/worker-token",
+    );
+    edit(
+        "deploy/docker-compose.yml",
+        "--token-file=/run/secrets/worker_token",
+        "--token-file=/run/secrets/client_token",
+    );
+    edit(
+        "deploy/docker-compose.yml",
+        "      - worker_token\n    depends_on:",
+        "      - client_token\n    depends_on:",
+    );
     edit("deploy/docker-compose.yml", "capabilities: [gpu]", "capabilities: gpu");
     edit(
         "deploy/docker-compose.yml",
@@ -101,6 +117,11 @@ fn broken_manifests_and_compose_file_are_refused_naming_the_problem() {
         "mezo-worker: --coordinator --coordinator=http://mezo-coordinator:5051 is no Service port",
         "$.services.worker.deploy.resources.reservations.devices[0].capabilities: 'gpu' is not of type 'array'",
         "does not reach the coordinator's --listen",
+        "StatefulSet/mezo-coordinator: --worker-token-file=/etc/mezo/worker-token is not a file of a mounted Secret",
+        "Deployment/mezo-worker: the worker sends a token the coordinator does not check",
+        "Deployment/mezo-worker: the worker's pod can read the clients' token (Secret mezo-tokens key client-token)",
+        "docker-compose.yml: the worker sends the token of secret client_token, the coordinator checks workers against worker_token",
+        "docker-compose.yml: the worker has the clients' token (secret client_token)",
     ] {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use mezo_proto::connect::Target;
 use mezo_proto::v1 as pb;
 use mezo_train::spec::{spec_from_config, Split};
 use serde_json::json;
@@ -48,6 +49,10 @@ pub fn train_with_workers(a: TrainCmd) -> Result<()> {
         let listener =
             tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
         let url = format!("http://{}", listener.local_addr()?);
+        let (security, client_token, worker_token) =
+            mezo_coordinator::auth::Security::ephemeral().context("making this run's tokens")?;
+        let client = Target { token: Some(client_token), ..Target::new(&url) };
+        let worker = Target { token: Some(worker_token), ..Target::new(&url) };
         let opts = mezo_coordinator::server::Options {
             data_dir: store.clone(),
             lease: Duration::from_secs(30),
@@ -57,18 +62,24 @@ pub fn train_with_workers(a: TrainCmd) -> Result<()> {
         };
         let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
         let mut stop_rx = stop.subscribe();
-        let server = tokio::spawn(mezo_coordinator::server::serve(opts, listener, None, async move {
-            let _ = stop_rx.recv().await;
-        }));
+        let server = tokio::spawn(mezo_coordinator::server::serve_secured(
+            opts,
+            security,
+            listener,
+            None,
+            async move {
+                let _ = stop_rx.recv().await;
+            },
+        ));
         let mut workers = Vec::new();
         for _ in 0..a.workers {
             let mut rx = stop.subscribe();
-            let o = mezo_worker::Options { coordinator: url.clone(), device: cfg.device.clone() };
+            let o = mezo_worker::Options { coordinator: worker.clone(), device: cfg.device.clone() };
             workers.push(tokio::spawn(mezo_worker::run(o, async move {
                 let _ = rx.recv().await;
             })));
         }
-        let result = drive(&url, &cfg, split, &out, a.train.json, a.workers, started).await;
+        let result = drive(&client, &worker, &cfg, split, &out, a.train.json, a.workers, started).await;
         let _ = stop.send(());
         for w in workers {
             let _ = w.await;
@@ -78,8 +89,10 @@ pub fn train_with_workers(a: TrainCmd) -> Result<()> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
-    url: &str,
+    client: &Target,
+    worker: &Target,
     cfg: &mezo_train::TrainConfig,
     split: Split,
     out: &std::path::Path,
@@ -88,12 +101,12 @@ async fn drive(
     started: Instant,
 ) -> Result<()> {
     let mut client = loop {
-        match pb::mezo_service_client::MezoServiceClient::connect(url.to_string()).await {
-            Ok(c) => break c.max_decoding_message_size(mezo_coordinator::server::MAX_REPLY_BYTES),
+        match client.mezo().await {
+            Ok(c) => break c,
             Err(_) if started.elapsed() < Duration::from_secs(30) => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
-            Err(e) => bail!("the in-process coordinator at {url} did not answer: {e}"),
+            Err(e) => bail!("the in-process coordinator did not answer: {e}"),
         }
     };
     let spec = spec_from_config(cfg, split, 0);
@@ -172,9 +185,8 @@ async fn drive(
         std::fs::write(dir.join("adapter_model.safetensors"), &r.adapter_model_safetensors)?;
         dir
     } else {
-        let mut w = pb::worker_service_client::WorkerServiceClient::connect(url.to_string())
-            .await?
-            .max_decoding_message_size(256 << 20);
+        // The step log is the workers' API: this process reads it as one of its workers.
+        let mut w = worker.worker().await?.max_decoding_message_size(256 << 20);
         let log = w
             .fetch_log(pb::FetchLogRequest { run_id: RUN_ID.into(), from_step: 0 })
             .await

@@ -53,7 +53,7 @@ pub fn report(a: ReportArgs) -> Result<()> {
         (Some(log), _) => (format!("mezo train: {}", log.display()), read_log(log)?),
         (None, Some(id)) => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            (format!("mezo run {id}"), rt.block_on(fetch(&a.client.coordinator, id))?)
+            (format!("mezo run {id}"), rt.block_on(fetch(&a.client, id))?)
         }
         (None, None) => bail!("name a RUN on the coordinator, or --log FILE"),
     };
@@ -67,14 +67,12 @@ pub fn report(a: ReportArgs) -> Result<()> {
 
 /// The run's logged steps as the coordinator replays them; for a run still training, those logged
 /// when we asked (the report does not wait for the run to end).
-async fn fetch(url: &str, run_id: &str) -> Result<Vec<Point>> {
-    let mut c = pb::mezo_service_client::MezoServiceClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))?;
+async fn fetch(client: &ClientArgs, run_id: &str) -> Result<Vec<Point>> {
+    let mut c = client.connect().await?;
     let run = c
         .get_run(pb::GetRunRequest { run_id: run_id.into() })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| client.rpc_error(s))?
         .into_inner();
     if run.steps_done == 0 {
         bail!("run `{run_id}` has no logged step yet: nothing to chart");
@@ -82,10 +80,10 @@ async fn fetch(url: &str, run_id: &str) -> Result<Vec<Point>> {
     let mut stream = c
         .stream_metrics(pb::StreamMetricsRequest { run_id: run_id.into(), from_step: 0 })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| client.rpc_error(s))?
         .into_inner();
     let mut points = Vec::new();
-    while let Some(m) = stream.message().await.map_err(|s| anyhow::anyhow!("{}", s.message()))? {
+    while let Some(m) = stream.message().await.map_err(|s| client.rpc_error(s))? {
         if m.done {
             break;
         }

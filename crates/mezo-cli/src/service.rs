@@ -3,8 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget};
+use mezo_coordinator::auth::{Security, SecurityFiles};
+use mezo_proto::connect::{status_chain, transport_hint, AuthChannel, Target};
+use mezo_proto::credentials::caller_token;
 use mezo_proto::v1 as pb;
 use mezo_proto::v1::mezo_service_client::MezoServiceClient;
 use mezo_train::spec::{spec_from_config, Split};
@@ -37,14 +40,41 @@ pub struct CoordinatorArgs {
     /// Without it a client may name any folder the coordinator can read.
     #[arg(long)]
     pub path_root: Vec<PathBuf>,
+    /// File of the tokens clients (`mezo run`, `mezo report`, the Python client) may use, one a
+    /// line (several allow rotation). Tokens come from files, never flags, so they stay out of
+    /// `ps` and shell history. With --worker-token-file; without both (and --tls-client-ca), the
+    /// coordinator admits every caller and says so at start-up.
+    #[arg(long, value_name = "FILE")]
+    pub client_token_file: Option<PathBuf>,
+    /// File of the tokens workers may use, one a line. A worker token cannot start or read runs;
+    /// a client token cannot register a worker.
+    #[arg(long, value_name = "FILE")]
+    pub worker_token_file: Option<PathBuf>,
+    /// PEM certificate (chain) of this coordinator: serve gRPC over TLS (callers use https://).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) for mutual TLS: every WorkerService call must come over a connection
+    /// whose client certificate this CA signed (clients need none). Use a CA that signs only
+    /// workers' certificates.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// PEM certificate this worker presents (mutual TLS: a coordinator with --tls-client-ca).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -65,8 +95,57 @@ pub enum RunCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
+    /// The coordinator: http://HOST:PORT, or https://HOST:PORT when it serves TLS.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// File holding the token to send (a client token, or a worker's for `mezo worker`); else
+    /// $MEZO_TOKEN. A file or the environment, never a flag, keeps it out of `ps` and shell
+    /// history.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate of the CA that signed the coordinator's certificate (https:// only);
+    /// without it, the system's trusted roots.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The coordinator and the credentials to present to it (files are read here, so a missing
+    /// one is named before anything is sent).
+    pub fn target(&self) -> Result<Target> {
+        Ok(Target {
+            url: self.coordinator.clone(),
+            token: caller_token(self.token_file.as_deref())?,
+            tls_ca: self.tls_ca.clone(),
+            tls_identity: None,
+        })
+    }
+
+    /// A connected `MezoService` client.
+    pub async fn connect(&self) -> Result<MezoServiceClient<AuthChannel>> {
+        Ok(self.target()?.mezo().await?)
+    }
+
+    /// A failed call as a user reads it: the coordinator's message; for a credentials problem
+    /// also the status and what a client passes; for a failure below gRPC, its causes and the
+    /// likely mistake.
+    pub fn rpc_error(&self, s: tonic::Status) -> anyhow::Error {
+        match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => anyhow!(
+                "the coordinator refused the call ({:?}): {} (a client sends its token with --token-file \
+                 FILE or $MEZO_TOKEN)",
+                s.code(),
+                s.message()
+            ),
+            _ if std::error::Error::source(&s).is_some() => anyhow!(
+                "the call to the coordinator at {} failed: {}{}",
+                self.coordinator,
+                status_chain(&s),
+                transport_hint(&self.coordinator, &s)
+            ),
+            _ => anyhow!("{}", s.message()),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +192,14 @@ async fn shutdown_signal() {
 }
 
 pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    // Before binding anything: a bad token or certificate file ends the command with its name.
+    let security = Security::from_files(&SecurityFiles {
+        client_token_file: a.client_token_file.clone(),
+        worker_token_file: a.worker_token_file.clone(),
+        tls_cert: a.tls_cert.clone(),
+        tls_key: a.tls_key.clone(),
+        tls_client_ca: a.tls_client_ca.clone(),
+    })?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen)
             .await
@@ -133,24 +220,25 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
             strict_durability: a.strict_durability,
             path_roots: a.path_root.clone(),
         };
-        mezo_coordinator::server::serve(opts, listener, Some(metrics), shutdown_signal()).await
+        eprintln!("coordinator: {}", security.describe());
+        for w in security.warnings() {
+            eprintln!("coordinator: {w}");
+        }
+        mezo_coordinator::server::serve_secured(opts, security, listener, Some(metrics), shutdown_signal())
+            .await
     })
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
     mezo_model::parse_device(&a.device)?;
+    let mut target = a.client.target()?;
+    target.tls_identity = a.tls_cert.zip(a.tls_key);
+    // Checks the URL and reads the PEM files now: a mistake there is not worth retrying.
+    target.endpoint()?;
     runtime()?.block_on(mezo_worker::run(
-        mezo_worker::Options { coordinator: a.coordinator, device: a.device },
+        mezo_worker::Options { coordinator: target, device: a.device },
         shutdown_signal(),
     ))
-}
-
-async fn client(url: &str) -> Result<MezoServiceClient<tonic::transport::Channel>> {
-    Ok(MezoServiceClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))?
-        // An exported adapter can exceed tonic's 4 MiB default (6 MB for OPT-1.3B at r=8).
-        .max_decoding_message_size(mezo_coordinator::server::MAX_REPLY_BYTES))
 }
 
 fn status_name(s: i32) -> &'static str {
@@ -182,19 +270,20 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                     s => anyhow::bail!("unknown --split `{s}`: expected direction or data"),
                 };
                 let spec = spec_from_config(&cfg, split, a.snapshot_every);
-                let r = client(&a.client.coordinator)
+                let r = a.client
+                    .connect()
                     .await?
                     .start_run(pb::StartRunRequest { spec: Some(spec), run_id: a.run_id })
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    .map_err(|s| a.client.rpc_error(s))?;
                 println!("{}", r.into_inner().run_id);
             }
             RunCommand::Watch(a) => {
-                let mut c = client(&a.client.coordinator).await?;
+                let mut c = a.client.connect().await?;
                 let run = c
                     .get_run(pb::GetRunRequest { run_id: a.run_id.clone() })
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    .map_err(|s| a.client.rpc_error(s))?
                     .into_inner();
                 let total = run.spec.map_or(0, |s| s.steps);
                 let bar = if a.json { ProgressBar::hidden() } else { crate::progress::step_bar(total) };
@@ -208,9 +297,9 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                 let mut s = c
                     .stream_metrics(pb::StreamMetricsRequest { run_id: a.run_id.clone(), from_step: 0 })
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    .map_err(|s| a.client.rpc_error(s))?
                     .into_inner();
-                while let Some(m) = s.message().await? {
+                while let Some(m) = s.message().await.map_err(|s| a.client.rpc_error(s))? {
                     if a.json {
                         println!(
                             "{}",
@@ -241,33 +330,36 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                 }
             }
             RunCommand::Get(a) => {
-                let r = client(&a.client.coordinator)
+                let r = a.client
+                    .connect()
                     .await?
                     .get_run(pb::GetRunRequest { run_id: a.run_id })
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    .map_err(|s| a.client.rpc_error(s))?;
                 println!("{}", describe(r.get_ref()));
             }
             RunCommand::List(a) => {
-                let r = client(&a.coordinator).await?.list_runs(pb::ListRunsRequest {}).await?;
+                let r = a.connect().await?.list_runs(pb::ListRunsRequest {}).await.map_err(|s| a.rpc_error(s))?;
                 for run in &r.get_ref().runs {
                     println!("{}", describe(run));
                 }
             }
             RunCommand::Stop(a) => {
-                let r = client(&a.client.coordinator)
+                let r = a.client
+                    .connect()
                     .await?
                     .stop_run(pb::StopRunRequest { run_id: a.run_id.clone() })
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    .map_err(|s| a.client.rpc_error(s))?;
                 println!("run {}: stopping (was {})", a.run_id, status_name(r.get_ref().status));
             }
             RunCommand::Export(a) => {
-                let r = client(&a.client.coordinator)
+                let r = a.client
+                    .connect()
                     .await?
                     .export_adapter(pb::ExportAdapterRequest { run_id: a.run_id.clone() })
                     .await
-                    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                    .map_err(|s| a.client.rpc_error(s))?
                     .into_inner();
                 std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
                 std::fs::write(a.out.join("adapter_config.json"), &r.adapter_config_json)?;

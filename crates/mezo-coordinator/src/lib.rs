@@ -4,6 +4,7 @@
 //! survive (a worker that dies, a result that arrives late or twice) is tested deterministically;
 //! the gRPC services drive it.
 
+pub mod auth;
 pub mod commit;
 pub mod dispatch;
 pub mod fleet;

@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::Role;
 
 /// The run states `mezo_runs` is labelled with; every one is exported (as 0 when empty) so a
 /// dashboard never sees a series appear from nothing.
@@ -19,6 +22,10 @@ pub const RUN_STATUSES: [&str; 5] = ["pending", "running", "completed", "failed"
 /// The device kinds `mezo_worker_memory_bytes` is labelled with. A worker's report with any other
 /// device string is ignored, so a misbehaving worker cannot add series.
 pub const DEVICE_KINDS: [&str; 2] = ["cpu", "cuda"];
+
+/// The `code` label of `mezo_rpc_rejected_total`: the two statuses a call refused for its
+/// credentials gets.
+pub const REJECTION_CODES: [&str; 2] = ["unauthenticated", "permission_denied"];
 
 /// One worker's memory report (from its heartbeats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +91,10 @@ pub struct Metrics {
     pub worker_memory: IntGaugeVec,
     /// `mezo_worker_memory_capacity_bytes{device}`: the smallest capacity among those devices.
     pub worker_memory_capacity: IntGaugeVec,
+    /// `mezo_rpc_rejected_total{role, code}`: calls refused for their credentials, by the role
+    /// the service needs (client, worker) and the status (see [`REJECTION_CODES`]). Never a token
+    /// or a peer address: a scanner must not be able to add series.
+    pub rpc_rejected: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -126,7 +137,25 @@ impl Metrics {
              memory; CPU: the host's physical memory).",
             "device",
         );
+        let rpc_rejected = reg(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "mezo_rpc_rejected_total",
+                    "gRPC calls refused for their credentials, by the role the service needs and the \
+                     status returned.",
+                ),
+                &["role", "code"],
+            )
+            .expect("counter vec"),
+        );
+        for role in [Role::Client, Role::Worker] {
+            for code in REJECTION_CODES {
+                rpc_rejected.with_label_values(&[role.name(), code]).reset();
+            }
+        }
         Self {
+            rpc_rejected,
             worker_memory,
             worker_memory_capacity,
             steps: counter("mezo_steps_total", "Optimizer steps applied."),
@@ -190,6 +219,15 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Counts a call the [`crate::auth::Guard`] refused.
+    pub fn count_rejected(&self, role: Role, code: tonic::Code) {
+        let code = match code {
+            tonic::Code::PermissionDenied => REJECTION_CODES[1],
+            _ => REJECTION_CODES[0],
+        };
+        self.rpc_rejected.with_label_values(&[role.name(), code]).inc();
     }
 
     /// The registry in the Prometheus text exposition format (version 0.0.4).
@@ -292,13 +330,14 @@ mod tests {
     use std::process::{Command, Stdio};
 
     #[rustfmt::skip]
-    const NAMES: [&str; 20] = [
+    const NAMES: [&str; 21] = [
         "mezo_steps_total", "mezo_skipped_steps_total", "mezo_step_duration_seconds",
         "mezo_forward_duration_seconds", "mezo_train_loss", "mezo_projected_gradient", "mezo_dev_accuracy",
         "mezo_workers_connected", "mezo_tasks_reassigned_total", "mezo_tasks_failed_total",
         "mezo_duplicate_results_total", "mezo_replica_resyncs_total", "mezo_worker_leases_expired_total",
         "mezo_tokens_total", "mezo_checkpoint_duration_seconds", "mezo_runs", "mezo_build_info",
         "mezo_worker_memory_bytes", "mezo_worker_memory_capacity_bytes", "mezo_stream_messages_dropped_total",
+        "mezo_rpc_rejected_total",
     ];
 
     #[test]
@@ -339,6 +378,12 @@ mod tests {
         }
         for status in RUN_STATUSES {
             assert!(text.contains(&format!("mezo_runs{{status=\"{status}\"}} 0")), "{text}");
+        }
+        for role in ["client", "worker"] {
+            for code in REJECTION_CODES {
+                let series = format!("mezo_rpc_rejected_total{{code=\"{code}\",role=\"{role}\"}} 0\n");
+                assert!(text.contains(&series), "{series} missing:\n{text}");
+            }
         }
         let version = env!("CARGO_PKG_VERSION");
         assert!(text.contains(&format!("mezo_build_info{{version=\"{version}\"}} 1")), "{text}");

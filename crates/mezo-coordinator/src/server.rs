@@ -35,8 +35,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Role, Security};
 use crate::commit::Committer;
 use crate::dispatch::{aggregate, plan_train, TaskKind, TaskResult, WorkerId};
 use crate::fleet::{Fleet, StepContext};
@@ -932,11 +934,25 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
 /// The largest request either service decodes.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// The largest reply either service sends (snapshots, exported adapters).
-pub const MAX_REPLY_BYTES: usize = 1 << 30;
+pub const MAX_REPLY_BYTES: usize = mezo_proto::connect::MAX_REPLY_BYTES;
 
-/// Serves both services on `listener` and /metrics on `metrics_listener` until `shutdown`.
+/// Serves both services on `listener` and /metrics on `metrics_listener` until `shutdown`,
+/// admitting every caller (see [`serve_secured`]).
 pub async fn serve(
     opts: Options,
+    listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_secured(opts, Security::default(), listener, metrics_listener, shutdown).await
+}
+
+/// Serves both services on `listener` (TLS and the callers' credentials as `security` says) and
+/// /metrics on `metrics_listener` (plaintext, no credentials: Prometheus scrapes it, so it belongs
+/// on an internal port) until `shutdown`.
+pub async fn serve_secured(
+    opts: Options,
+    security: Security,
     listener: tokio::net::TcpListener,
     metrics_listener: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -961,22 +977,32 @@ pub async fn serve(
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    tonic::transport::Server::builder()
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
+    // Every service sits behind the guard of its role; reflection is the clients' (it is how
+    // their tools find the API; nobody unauthenticated needs to learn even its shape).
+    let client = security.guard(Role::Client, Some(inner.metrics.clone()));
+    let worker = security.guard(Role::Worker, Some(inner.metrics.clone()));
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls.clone() {
+        server = server.tls_config(tls)?;
+    }
+    server
+        .add_service(InterceptedService::new(reflection, client.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, client.clone()))
         // Message size limits, explicit: requests are small (a run spec, a result of a few
         // scalars), so 4 MiB in bounds what a client can make the coordinator buffer; replies may
         // carry a LoRA state or an adapter (26 MB for OPT-13B at r=8), so up to 1 GiB out.
-        .add_service(
+        .add_service(InterceptedService::new(
             pb::mezo_service_server::MezoServiceServer::new(MezoSvc(inner.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_REPLY_BYTES),
-        )
-        .add_service(
+            client,
+        ))
+        .add_service(InterceptedService::new(
             pb::worker_service_server::WorkerServiceServer::new(WorkerSvc(inner))
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_REPLY_BYTES),
-        )
+            worker,
+        ))
         // TCP_NODELAY: a step is a few small messages back and forth; Nagle's algorithm with
         // delayed ACKs would add ~40 ms to each.
         .serve_with_incoming_shutdown(

@@ -1,5 +1,9 @@
 //! mezo's gRPC API, generated from `proto/mezo/v1` at build time: the public `MezoService`
-//! (runs) and the internal `WorkerService` (coordinator <-> workers).
+//! (runs) and the internal `WorkerService` (coordinator <-> workers); and how callers reach it:
+//! [`connect`] (TLS, the bearer token) and [`credentials`] (token and PEM files).
+
+pub mod connect;
+pub mod credentials;
 
 pub mod v1 {
     tonic::include_proto!("mezo.v1");

@@ -7,37 +7,58 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+use mezo_proto::connect::{refused_by_tls, status_chain, transport_hint, AuthChannel, ConnectError, Target};
 use mezo_proto::v1 as pb;
 use mezo_proto::v1::worker_service_client::WorkerServiceClient;
 use mezo_train::spec::config_from_spec;
 use mezo_train::trainer::{state_checksum, EvalSet};
 use mezo_train::Session;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 
 pub mod memory;
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// e.g. http://127.0.0.1:50051
-    pub coordinator: String,
+    /// The coordinator (e.g. http://127.0.0.1:50051) and this worker's credentials.
+    pub coordinator: Target,
     /// cpu, cuda or cuda:N
     pub device: String,
 }
 
-type Client = WorkerServiceClient<Channel>;
+type Client = WorkerServiceClient<AuthChannel>;
 
-async fn connect(url: &str) -> Result<Client> {
+async fn connect(target: &Target) -> Result<Client> {
     let mut last = None;
-    // The coordinator may still be starting: retry for a while before giving up.
+    // The coordinator may still be starting: retry for a while before giving up. A bad URL or
+    // credential file is not going to fix itself: those end the worker at once.
     for _ in 0..100 {
-        match WorkerServiceClient::connect(url.to_string()).await {
+        match target.worker().await {
             Ok(c) => return Ok(c.max_decoding_message_size(256 << 20)),
-            Err(e) => last = Some(e),
+            Err(e @ ConnectError::Unreachable { .. }) => last = Some(e),
+            Err(e) => return Err(e.into()),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(anyhow!("cannot reach the coordinator at {url}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+    Err(last.map_or_else(|| anyhow!("cannot reach the coordinator at {}", target.url), Into::into))
+}
+
+/// Refusals that retrying cannot cure: this worker's credentials are wrong for the coordinator.
+fn refused(e: &tonic::Status, url: &str) -> Option<anyhow::Error> {
+    if refused_by_tls(e) {
+        return Some(anyhow!(
+            "the coordinator at {url} refused this worker's TLS connection: {}{}",
+            status_chain(e),
+            transport_hint(url, e)
+        ));
+    }
+    matches!(e.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied).then(|| {
+        anyhow!(
+            "the coordinator at {url} refused this worker ({:?}): {} (a worker sends --token-file or \
+             $MEZO_TOKEN, and --tls-cert/--tls-key where the coordinator requires mutual TLS)",
+            e.code(),
+            e.message()
+        )
+    })
 }
 
 /// Runs until the coordinator goes away for good or `shutdown` resolves.
@@ -62,14 +83,21 @@ pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>)
         {
             Ok(r) => r.into_inner(),
             Err(e) => {
-                eprintln!("worker: registering with {} failed ({}); retrying", opts.coordinator, e.message());
+                if let Some(fatal) = refused(&e, &opts.coordinator.url) {
+                    return Err(fatal);
+                }
+                eprintln!(
+                    "worker: registering with {} failed ({}); retrying",
+                    opts.coordinator.url,
+                    status_chain(&e)
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 client = connect(&opts.coordinator).await?;
                 continue;
             }
         };
         let id = reg.worker_id.clone();
-        eprintln!("worker {id}: registered with {} ({})", opts.coordinator, opts.device);
+        eprintln!("worker {id}: registered with {} ({})", opts.coordinator.url, opts.device);
         let (lost_tx, mut lost_rx) = oneshot::channel::<()>();
         let mut hb = client.clone();
         let hb_id = id.clone();
