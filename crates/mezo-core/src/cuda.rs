@@ -39,27 +39,7 @@ __device__ __forceinline__ void load_table(float* sT, const float* __restrict__ 
   for (u32 j = threadIdx.x; j <= HALF; j += blockDim.x) sT[j] = T[j];
   __syncthreads();
 }
-__device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
-  if (dt == 0) return ((const float*)p)[i];
-  unsigned short h = ((const unsigned short*)p)[i];
-  if (dt == 1) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-  return __uint_as_float(((u32)h) << 16);
-}
-// What storing v to a dt tensor and loading it back gives.
-__device__ __forceinline__ float rnd(float v, int dt) {
-  if (dt == 0) return v;
-  unsigned short h; float f;
-  if (dt == 1) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  return __uint_as_float(((u32)h) << 16);
-}
-__device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
-  if (dt == 0) { ((float*)p)[i] = v; return; }
-  unsigned short h;
-  if (dt == 1) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
-  else { asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
-  ((unsigned short*)p)[i] = h;
-}
+// 16-bit halves (f16 or bf16) to and from f32, round to nearest even.
 __device__ __forceinline__ float h2f(u32 h, int dt) {
   if (dt == 1) { unsigned short s = (unsigned short)h; float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s)); return f; }
   return __uint_as_float(h << 16);
@@ -69,6 +49,18 @@ __device__ __forceinline__ u32 f2h(float v, int dt) {
   if (dt == 1) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
   else { asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
   return (u32)h;
+}
+__device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
+  if (dt == 0) return ((const float*)p)[i];
+  return h2f(((const unsigned short*)p)[i], dt);
+}
+// What storing v to a dt tensor and loading it back gives.
+__device__ __forceinline__ float rnd(float v, int dt) {
+  return dt == 0 ? v : h2f(f2h(v, dt), dt);
+}
+__device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
+  if (dt == 0) { ((float*)p)[i] = v; return; }
+  ((unsigned short*)p)[i] = (unsigned short)f2h(v, dt);
 }
 // Four consecutive elements with one vector load and one store (16 bytes of f32, 8 of f16/bf16):
 // fewer, wider memory operations, and four independent table reads per thread in flight. The
