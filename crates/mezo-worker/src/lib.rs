@@ -171,6 +171,18 @@ struct Replica {
     last: Option<pb::StepUpdate>,
 }
 
+impl Replica {
+    /// Applies the logged update of step `version` (nothing for a skipped step) and moves on.
+    fn apply(&mut self, u: pb::StepUpdate) -> Result<()> {
+        if !u.skipped {
+            self.session.apply_logged(&u.seeds, &u.grads, u.lr)?;
+        }
+        self.version += 1;
+        self.last = Some(u);
+        Ok(())
+    }
+}
+
 /// Test hook (fault injection): `MEZO_FAULT_CORRUPT_REPLICA_AT=N` flips one value of this
 /// worker's LoRA replica at its first checksum-verified task at version N or later, once, so the tests can watch the
 /// checksum comparison catch it. Unset in normal use.
@@ -323,11 +335,7 @@ fn prepare_replica(
     let rep = replicas.get_mut(&task.run_id).expect("inserted above");
     // The common case: one step behind, and the task carries that step's update.
     if let Some(u) = prev.filter(|u| rep.version + 1 == task.version && u.step == rep.version) {
-        if !u.skipped {
-            rep.session.apply_logged(&u.seeds, &u.grads, u.lr)?;
-        }
-        rep.version += 1;
-        rep.last = Some(u.clone());
+        rep.apply(u.clone())?;
     }
     if rep.version < task.version {
         let log = rt
@@ -347,11 +355,7 @@ fn prepare_replica(
                     u.step
                 ));
             }
-            if !u.skipped {
-                rep.session.apply_logged(&u.seeds, &u.grads, u.lr)?;
-            }
-            rep.version += 1;
-            rep.last = Some(u);
+            rep.apply(u)?;
         }
         if rep.version != task.version {
             return Err(anyhow!(
