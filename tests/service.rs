@@ -313,7 +313,8 @@ fn a_worker_out_of_memory_fails_the_task_and_keeps_serving() {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmSize");
     let cap = (vm_kb + (1 << 20)) * 1024;
-    let out = Command::new("prlimit").args(["--pid", &pid.to_string(), &format!("--as={cap}:{cap}")]).output();
+    let out =
+        Command::new("prlimit").args(["--pid", &pid.to_string(), &format!("--as={cap}:{cap}")]).output();
     assert!(out.as_ref().is_ok_and(|o| o.status.success()), "prlimit (util-linux) sets the cap: {out:?}");
 
     let v = run(&c, "big", "64");
