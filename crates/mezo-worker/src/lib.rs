@@ -199,6 +199,7 @@ fn engine_thread(
 ) {
     let mut replicas: HashMap<String, Replica> = HashMap::new();
     let mut corrupt = corrupt_at();
+    quiet_caught_panics();
     while let Some((task, reply)) = jobs.blocking_recv() {
         let mut r = pb::SubmitResultRequest {
             task_id: task.task_id.clone(),
@@ -209,10 +210,12 @@ fn engine_thread(
         // libtorch reports an allocation failure (out of memory on the GPU, or the CPU allocator
         // refusing) as an error that tch's tensor operators turn into a panic: catch it here, so
         // the task fails with a clear report and this worker keeps serving.
+        SERVING.set(true);
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve_task(&task, &mut replicas, &client, &rt, &device, &mut corrupt, &mut r.resynced)
         }))
         .unwrap_or_else(|payload| Err(anyhow!("{}", panic_text(payload.as_ref()))));
+        SERVING.set(false);
         match served {
             Ok(Outcome::Losses { per_seed, weight, tokens, seconds }) => {
                 r.loss_plus = per_seed.iter().map(|p| p.0).collect();
@@ -239,6 +242,27 @@ fn engine_thread(
         }
         let _ = reply.send(r);
     }
+}
+
+thread_local! {
+    /// True while this thread serves a task inside `catch_unwind`: a panic there is caught and
+    /// reported as the task's failure, so the panic hook need not print it (with libtorch's C++
+    /// frames) as if the worker had crashed.
+    static SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays quiet for panics caught as task failures and prints
+/// every other panic as before.
+fn quiet_caught_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !SERVING.get() {
+                default(info);
+            }
+        }));
+    });
 }
 
 /// The message of a caught panic (tch panics with the libtorch error's text).
@@ -429,6 +453,9 @@ mod tests {
                    data. DefaultCPUAllocator: not enough memory: you tried to allocate 4294967296 bytes.\")";
         assert!(describe_failure(cpu, "cpu").starts_with("out of memory on cpu: [enforce fail"));
         assert!(describe_failure(cpu, "cpu").ends_with("4294967296 bytes."));
-        assert_eq!(describe_failure("loading the run's model: no config.json", "cpu"), "loading the run's model: no config.json");
+        assert_eq!(
+            describe_failure("loading the run's model: no config.json", "cpu"),
+            "loading the run's model: no config.json"
+        );
     }
 }
