@@ -206,7 +206,7 @@ fn soak_kills_and_network_faults_end_bit_identical() {
     let reference = {
         let c = Cluster::new("soak", "reference", 2);
         c.start_run_args("r", &spec);
-        let v = c.wait_done("r", Duration::from_secs(60 + steps * 5));
+        let v = c.wait_done("r", Duration::from_secs(120 + steps * 20));
         assert_eq!(v["status"], "completed", "{v}");
         c.export("r")
     };
@@ -226,7 +226,7 @@ fn soak_kills_and_network_faults_end_bit_identical() {
     let mut rng = Rng(seed);
     let (mut worker_kills, mut coordinator_kills, mut resets, mut stalls) = (0u64, 0u64, 0u64, 0u64);
     let start = Instant::now();
-    let limit = Duration::from_secs(120 + steps * 10);
+    let limit = Duration::from_secs(240 + steps * 30);
     loop {
         thread::sleep(Duration::from_millis(300 + rng.below(900)));
         let v = c.get("r");

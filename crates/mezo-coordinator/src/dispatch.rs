@@ -176,7 +176,10 @@ impl Dispatcher {
             let task_id = self.next_task;
             self.next_task += 1;
             let spec = TaskSpec { task_id, run_id: run_id.into(), step, kind, seeds, examples, version };
-            self.tasks.insert(task_id, Task { spec, owner: None, result: None, failures: 0, failed_on: Vec::new() });
+            self.tasks.insert(
+                task_id,
+                Task { spec, owner: None, result: None, failures: 0, failed_on: Vec::new() },
+            );
             self.queue.push_back(task_id);
             ids.push(task_id);
         }
@@ -432,7 +435,10 @@ mod tests {
         let got = d.assign(t0, 1);
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![small, big]);
         let failed = got[0].1.task_id;
-        assert_eq!(d.complete(small, failed, TaskResult::Failed("out of memory".into())), Completion::Requeued);
+        assert_eq!(
+            d.complete(small, failed, TaskResult::Failed("out of memory".into())),
+            Completion::Requeued
+        );
         // `small` is idle and `big` busy, so least-loaded would pick `small` again: nothing is
         // assigned until `big` has room, and then it goes to `big`.
         assert!(d.assign(t0, 1).iter().all(|(w, _)| *w == big), "went back to the worker that failed it");
