@@ -209,6 +209,42 @@ mod tests {
     }
 
     #[test]
+    fn tasks_user_templates_and_losses_cross_the_wire() {
+        let base = pb::RunSpec { model: "m".into(), data_dir: "d".into(), ..Default::default() };
+        // An unset loss is the task's default.
+        let s = pb::RunSpec { task: "squad".into(), ..base.clone() };
+        let (c, _, _) = config_from_spec(&s, "o".into()).unwrap();
+        assert_eq!((c.loss, c.max_new_tokens), (LossKind::AnswerCe, DEFAULT_MAX_NEW_TOKENS));
+        let s = pb::RunSpec { task: "copa".into(), loss: pb::Loss::Accuracy as i32, ..base.clone() };
+        assert_eq!(config_from_spec(&s, "o".into()).unwrap().0.loss, LossKind::Accuracy);
+        let s = pb::RunSpec {
+            task: "custom".into(),
+            loss: pb::Loss::F1 as i32,
+            max_new_tokens: 7,
+            user_template: Some(pb::UserTemplate {
+                prompt: "Q: {q}\\nA:".into(),
+                answer_field: "a".into(),
+                ..Default::default()
+            }),
+            ..base.clone()
+        };
+        let (c, split, snap) = config_from_spec(&s, "o".into()).unwrap();
+        assert_eq!(c.user_template.as_ref().unwrap().answer_field, "a");
+        assert_eq!((c.loss, c.max_new_tokens), (LossKind::F1, 7));
+        assert_eq!(config_from_spec(&spec_from_config(&c, split, snap), "o".into()).unwrap().0, c);
+        // Mismatches are refused with the reason.
+        let s = pb::RunSpec { task: "squad".into(), loss: pb::Loss::Accuracy as i32, ..base.clone() };
+        let e = config_from_spec(&s, "o".into()).unwrap_err().to_string();
+        assert!(e.contains("generates") && e.contains("answer-ce or f1"), "{e}");
+        let s = pb::RunSpec { task: "rte".into(), loss: pb::Loss::F1 as i32, ..base.clone() };
+        assert!(config_from_spec(&s, "o".into()).unwrap_err().to_string().contains("scores candidates"));
+        let s = pb::RunSpec { task: "custom".into(), ..base.clone() };
+        assert!(config_from_spec(&s, "o".into()).unwrap_err().to_string().contains("--prompt"));
+        let s = pb::RunSpec { task: "rte".into(), user_template: Some(Default::default()), ..base };
+        assert!(config_from_spec(&s, "o".into()).unwrap_err().to_string().contains("custom only"));
+    }
+
+    #[test]
     fn bad_specs_name_the_field() {
         let e = config_from_spec(&pb::RunSpec::default(), "o".into()).unwrap_err().to_string();
         assert!(e.contains("model and data_dir"), "{e}");
