@@ -44,7 +44,8 @@ const PLACES: [&str; 5] = ["Paris", "Rome", "Oslo", "Lima", "Baku"];
 
 fn rte_line(i: usize) -> Value {
     let (n, p) = (NAMES[i % 6], PLACES[i % 5]);
-    let (h, label) = if i % 2 == 0 { (format!("{n} is in {p}."), 0) } else { (format!("{n} is not in {p}."), 1) };
+    let (h, label) =
+        if i.is_multiple_of(2) { (format!("{n} is in {p}."), 0) } else { (format!("{n} is not in {p}."), 1) };
     json!({"idx": i, "premise": format!("{n} went to {p} last week."), "hypothesis": h, "label": label})
 }
 
@@ -57,35 +58,49 @@ fn squad_line(i: usize) -> Value {
 /// One small file per task, in the HF datasets' fields; returns (task, file, candidates each).
 fn task_files(dir: &Path) -> Vec<(&'static str, PathBuf, Option<usize>)> {
     let files: Vec<(&str, Vec<Value>, Option<usize>)> = vec![
-        ("sst2", vec![json!({"sentence": "a fine film", "label": 1}), json!({"sentence": "dull", "label": 0})], Some(2)),
+        (
+            "sst2",
+            vec![json!({"sentence": "a fine film", "label": 1}), json!({"sentence": "dull", "label": 0})],
+            Some(2),
+        ),
         ("rte", (0..3).map(rte_line).collect(), Some(2)),
         (
             "cb",
-            vec![json!({"premise": "It rained.", "hypothesis": "It was wet.", "label": 2}),
-                 json!({"premise": "It is sunny.", "hypothesis": "It rains.", "label": 1})],
+            vec![
+                json!({"premise": "It rained.", "hypothesis": "It was wet.", "label": 2}),
+                json!({"premise": "It is sunny.", "hypothesis": "It rains.", "label": 1}),
+            ],
             Some(3),
         ),
         (
             "boolq",
-            vec![json!({"passage": "Cats are mammals.", "question": "are cats mammals", "label": 1}),
-                 json!({"passage": "Fish swim.", "question": "do fish fly", "answer": false})],
+            vec![
+                json!({"passage": "Cats are mammals.", "question": "are cats mammals", "label": 1}),
+                json!({"passage": "Fish swim.", "question": "do fish fly", "answer": false}),
+            ],
             Some(2),
         ),
         (
             "wsc",
-            vec![json!({"text": "Ann thanked Eve because she helped.", "span1_text": "Eve", "span2_text": "she",
-                        "span1_index": 2, "span2_index": 4, "label": 1})],
+            vec![
+                json!({"text": "Ann thanked Eve because she helped.", "span1_text": "Eve", "span2_text": "she",
+                        "span1_index": 2, "span2_index": 4, "label": 1}),
+            ],
             Some(2),
         ),
         (
             "wic",
-            vec![json!({"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "label": 0})],
+            vec![
+                json!({"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "label": 0}),
+            ],
             Some(2),
         ),
         (
             "multirc",
-            vec![json!({"paragraph": "Ann lives in Rome.", "question": "Where does Ann live?", "answer": "Rome",
-                        "idx": {"paragraph": 0, "question": 0, "answer": 0}, "label": 1})],
+            vec![
+                json!({"paragraph": "Ann lives in Rome.", "question": "Where does Ann live?", "answer": "Rome",
+                        "idx": {"paragraph": 0, "question": 0, "answer": 0}, "label": 1}),
+            ],
             Some(2),
         ),
         (
@@ -96,15 +111,19 @@ fn task_files(dir: &Path) -> Vec<(&'static str, PathBuf, Option<usize>)> {
         ),
         (
             "record",
-            vec![json!({"passage": "Ann met Bob in Rome.\n@highlight\nAnn and Bob met", "query": "@placeholder met Bob.",
-                        "entities": ["Ann", "Bob", "Rome"], "answers": ["Ann"]})],
+            vec![
+                json!({"passage": "Ann met Bob in Rome.\n@highlight\nAnn and Bob met", "query": "@placeholder met Bob.",
+                        "entities": ["Ann", "Bob", "Rome"], "answers": ["Ann"]}),
+            ],
             Some(3),
         ),
         ("squad", (0..2).map(squad_line).collect(), None),
         (
             "drop",
-            vec![json!({"passage": "Ann scored 3 goals and Bob 2.", "question": "How many goals did Ann score?",
-                        "answers_spans": {"spans": ["3"], "types": ["number"]}})],
+            vec![
+                json!({"passage": "Ann scored 3 goals and Bob 2.", "question": "How many goals did Ann score?",
+                        "answers_spans": {"spans": ["3"], "types": ["number"]}}),
+            ],
             None,
         ),
     ];
@@ -123,7 +142,18 @@ fn every_task_evaluates_from_its_hf_fields() {
     let dir = tmp("eval-all");
     for (task, file, cands) in task_files(&dir) {
         let f = file.to_string_lossy();
-        let r = json_out(&["eval", "--model", &model(), "--task", task, "--data", &f, "--max-new-tokens", "4", "--json"]);
+        let r = json_out(&[
+            "eval",
+            "--model",
+            &model(),
+            "--task",
+            task,
+            "--data",
+            &f,
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]);
         let n = std::fs::read_to_string(&file).unwrap().lines().count() as u64;
         assert_eq!(r["examples"], n, "{task}: {r}");
         let score = r["score"].as_f64().unwrap();
@@ -146,8 +176,20 @@ fn every_task_evaluates_from_its_hf_fields() {
 /// A short LoRA run; returns the report.
 fn train(data: &Path, out: &Path, extra: &[&str]) -> Value {
     let mut args: Vec<String> = [
-        "train", "--model", &model(), "--data-dir", &data.to_string_lossy(), "--out", &out.to_string_lossy(),
-        "--json", "--lora-r", "2", "--lora-targets", "out_proj,fc2", "--seed", "1",
+        "train",
+        "--model",
+        &model(),
+        "--data-dir",
+        &data.to_string_lossy(),
+        "--out",
+        &out.to_string_lossy(),
+        "--json",
+        "--lora-r",
+        "2",
+        "--lora-targets",
+        "out_proj,fc2",
+        "--seed",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -165,18 +207,42 @@ fn rte_trains_and_eval_reproduces_the_test_accuracy() {
     let r = train(
         &dir,
         &out,
-        &["--task", "rte", "--steps", "4", "--n-train", "16", "--n-dev", "8", "--batch-size", "4", "--eval-every", "2"],
+        &[
+            "--task",
+            "rte",
+            "--steps",
+            "4",
+            "--n-train",
+            "16",
+            "--n-dev",
+            "8",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "2",
+        ],
     );
     assert_eq!((r["metric"].as_str(), r["steps"].as_u64()), (Some("accuracy"), Some(4)), "{r}");
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 4);
     // The best adapter, scored again by `mezo eval`, gives the run's test accuracy.
     let e = json_out(&[
-        "eval", "--model", &model(), "--task", "rte", "--data", &dir.join("validation.jsonl").to_string_lossy(),
-        "--adapter", &out.join("adapter").to_string_lossy(), "--json",
+        "eval",
+        "--model",
+        &model(),
+        "--task",
+        "rte",
+        "--data",
+        &dir.join("validation.jsonl").to_string_lossy(),
+        "--adapter",
+        &out.join("adapter").to_string_lossy(),
+        "--json",
     ]);
     assert_eq!(e["examples"], 8);
-    assert!((e["accuracy"].as_f64().unwrap() - r["test_accuracy"].as_f64().unwrap()).abs() < 1e-12, "{e} {r}");
+    assert!(
+        (e["accuracy"].as_f64().unwrap() - r["test_accuracy"].as_f64().unwrap()).abs() < 1e-12,
+        "{e} {r}"
+    );
 }
 
 #[test]
@@ -186,15 +252,26 @@ fn squad_trains_on_answers_and_scores_generations() {
     let valid = dir.join("validation.jsonl");
     write_jsonl(&valid, &(16..20).map(squad_line).collect::<Vec<_>>());
     let out = dir.join("out");
-    let common = ["--task", "squad", "--n-train", "8", "--n-dev", "4", "--batch-size", "4", "--max-new-tokens", "4"];
+    let common =
+        ["--task", "squad", "--n-train", "8", "--n-dev", "4", "--batch-size", "4", "--max-new-tokens", "4"];
     // Teacher-forced answer-ce is the default for a generation task.
     let r = train(&dir, &out, &[&common[..], &["--steps", "3", "--eval-every", "0"]].concat());
     assert_eq!(r["metric"], "f1", "{r}");
     assert!(r["final_train_loss"].as_f64().unwrap() > 0.0, "answer cross-entropy is positive: {r}");
     let adapter = out.join("adapter").to_string_lossy().to_string();
     let e = json_out(&[
-        "eval", "--model", &model(), "--task", "squad", "--data", &valid.to_string_lossy(), "--adapter", &adapter,
-        "--max-new-tokens", "4", "--json",
+        "eval",
+        "--model",
+        &model(),
+        "--task",
+        "squad",
+        "--data",
+        &valid.to_string_lossy(),
+        "--adapter",
+        &adapter,
+        "--max-new-tokens",
+        "4",
+        "--json",
     ]);
     assert!((e["f1"].as_f64().unwrap() - r["test_accuracy"].as_f64().unwrap()).abs() < 1e-12, "{e} {r}");
     // References set to the model's own greedy outputs for half the examples: exact match 1/2.
@@ -203,7 +280,7 @@ fn squad_trains_on_answers_and_scores_generations() {
         .zip(&gens)
         .map(|(i, g)| {
             let mut l = squad_line(i);
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 l["answers"]["text"] = json!([g["prediction"].as_str().unwrap().to_uppercase() + "."]);
             }
             l
@@ -212,13 +289,24 @@ fn squad_trains_on_answers_and_scores_generations() {
     let own = dir.join("own.jsonl");
     write_jsonl(&own, &lines);
     let e2 = json_out(&[
-        "eval", "--model", &model(), "--task", "squad", "--data", &own.to_string_lossy(), "--adapter", &adapter,
-        "--max-new-tokens", "4", "--json",
+        "eval",
+        "--model",
+        &model(),
+        "--task",
+        "squad",
+        "--data",
+        &own.to_string_lossy(),
+        "--adapter",
+        &adapter,
+        "--max-new-tokens",
+        "4",
+        "--json",
     ]);
     assert_eq!(e2["exact_match"].as_f64().unwrap(), 0.5, "{e2}");
     // The non-differentiable F1 objective trains too: -F1 per forward, in [-1, 0].
     let out2 = dir.join("out-f1");
-    let r2 = train(&dir, &out2, &[&common[..], &["--steps", "2", "--eval-every", "0", "--loss", "f1"]].concat());
+    let r2 =
+        train(&dir, &out2, &[&common[..], &["--steps", "2", "--eval-every", "0", "--loss", "f1"]].concat());
     let log = std::fs::read_to_string(out2.join("train_log.jsonl")).unwrap();
     for l in log.lines() {
         let loss = serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64().unwrap();
@@ -238,15 +326,24 @@ fn user_template_task_with_per_line_candidates() {
     write_jsonl(&dir.join("train.jsonl"), &(0..12).map(line).collect::<Vec<_>>());
     write_jsonl(&dir.join("validation.jsonl"), &(12..16).map(line).collect::<Vec<_>>());
     let tpl = [
-        "--task", "custom", "--prompt", "{story}\\n{who} is now in", "--candidates-field", "options", "--label-field",
+        "--task",
+        "custom",
+        "--prompt",
+        "{story}\\n{who} is now in",
+        "--candidates-field",
+        "options",
+        "--label-field",
         "gold",
     ];
     let out = dir.join("out");
     let r = train(
         &dir,
         &out,
-        &[&tpl[..], &["--steps", "3", "--n-train", "8", "--n-dev", "4", "--batch-size", "4", "--eval-every", "0"]]
-            .concat(),
+        &[
+            &tpl[..],
+            &["--steps", "3", "--n-train", "8", "--n-dev", "4", "--batch-size", "4", "--eval-every", "0"],
+        ]
+        .concat(),
     );
     assert_eq!(r["metric"], "accuracy");
     let m = model();
@@ -265,10 +362,39 @@ fn user_template_task_with_per_line_candidates() {
 fn accuracy_objective_trains_in_process_and_through_the_service() {
     let sst2 = assets().join("sst2");
     let out = tmp("acc");
-    let tpl = ["--task", "custom", "--prompt", "{sentence} It was", "--candidate", " terrible", "--candidate", " great"];
+    let tpl = [
+        "--task",
+        "custom",
+        "--prompt",
+        "{sentence} It was",
+        "--candidate",
+        " terrible",
+        "--candidate",
+        " great",
+    ];
     let run = [
-        "--steps", "16", "--n-train", "64", "--n-dev", "64", "--test-limit", "32", "--batch-size", "16", "--loss",
-        "accuracy", "--lr", "3e-2", "--eps", "1e-1", "--eval-every", "8", "--directions", "2", "--seed", "0",
+        "--steps",
+        "16",
+        "--n-train",
+        "64",
+        "--n-dev",
+        "64",
+        "--test-limit",
+        "32",
+        "--batch-size",
+        "16",
+        "--loss",
+        "accuracy",
+        "--lr",
+        "3e-2",
+        "--eps",
+        "1e-1",
+        "--eval-every",
+        "8",
+        "--directions",
+        "2",
+        "--seed",
+        "0",
     ];
     let r = train(&sst2, &out.join("local"), &[&tpl[..], &run[..]].concat());
     assert_eq!(r["metric"], "accuracy");
@@ -303,11 +429,37 @@ fn bad_task_arguments_are_named() {
     assert!(e.contains("rte.jsonl:1") && e.contains("`title`"), "{e}");
     let e = mezo_err(&["eval", "--model", &m, "--task", "custom", "--data", &rte]);
     assert!(e.contains("--prompt"), "{e}");
-    let e = mezo_err(&["eval", "--model", &m, "--task", "custom", "--prompt", "{premise", "--candidate", "a",
-                       "--candidate", "b", "--data", &rte]);
+    let e = mezo_err(&[
+        "eval",
+        "--model",
+        &m,
+        "--task",
+        "custom",
+        "--prompt",
+        "{premise",
+        "--candidate",
+        "a",
+        "--candidate",
+        "b",
+        "--data",
+        &rte,
+    ]);
     assert!(e.contains("without its `}`"), "{e}");
-    let e = mezo_err(&["eval", "--model", &m, "--task", "custom", "--prompt", "{nope}", "--candidate", " a",
-                       "--candidate", " b", "--data", &rte]);
+    let e = mezo_err(&[
+        "eval",
+        "--model",
+        &m,
+        "--task",
+        "custom",
+        "--prompt",
+        "{nope}",
+        "--candidate",
+        " a",
+        "--candidate",
+        " b",
+        "--data",
+        &rte,
+    ]);
     assert!(e.contains("rte.jsonl:1") && e.contains("`nope`"), "{e}");
     let d = dir.to_string_lossy().to_string();
     let base = ["train", "--model", &m, "--data-dir", &d, "--out", &d, "--steps", "1"];

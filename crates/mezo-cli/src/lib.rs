@@ -13,8 +13,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mezo_model::scoring::{evaluate, EvalReport};
-use train::TaskArgs;
 use mezo_model::{parse_device, parse_dtype, Opt, TextTokenizer};
+use train::TaskArgs;
 
 #[derive(Parser, Debug)]
 #[command(name = "mezo", version, about = "Fine-tune language models with MeZO: forward passes only")]

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use indicatif::ProgressBar;
-use mezo_train::optim::Schedule;
 use mezo_data::{Task, UserTemplate};
+use mezo_train::optim::Schedule;
 use mezo_train::trainer::{default_loss, DEFAULT_MAX_NEW_TOKENS};
 use mezo_train::{train, LossKind, ModeSpec, Observer, OptimizerSpec, StepRecord, TrainConfig, TrainReport};
 

@@ -36,7 +36,10 @@ pub struct ScoringRow {
 
 /// Scoring rows of an example: one per candidate, or for a generation task the prompt followed
 /// by the gold answer (its teacher-forced training row).
-pub fn task_rows<E>(ex: &TaskExample, encode: &mut dyn FnMut(&str) -> Result<Vec<i64>, E>) -> Result<Vec<ScoringRow>, E> {
+pub fn task_rows<E>(
+    ex: &TaskExample,
+    encode: &mut dyn FnMut(&str) -> Result<Vec<i64>, E>,
+) -> Result<Vec<ScoringRow>, E> {
     if ex.candidates.is_empty() {
         candidate_rows(&ex.prompt, &[ex.target().as_str()], encode)
     } else {

@@ -126,7 +126,8 @@ impl TaskExample {
     /// `"Answer: {answer}\n"`).
     pub fn target(&self) -> String {
         if self.candidates.is_empty() {
-            let sep = if self.prompt.ends_with(char::is_whitespace) || self.prompt.is_empty() { "" } else { " " };
+            let sep =
+                if self.prompt.ends_with(char::is_whitespace) || self.prompt.is_empty() { "" } else { " " };
             format!("{sep}{}\n", self.answers.first().map_or("", String::as_str))
         } else {
             self.candidates[self.gold[0]].clone()
@@ -198,7 +199,8 @@ impl Task {
 
     /// Reads a JSONL file of this task; a bad line fails with its file, line and field.
     pub fn load(&self, path: &Path) -> Result<Vec<TaskExample>, DataError> {
-        let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        let file =
+            std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
         let mut out = Vec::new();
         for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
@@ -206,7 +208,8 @@ impl Task {
                 continue;
             }
             let err = |message: String| DataError::Line { path: path.to_path_buf(), line: i + 1, message };
-            let value: Value = serde_json::from_str(&line).map_err(|e| err(format!("not a JSON object: {e}")))?;
+            let value: Value =
+                serde_json::from_str(&line).map_err(|e| err(format!("not a JSON object: {e}")))?;
             let Value::Object(obj) = value else {
                 return Err(err("not a JSON object".into()));
             };
@@ -229,20 +232,20 @@ impl Task {
                 let s = string(o, "sentence")?;
                 let t = self.sst2;
                 let c = t.candidates().iter().map(|c| c.to_string()).collect();
-                (t.prompt(s.trim()), c, vec![label(o, "label", 2)?], vec![], words(&s))
+                (t.prompt(s.trim()), c, vec![label(o, "label", 2)?], vec![], words(s))
             }
             TaskName::Rte => {
                 let (p, h) = (string(o, "premise")?, string(o, "hypothesis")?);
                 let prompt = format!("{p}\nDoes this mean that \"{h}\" is true? Yes or No?\n");
                 // super_glue/rte: 0 entailment ("Yes"), 1 not_entailment ("No").
-                (prompt, yes_no(), vec![label(o, "label", 2)?], vec![], words(&p) + words(&h))
+                (prompt, yes_no(), vec![label(o, "label", 2)?], vec![], words(p) + words(h))
             }
             TaskName::Cb => {
                 let (p, h) = (string(o, "premise")?, string(o, "hypothesis")?);
                 let prompt = format!("Suppose {p} Can we infer that \"{h}\"? Yes, No, or Maybe?\n");
                 // 0 entailment, 1 contradiction, 2 neutral.
                 let c = vec!["Yes".into(), "No".into(), "Maybe".into()];
-                (prompt, c, vec![label(o, "label", 3)?], vec![], words(&p) + words(&h))
+                (prompt, c, vec![label(o, "label", 3)?], vec![], words(p) + words(h))
             }
             TaskName::Boolq => {
                 let (passage, q) = (string(o, "passage")?, string(o, "question")?);
@@ -254,12 +257,16 @@ impl Task {
                 // MeZO's default BoolQ template (V3): "Yes" for true answers.
                 let truth = match (o.get("answer"), o.get("label")) {
                     (Some(Value::Bool(b)), _) => *b,
-                    (Some(other), _) => return Err(format!("field `answer` is {other}, expected true or false")),
+                    (Some(other), _) => {
+                        return Err(format!("field `answer` is {other}, expected true or false"))
+                    }
                     (None, Some(_)) => label(o, "label", 2)? == 1,
-                    (None, None) => return Err("missing field `label` (super_glue) or `answer` (boolq)".into()),
+                    (None, None) => {
+                        return Err("missing field `label` (super_glue) or `answer` (boolq)".into())
+                    }
                 };
                 let prompt = format!("{passage} {q}\n");
-                (prompt, yes_no(), vec![usize::from(!truth)], vec![], words(&passage) + words(&q))
+                (prompt, yes_no(), vec![usize::from(!truth)], vec![], words(passage) + words(&q))
             }
             TaskName::Wsc => {
                 let (t, s1, s2) = (string(o, "text")?, string(o, "span1_text")?, string(o, "span2_text")?);
@@ -267,28 +274,31 @@ impl Task {
                     "{t}\nIn the previous sentence, does the pronoun \"{}\" refer to {s1}? Yes or No?\n",
                     s2.to_lowercase()
                 );
-                (prompt, no_yes(), vec![label(o, "label", 2)?], vec![], words(&t))
+                (prompt, no_yes(), vec![label(o, "label", 2)?], vec![], words(t))
             }
             TaskName::Wic => {
                 let (w, s1, s2) = (string(o, "word")?, string(o, "sentence1")?, string(o, "sentence2")?);
                 let prompt = format!(
                     "Does the word \"{w}\" have the same meaning in these two sentences? Yes, No?\n{s1}\n{s2}\n"
                 );
-                (prompt, no_yes(), vec![label(o, "label", 2)?], vec![], words(&s1) + words(&s2))
+                (prompt, no_yes(), vec![label(o, "label", 2)?], vec![], words(s1) + words(s2))
             }
             TaskName::Multirc => {
                 let (p, q, a) = (string(o, "paragraph")?, string(o, "question")?, string(o, "answer")?);
-                let prompt = format!(
-                    "{p}\nQuestion: {q}\nI found this answer \"{a}\". Is that correct? Yes or No?\n"
-                );
-                (prompt, no_yes(), vec![label(o, "label", 2)?], vec![], words(&p) + words(&q))
+                let prompt =
+                    format!("{p}\nQuestion: {q}\nI found this answer \"{a}\". Is that correct? Yes or No?\n");
+                (prompt, no_yes(), vec![label(o, "label", 2)?], vec![], words(p) + words(q))
             }
             TaskName::Copa => {
                 let premise = string(o, "premise")?;
                 let conj = match string(o, "question")?.as_str() {
                     "cause" => "because",
                     "effect" => "so",
-                    other => return Err(format!("field `question` is {other:?}, expected \"cause\" or \"effect\"")),
+                    other => {
+                        return Err(format!(
+                            "field `question` is {other:?}, expected \"cause\" or \"effect\""
+                        ))
+                    }
                 };
                 let p = premise.trim_end();
                 let p = p.strip_suffix('.').unwrap_or(p);
@@ -296,7 +306,7 @@ impl Task {
                     format!(" {}", copa_choice(string(o, "choice1")?)),
                     format!(" {}", copa_choice(string(o, "choice2")?)),
                 ];
-                (format!("{p} {conj}"), c, vec![label(o, "label", 2)?], vec![], words(&premise))
+                (format!("{p} {conj}"), c, vec![label(o, "label", 2)?], vec![], words(premise))
             }
             TaskName::Record => {
                 let (passage, query) = (string(o, "passage")?, string(o, "query")?);
@@ -305,27 +315,31 @@ impl Task {
                 if entities.is_empty() {
                     return Err("field `entities` is empty: ReCoRD scores the passage's entities".into());
                 }
-                let gold: Vec<usize> =
-                    entities.iter().enumerate().filter(|(_, e)| answers.contains(e)).map(|(i, _)| i).collect();
+                let gold: Vec<usize> = entities
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| answers.contains(e))
+                    .map(|(i, _)| i)
+                    .collect();
                 if gold.is_empty() {
                     return Err("none of `answers` is among `entities` (an unlabelled test split?)".into());
                 }
                 // MeZO's ReCoRDTemplateGPT3: highlights as a list, the query completed by each entity.
                 let prompt = format!("{}\n-", passage.replace("@highlight\n", "- "));
                 let c = entities.iter().map(|e| format!(" {}", query.replace("@placeholder", e))).collect();
-                (prompt, c, gold, vec![], words(&passage))
+                (prompt, c, gold, vec![], words(passage))
             }
             TaskName::Squad => {
                 let (title, ctx, q) = (string(o, "title")?, string(o, "context")?, string(o, "question")?);
                 let answers = nested_strings(o, "answers", "text")?;
                 let prompt = format!("Title: {title}\nContext: {ctx}\nQuestion: {}\nAnswer:", q.trim());
-                (prompt, vec![], vec![], answers, words(&ctx))
+                (prompt, vec![], vec![], answers, words(ctx))
             }
             TaskName::Drop => {
                 let (passage, q) = (string(o, "passage")?, string(o, "question")?);
                 let answers = nested_strings(o, "answers_spans", "spans")?;
                 let prompt = format!("Passage: {passage}\nQuestion: {}\nAnswer:", q.trim());
-                (prompt, vec![], vec![], answers, words(&passage))
+                (prompt, vec![], vec![], answers, words(passage))
             }
             TaskName::Custom => {
                 let u = self.user.as_ref().expect("custom tasks carry a template (checked in Task::new)");
@@ -404,7 +418,9 @@ fn nested_strings(o: &Map<String, Value>, f: &str, sub: &str) -> Result<Vec<Stri
         None => return Err(format!("missing field `{f}`")),
     };
     if v.is_empty() {
-        return Err(format!("field `{f}` has no answer (an unanswerable question cannot be a training target)"));
+        return Err(format!(
+            "field `{f}` has no answer (an unanswerable question cannot be a training target)"
+        ));
     }
     Ok(v)
 }
@@ -450,14 +466,16 @@ mod tests {
         );
         assert_eq!(e.target(), "Yes");
 
-        let e = render("wic", json!({"word": "bank", "sentence1": "S1.", "sentence2": "S2.", "label": 0})).unwrap();
+        let e = render("wic", json!({"word": "bank", "sentence1": "S1.", "sentence2": "S2.", "label": 0}))
+            .unwrap();
         assert_eq!(
             e.prompt,
             "Does the word \"bank\" have the same meaning in these two sentences? Yes, No?\nS1.\nS2.\n"
         );
         assert_eq!(e.target(), "No");
 
-        let e = render("multirc", json!({"paragraph": "P.", "question": "Q?", "answer": "A", "label": 1})).unwrap();
+        let e = render("multirc", json!({"paragraph": "P.", "question": "Q?", "answer": "A", "label": 1}))
+            .unwrap();
         assert_eq!(e.prompt, "P.\nQuestion: Q?\nI found this answer \"A\". Is that correct? Yes or No?\n");
 
         let e = render(
@@ -500,7 +518,10 @@ mod tests {
             json!({"passage": "P.", "question": "How many?", "answers_spans": {"spans": ["3"], "types": ["number"]}}),
         )
         .unwrap();
-        assert_eq!((e.prompt.as_str(), e.target().as_str()), ("Passage: P.\nQuestion: How many?\nAnswer:", " 3\n"));
+        assert_eq!(
+            (e.prompt.as_str(), e.target().as_str()),
+            ("Passage: P.\nQuestion: How many?\nAnswer:", " 3\n")
+        );
     }
 
     #[test]
@@ -511,16 +532,22 @@ mod tests {
         assert!(e.contains("`label`") && e.contains("unlabelled"), "{e}");
         let e = render("cb", json!({"premise": "P", "hypothesis": "H", "label": 3})).unwrap_err();
         assert!(e.contains("0 to 2"), "{e}");
-        let e = render("copa", json!({"premise": "P", "choice1": "a", "choice2": "b", "question": "why", "label": 0}))
-            .unwrap_err();
+        let e = render(
+            "copa",
+            json!({"premise": "P", "choice1": "a", "choice2": "b", "question": "why", "label": 0}),
+        )
+        .unwrap_err();
         assert!(e.contains("`question`"), "{e}");
-        let e = render("record", json!({"passage": "P", "query": "q", "entities": ["A"], "answers": []})).unwrap_err();
+        let e = render("record", json!({"passage": "P", "query": "q", "entities": ["A"], "answers": []}))
+            .unwrap_err();
         assert!(e.contains("answers"), "{e}");
-        let e = render("squad", json!({"title": "T", "context": "C", "question": "Q", "answers": {"text": []}}))
-            .unwrap_err();
+        let e =
+            render("squad", json!({"title": "T", "context": "C", "question": "Q", "answers": {"text": []}}))
+                .unwrap_err();
         assert!(e.contains("no answer"), "{e}");
-        let e = render("squad", json!({"title": "T", "context": "C", "question": "Q", "answers": {"txt": []}}))
-            .unwrap_err();
+        let e =
+            render("squad", json!({"title": "T", "context": "C", "question": "Q", "answers": {"txt": []}}))
+                .unwrap_err();
         assert!(e.contains("`answers.text`"), "{e}");
         let e = render("boolq", json!({"passage": "P", "question": "Q"})).unwrap_err();
         assert!(e.contains("`answer`"), "{e}");
@@ -541,10 +568,12 @@ mod tests {
         .unwrap();
         let e = Task::new("cb", "mezo", None).unwrap().load(&p).unwrap_err().to_string();
         assert!(e.contains("cb.jsonl:3") && e.contains("`hypothesis`"), "{e}");
-        std::fs::write(&p, "{\"idx\": 5, \"premise\": \"P\", \"hypothesis\": \"H\", \"label\": 0}\n[1]\n").unwrap();
+        std::fs::write(&p, "{\"idx\": 5, \"premise\": \"P\", \"hypothesis\": \"H\", \"label\": 0}\n[1]\n")
+            .unwrap();
         let e = Task::new("cb", "mezo", None).unwrap().load(&p).unwrap_err().to_string();
         assert!(e.contains("cb.jsonl:2") && e.contains("not a JSON object"), "{e}");
-        std::fs::write(&p, "{\"idx\": 5, \"premise\": \"P\", \"hypothesis\": \"H\", \"label\": 0}\n").unwrap();
+        std::fs::write(&p, "{\"idx\": 5, \"premise\": \"P\", \"hypothesis\": \"H\", \"label\": 0}\n")
+            .unwrap();
         assert_eq!(Task::new("cb", "mezo", None).unwrap().load(&p).unwrap()[0].idx, 5);
     }
 }

@@ -64,13 +64,17 @@ fn parse(template: &str, what: &str) -> Result<Vec<Piece>, DataError> {
                 loop {
                     match chars.next() {
                         Some('}') => break,
-                        Some(ch) if ch.is_alphanumeric() || ch == '_' || ch == '.' || ch == '-' => name.push(ch),
+                        Some(ch) if ch.is_alphanumeric() || ch == '_' || ch == '.' || ch == '-' => {
+                            name.push(ch)
+                        }
                         Some(ch) => {
                             return Err(bad(format!(
                                 "`{ch}` inside a placeholder (write {{field}}, or {{{{ for a literal brace)"
                             )))
                         }
-                        None => return Err(bad("a `{` without its `}` (write {{ for a literal brace)".into())),
+                        None => {
+                            return Err(bad("a `{` without its `}` (write {{ for a literal brace)".into()))
+                        }
                     }
                 }
                 if name.is_empty() {
@@ -109,7 +113,11 @@ fn fill(pieces: &[Piece], o: &Map<String, Value>) -> Result<String, String> {
             Piece::Field(f) => match lookup(o, f)? {
                 Value::String(s) => out.push_str(s),
                 v @ (Value::Number(_) | Value::Bool(_)) => out.push_str(&v.to_string()),
-                v => return Err(format!("field `{f}` is {v}; a placeholder takes a string, number or boolean")),
+                v => {
+                    return Err(format!(
+                        "field `{f}` is {v}; a placeholder takes a string, number or boolean"
+                    ))
+                }
             },
         }
     }
@@ -135,19 +143,25 @@ impl UserTemplate {
         match kinds.iter().filter(|&&k| k).count() {
             1 => {}
             0 => {
-                return bad("the user template needs its answers: --candidate (repeated), --candidates-field, \
-                            or --answer-field for generation")
+                return bad(
+                    "the user template needs its answers: --candidate (repeated), --candidates-field, \
+                            or --answer-field for generation",
+                )
             }
             _ => {
-                return bad("give only one of --candidate, --candidates-field and --answer-field (a task either \
-                            scores candidates or generates)")
+                return bad(
+                    "give only one of --candidate, --candidates-field and --answer-field (a task either \
+                            scores candidates or generates)",
+                )
             }
         }
         if self.candidates.len() == 1 {
             return bad("one --candidate is no choice: give at least two");
         }
         if self.is_generation() && !self.label_field.is_empty() {
-            return bad("--label-field is for candidate tasks; a generation task's references are --answer-field");
+            return bad(
+                "--label-field is for candidate tasks; a generation task's references are --answer-field",
+            );
         }
         Ok(())
     }
@@ -177,7 +191,11 @@ impl UserTemplate {
         let candidates: Vec<String> = if self.candidates.is_empty() {
             let c = strings(o, &self.candidates_field)?;
             if c.len() < 2 {
-                return Err(format!("field `{}` has {} candidate(s), at least 2 needed", self.candidates_field, c.len()));
+                return Err(format!(
+                    "field `{}` has {} candidate(s), at least 2 needed",
+                    self.candidates_field,
+                    c.len()
+                ));
             }
             c.iter().map(|c| format!("{sep}{c}")).collect()
         } else {
@@ -243,7 +261,8 @@ mod tests {
         let e = t.render(&obj(json!({"q": "2+2?", "options": ["3", "4", "5"], "answer_idx": 1}))).unwrap();
         assert_eq!(e.candidates, vec![" 3".to_string(), " 4".into(), " 5".into()]);
         assert_eq!(e.label(), 1);
-        let g = UserTemplate { prompt: "Q: {q}\\nA:".into(), answer_field: "refs".into(), ..Default::default() };
+        let g =
+            UserTemplate { prompt: "Q: {q}\\nA:".into(), answer_field: "refs".into(), ..Default::default() };
         g.validate().unwrap();
         let e = g.render(&obj(json!({"q": "capital of France?", "refs": ["Paris", "paris"]}))).unwrap();
         assert_eq!((e.prompt.as_str(), e.target().as_str()), ("Q: capital of France?\nA:", " Paris\n"));

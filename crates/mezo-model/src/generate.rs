@@ -87,7 +87,8 @@ pub fn greedy(
         }
         let (ids, mask) = pad_right(&seqs, model.pad_token_id(), model.device())?;
         let next = model.last_token_logits(&ids, &mask, lora)?.argmax(-1, false);
-        let next: Vec<i64> = Vec::<i64>::try_from(&next.to_device(Device::Cpu)).map_err(crate::ModelError::Torch)?;
+        let next: Vec<i64> =
+            Vec::<i64>::try_from(&next.to_device(Device::Cpu)).map_err(crate::ModelError::Torch)?;
         for (i, &t) in next.iter().enumerate() {
             if done[i] {
                 continue;

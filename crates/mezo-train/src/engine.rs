@@ -125,11 +125,18 @@ impl Prepared {
     }
 
     /// Any batch; `gen` is required by the F1 objective.
-    pub fn from_items(items: &[Item], kind: LossKind, model: &Opt, gen: Option<&Arc<GenContext>>) -> Result<Self> {
+    pub fn from_items(
+        items: &[Item],
+        kind: LossKind,
+        model: &Opt,
+        gen: Option<&Arc<GenContext>>,
+    ) -> Result<Self> {
         let dev = model.device;
         let examples = items.len() as i64;
         if items.is_empty() || items.iter().any(|it| it.rows.is_empty() || it.gold.is_empty()) {
-            return Err(TrainError::Config("a batch needs examples, each with a candidate and a gold".into()));
+            return Err(TrainError::Config(
+                "a batch needs examples, each with a candidate and a gold".into(),
+            ));
         }
         if let Some(bad) = items.iter().find(|it| it.gold.iter().any(|&g| g >= it.rows.len())) {
             return Err(TrainError::Config(format!(
@@ -138,12 +145,15 @@ impl Prepared {
                 bad.rows.len()
             )));
         }
-        let labels = Tensor::from_slice(&items.iter().map(|it| it.gold[0] as i64).collect::<Vec<_>>()).to_device(dev);
+        let labels =
+            Tensor::from_slice(&items.iter().map(|it| it.gold[0] as i64).collect::<Vec<_>>()).to_device(dev);
         if kind == LossKind::F1 {
-            let ctx = gen.ok_or_else(|| TrainError::Config("the f1 objective needs a generation task".into()))?;
+            let ctx =
+                gen.ok_or_else(|| TrainError::Config("the f1 objective needs a generation task".into()))?;
             if items.iter().any(|it| it.prompt.is_empty() || it.answers.is_empty()) {
                 return Err(TrainError::Config(
-                    "--loss f1 needs a generation task (SQuAD, DROP, or a user task with --answer-field)".into(),
+                    "--loss f1 needs a generation task (SQuAD, DROP, or a user task with --answer-field)"
+                        .into(),
                 ));
             }
             return Ok(Prepared {

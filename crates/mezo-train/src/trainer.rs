@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::data::{mezo_splits, Batcher};
-use crate::engine::{Engine, FullState, GenContext, Item, LoraState, LossKind, Prepared, StepSettings, Trainable};
+use crate::engine::{
+    Engine, FullState, GenContext, Item, LoraState, LossKind, Prepared, StepSettings, Trainable,
+};
 use crate::error::{Result, TrainError};
 use crate::optim::{self, Rule, Schedule, Slot};
 
@@ -399,7 +401,15 @@ impl Session {
             }
             Some(g) => {
                 let prompts: Vec<Vec<i64>> = idx.iter().map(|&i| set.prompts[i].clone()).collect();
-                evaluate_generation(&self.model, &g.tokenizer, &g.decoding, &examples, &prompts, bs, lora.as_ref())?
+                evaluate_generation(
+                    &self.model,
+                    &g.tokenizer,
+                    &g.decoding,
+                    &examples,
+                    &prompts,
+                    bs,
+                    lora.as_ref(),
+                )?
             }
         })
     }
