@@ -325,8 +325,11 @@ fn bad_arguments_are_named() {
     assert!(e.contains("template `nope`"), "{e}");
     let e = mezo_err(&["eval", "--model", m, "--data", "/nonexistent/data.jsonl"]);
     assert!(e.contains("/nonexistent/data.jsonl"), "{e}");
+    let e = mezo_err(&["eval", "--model", m, "--data", &v, "--task", "mnli"]);
+    assert!(e.contains("task `mnli`") && e.contains("sst2, rte"), "{e}");
+    // A known task on another task's file: the first line and the field it lacks.
     let e = mezo_err(&["eval", "--model", m, "--data", &v, "--task", "rte"]);
-    assert!(e.contains("--task `rte`"), "{e}");
+    assert!(e.contains("validation.jsonl:1") && e.contains("`premise`"), "{e}");
     let e = mezo_err(&["eval", "--model", "/nonexistent/model", "--data", &v]);
     assert!(e.contains("/nonexistent/model"), "{e}");
 }

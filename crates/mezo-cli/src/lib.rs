@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mezo_model::scoring::{evaluate, EvalReport};
 use mezo_model::{parse_device, parse_dtype, Opt, TextTokenizer};
+use train::TaskArgs;
 
 #[derive(Parser, Debug)]
 #[command(name = "mezo", version, about = "Fine-tune language models with MeZO: forward passes only")]
@@ -49,25 +50,22 @@ pub struct EvalArgs {
     /// Checkpoint directory as in the HF hub cache (config.json, weights, tokenizer files).
     #[arg(long)]
     pub model: PathBuf,
-    /// Task: sst2 (any JSONL with `sentence` and `label` fields).
-    #[arg(long, default_value = "sst2")]
-    pub task: String,
-    /// JSONL file of examples.
+    #[command(flatten)]
+    pub task: TaskArgs,
+    /// JSONL file of examples (the task's fields, as the HF datasets name them).
     #[arg(long)]
     pub data: PathBuf,
     /// Score only the first N examples.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Prompt template: mezo ("<s> It was" terrible/great) or classify.
-    #[arg(long, default_value = "mezo")]
-    pub template: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
-    /// Examples per forward pass (each carries one row per candidate).
+    /// Examples per forward pass (each carries one row per candidate; generation decodes this
+    /// many prompts together).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
@@ -93,16 +91,16 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    if args.task != "sst2" {
-        anyhow::bail!("unknown --task `{}`: expected sst2", args.task);
-    }
+    let task = args.task.task()?;
     if args.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    let template = mezo_data::Template::parse(&args.template)?;
+    if !(1..=1024).contains(&args.task.max_new_tokens) {
+        anyhow::bail!("--max-new-tokens must be between 1 and 1024, got {}", args.task.max_new_tokens);
+    }
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;
-    let mut examples = mezo_data::load_jsonl(&args.data)?;
+    let mut examples = task.load(&args.data)?;
     if let Some(n) = args.limit {
         examples.truncate(n);
     }
@@ -120,7 +118,15 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
         None => None,
     };
-    let report = evaluate(&model, &tokenizer, &examples, template, args.batch_size, adapter.as_ref())?;
+    let report = evaluate(
+        &model,
+        &tokenizer,
+        &task,
+        &examples,
+        args.batch_size,
+        adapter.as_ref(),
+        args.task.max_new_tokens,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -130,18 +136,23 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn print_summary(args: &EvalArgs, report: &EvalReport, seconds: f64) {
-    let correct = report.per_example.iter().filter(|e| e.pred == e.label).count();
+    let what = match (report.accuracy, report.f1, report.exact_match) {
+        (Some(a), _, _) => {
+            let correct = report.per_example.iter().filter(|e| e.correct).count();
+            format!("accuracy {:.2}% ({correct}/{})", 100.0 * a, report.examples)
+        }
+        (None, Some(f1), Some(em)) => format!("F1 {:.2}%, exact match {:.2}%", 100.0 * f1, 100.0 * em),
+        _ => unreachable!("a report carries accuracy or F1 and exact match"),
+    };
     println!(
-        "{} on {} ({} examples, template {}, {} {}): accuracy {:.2}% ({}/{}) in {:.1}s",
+        "{} on {} ({} examples, task {}, template {}, {} {}): {what} in {:.1}s",
         args.model.display(),
         args.data.display(),
         report.examples,
-        args.template,
+        args.task.task,
+        args.task.template,
         args.device,
         args.dtype,
-        100.0 * report.accuracy,
-        correct,
-        report.examples,
         seconds
     );
 }

@@ -209,8 +209,10 @@ async fn drive(
     } else {
         losses[tail..].iter().sum::<f64>() / (losses.len() - tail) as f64
     };
+    let metric = cfg.task()?.metric().name();
     let report = json!({
         "steps": cfg.steps,
+        "metric": metric,
         "final_train_loss": final_train_loss,
         "best_dev_accuracy": best.map(|b| b.0),
         "best_step": best.map(|b| b.1),
@@ -231,7 +233,7 @@ async fn drive(
     } else {
         println!(
             "{} steps in {:.1}s ({:.2} steps/s, {} skipped) through {} workers; train loss {:.4}; \
-             dev {}; test {}; saved {} (the final state)",
+             dev {metric} {}; test {metric} {}; saved {} (the final state)",
             cfg.steps,
             train_seconds,
             cfg.steps as f64 / train_seconds,

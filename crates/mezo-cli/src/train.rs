@@ -4,8 +4,77 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use indicatif::ProgressBar;
+use mezo_data::{Task, UserTemplate};
 use mezo_train::optim::Schedule;
+use mezo_train::trainer::{default_loss, DEFAULT_MAX_NEW_TOKENS};
 use mezo_train::{train, LossKind, ModeSpec, Observer, OptimizerSpec, StepRecord, TrainConfig, TrainReport};
+
+/// The task flags `mezo train` and `mezo eval` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TaskArgs {
+    /// sst2, rte, cb, boolq, wsc, wic, multirc, copa, record (candidate scoring, accuracy), squad,
+    /// drop (generation, F1), or custom (your own fields through --prompt).
+    #[arg(long, default_value = "sst2")]
+    pub task: String,
+    /// SST-2's prompt: mezo ("<s> It was" terrible/great) or classify; other tasks use MeZO's.
+    #[arg(long, default_value = "mezo")]
+    pub template: String,
+    /// --task custom: the prompt, with {field} placeholders for the JSONL's fields (\n: newline).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// --task custom: a fixed candidate, appended to the prompt verbatim (repeat the flag; start
+    /// each with a space where one belongs).
+    #[arg(long = "candidate")]
+    pub candidates: Vec<String>,
+    /// --task custom: the field holding each line's list of candidates.
+    #[arg(long)]
+    pub candidates_field: Option<String>,
+    /// --task custom: the gold candidate's field, an index or a candidate's text [default: label].
+    #[arg(long)]
+    pub label_field: Option<String>,
+    /// --task custom: a generation task; the field with the reference answer(s).
+    #[arg(long)]
+    pub answer_field: Option<String>,
+    /// Generation tasks: the most tokens greedy decoding adds (it stops at a newline first).
+    #[arg(long, default_value_t = DEFAULT_MAX_NEW_TOKENS)]
+    pub max_new_tokens: usize,
+}
+
+impl TaskArgs {
+    /// The user template the flags describe, if any flag of one is given.
+    pub fn user_template(&self) -> Option<UserTemplate> {
+        let any = self.prompt.is_some()
+            || !self.candidates.is_empty()
+            || self.candidates_field.is_some()
+            || self.label_field.is_some()
+            || self.answer_field.is_some();
+        any.then(|| UserTemplate {
+            prompt: self.prompt.clone().unwrap_or_default(),
+            candidates: self.candidates.clone(),
+            candidates_field: self.candidates_field.clone().unwrap_or_default(),
+            label_field: self.label_field.clone().unwrap_or_default(),
+            answer_field: self.answer_field.clone().unwrap_or_default(),
+        })
+    }
+
+    pub fn task(&self) -> Result<Task> {
+        Ok(Task::new(&self.task, &self.template, self.user_template())?)
+    }
+
+    /// SST-2 with MeZO's template (the demo's task).
+    pub fn sst2() -> Self {
+        TaskArgs {
+            task: "sst2".into(),
+            template: "mezo".into(),
+            prompt: None,
+            candidates: vec![],
+            candidates_field: None,
+            label_field: None,
+            answer_field: None,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+        }
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(args_override_self = true)]
@@ -13,8 +82,8 @@ pub struct TrainArgs {
     /// Base checkpoint directory (HF format).
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value = "sst2")]
-    pub task: String,
+    #[command(flatten)]
+    pub task: TaskArgs,
     /// Folder with train.jsonl (train and dev are sampled from it) and validation.jsonl (test).
     #[arg(long)]
     pub data_dir: PathBuf,
@@ -70,11 +139,12 @@ pub struct TrainArgs {
     /// Perturbation distribution: gaussian or rademacher.
     #[arg(long, default_value = "gaussian")]
     pub distribution: String,
-    /// classification (cross-entropy over candidates) or answer-ce (teacher-forced, answer tokens).
-    #[arg(long, default_value = "classification")]
-    pub loss: String,
-    #[arg(long, default_value = "mezo")]
-    pub template: String,
+    /// classification (cross-entropy over candidates), answer-ce (teacher-forced, answer tokens),
+    /// or the non-differentiable accuracy (candidate tasks) or f1 (generation tasks): the
+    /// estimator only needs a number per forward [default: classification, answer-ce for
+    /// generation tasks].
+    #[arg(long)]
+    pub loss: Option<String>,
     /// Training examples sampled from train.jsonl (MeZO: 1000).
     #[arg(long, default_value_t = 1000)]
     pub n_train: usize,
@@ -131,9 +201,13 @@ impl TrainArgs {
             (_, false) => 1e-4,
         });
         let eps = self.eps.unwrap_or(if self.full { 1e-3 } else { 1e-2 });
+        let loss = match &self.loss {
+            Some(l) => LossKind::parse(l)?,
+            None => default_loss(&self.task.task()?),
+        };
         Ok(TrainConfig {
             model: self.model.clone(),
-            task: self.task.clone(),
+            task: self.task.task.clone(),
             data_dir: self.data_dir.clone(),
             mode,
             steps: self.steps,
@@ -149,8 +223,10 @@ impl TrainArgs {
             schedule: Schedule::parse(&self.schedule)?,
             weight_decay: self.weight_decay,
             distribution: self.distribution.clone(),
-            loss: LossKind::parse(&self.loss)?,
-            template: self.template.clone(),
+            loss,
+            template: self.task.template.clone(),
+            user_template: self.task.user_template(),
+            max_new_tokens: self.task.max_new_tokens,
             n_train: self.n_train,
             n_dev: self.n_dev,
             min_words: self.min_words,
@@ -218,9 +294,10 @@ pub(crate) fn print_report(r: &TrainReport, json: bool, extra: Option<serde_json
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {
+        let m = if r.metric.is_empty() { "accuracy" } else { r.metric.as_str() };
         println!(
-            "{} steps in {:.1}s ({:.2} steps/s, {} skipped); train loss {:.4}; dev best {:.2}% (step {}); \
-             test {:.2}% (zero-shot {:.2}%); saved {}",
+            "{} steps in {:.1}s ({:.2} steps/s, {} skipped); train loss {:.4}; dev best {m} {:.2}% (step {}); \
+             test {m} {:.2}% (zero-shot {:.2}%); saved {}",
             r.steps,
             r.train_seconds,
             r.steps_per_s,
@@ -269,7 +346,7 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
     let assets = assets_dir()?;
     Ok(TrainArgs {
         model: assets.join("opt-mini"),
-        task: "sst2".into(),
+        task: TaskArgs::sst2(),
         data_dir: assets.join("sst2"),
         lora_r: DEMO_R,
         lora_alpha: 2.0 * DEMO_R as f64,
@@ -289,8 +366,7 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
         schedule: "constant".into(),
         weight_decay: 0.0,
         distribution: "gaussian".into(),
-        loss: "classification".into(),
-        template: "mezo".into(),
+        loss: None,
         n_train: 1000,
         n_dev: 500,
         min_words: DEMO_MIN_WORDS,

@@ -37,8 +37,9 @@ pub struct TaskSpec {
 pub enum TaskResult {
     /// Per seed (in the task's order): `(L+, L-)` as weighted means, and the weight.
     Losses { per_seed: Vec<(f64, f64)>, weight: f64 },
-    /// Eval tasks.
-    Accuracy { correct: u32, total: u32 },
+    /// Eval tasks: exactly right examples, examples, and the sum of the task's metric over them
+    /// (correct predictions, or F1 for generation tasks).
+    Accuracy { correct: u32, total: u32, score: f64 },
     /// The task failed on that worker (out of memory, say): it is queued again.
     Failed(String),
 }

@@ -252,7 +252,7 @@ impl Inner {
         let result = if !r.error.is_empty() {
             TaskResult::Failed(r.error)
         } else if r.total > 0 || (r.loss_plus.is_empty() && r.correct == 0) {
-            TaskResult::Accuracy { correct: r.correct, total: r.total }
+            TaskResult::Accuracy { correct: r.correct, total: r.total, score: r.score }
         } else {
             TaskResult::Losses {
                 per_seed: r.loss_plus.iter().copied().zip(r.loss_minus.iter().copied()).collect(),
@@ -370,7 +370,8 @@ impl RunActor {
         let _ = self.events.send(m);
     }
 
-    /// Accuracy over a whole eval set at `version`, split into one task per live worker.
+    /// The task's metric (accuracy, or F1 for generation tasks) over a whole eval set at
+    /// `version`, split into one task per live worker.
     async fn evaluate(
         &mut self,
         step: u64,
@@ -389,17 +390,17 @@ impl RunActor {
             .serving(async move { fleet.run_step(&id, step, kind, version, context, tasks).await })
             .await
             .map_err(|e| e.message().to_string())?;
-        let (mut c, mut t) = (0u64, 0u64);
+        let (mut c, mut t) = (0f64, 0u64);
         for (_, r) in results {
             match r {
-                TaskResult::Accuracy { correct, total } => {
-                    c += u64::from(correct);
+                TaskResult::Accuracy { score, total, .. } => {
+                    c += score;
                     t += u64::from(total);
                 }
                 other => return Err(format!("eval task returned {other:?}")),
             }
         }
-        Ok(if t == 0 { 0.0 } else { c as f64 / t as f64 })
+        Ok(if t == 0 { 0.0 } else { c / t as f64 })
     }
 
     /// Trains the run to its end (or a stop); the test accuracy when it completed.

@@ -1,9 +1,14 @@
-//! Tasks, prompt templates and the rows a language model scores. No tensors here: the model
-//! crate turns [`ScoringRow`]s into a batch.
+//! Tasks, prompt templates and the rows a language model scores, and the answer metrics. No
+//! tensors here: the model crate turns [`ScoringRow`]s into a batch.
 
+pub mod metrics;
 pub mod sst2;
+pub mod tasks;
+pub mod user;
 
 pub use sst2::{load_jsonl, Example, Template};
+pub use tasks::{Metric, Task, TaskExample, TaskName, TASK_NAMES};
+pub use user::UserTemplate;
 
 use std::path::PathBuf;
 
@@ -17,6 +22,8 @@ pub enum DataError {
     Empty { path: PathBuf },
     #[error("invalid {what} `{value}`: expected {expected}")]
     InvalidArgument { what: &'static str, value: String, expected: String },
+    #[error("{0}")]
+    Config(String),
 }
 
 /// One candidate answer of one example, as the model sees it: the answer's tokens begin at
@@ -25,6 +32,20 @@ pub enum DataError {
 pub struct ScoringRow {
     pub tokens: Vec<i64>,
     pub answer_start: usize,
+}
+
+/// Scoring rows of an example: one per candidate, or for a generation task the prompt followed
+/// by the gold answer (its teacher-forced training row).
+pub fn task_rows<E>(
+    ex: &TaskExample,
+    encode: &mut dyn FnMut(&str) -> Result<Vec<i64>, E>,
+) -> Result<Vec<ScoringRow>, E> {
+    if ex.candidates.is_empty() {
+        candidate_rows(&ex.prompt, &[ex.target().as_str()], encode)
+    } else {
+        let c: Vec<&str> = ex.candidates.iter().map(String::as_str).collect();
+        candidate_rows(&ex.prompt, &c, encode)
+    }
 }
 
 /// MeZO's candidate tokenisation: a candidate's tokens are those of `prompt + candidate`

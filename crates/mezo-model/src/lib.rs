@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod lora;
 pub mod opt;
 pub mod scoring;
@@ -12,6 +13,7 @@ pub mod torch_bin;
 
 pub use config::OptConfig;
 pub use error::{ModelError, Result};
+pub use generate::{CausalLm, Decoding};
 pub use lora::{Adapter, LoraBatch, LoraConfig, LoraTensor, Target};
 pub use opt::{Opt, Padding, ScoreBatch};
 pub use tokenizer::TextTokenizer;

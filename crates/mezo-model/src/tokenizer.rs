@@ -125,6 +125,24 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Text of token ids, special tokens skipped (as HF's `decode(..., skip_special_tokens=True)`).
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner.decode(&ids, true).map_err(|e| ModelError::Tokenizer {
+            path: self.source.clone(),
+            message: format!("cannot decode {} token(s): {e}", ids.len()),
+        })
+    }
+
+    /// Every token whose text holds a newline: where MeZO's generation stops (`--eos_token "\n"`).
+    pub fn newline_ids(&self) -> Vec<i64> {
+        let n = self.inner.get_vocab_size(true) as u32;
+        (0..n)
+            .filter(|&i| self.inner.decode(&[i], false).is_ok_and(|t| t.contains('\n')))
+            .map(i64::from)
+            .collect()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

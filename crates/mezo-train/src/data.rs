@@ -5,20 +5,21 @@
 use std::path::Path;
 
 use mezo_core::HostRng;
-use mezo_data::Example;
+use mezo_data::{Task, TaskExample};
 
 use crate::error::{Result, TrainError};
 
 pub struct Splits {
-    pub train: Vec<Example>,
-    pub dev: Vec<Example>,
-    pub test: Vec<Example>,
+    pub train: Vec<TaskExample>,
+    pub dev: Vec<TaskExample>,
+    pub test: Vec<TaskExample>,
 }
 
 /// Samples train and dev without overlap from `train_file` (seeded), test = `test_file`. With
 /// `min_words > 0`, only training-file examples of at least that many words are sampled (SST-2's
 /// training file is mostly short phrases, its validation file whole sentences).
 pub fn mezo_splits(
+    task: &Task,
     train_file: &Path,
     test_file: &Path,
     n_train: usize,
@@ -26,9 +27,9 @@ pub fn mezo_splits(
     seed: u64,
     min_words: usize,
 ) -> Result<Splits> {
-    let mut pool = mezo_data::load_jsonl(train_file)?;
+    let mut pool = task.load(train_file)?;
     if min_words > 0 {
-        pool.retain(|e| e.sentence.split_whitespace().count() >= min_words);
+        pool.retain(|e| e.words >= min_words);
     }
     if pool.len() < n_train + n_dev {
         return Err(TrainError::Config(format!(
@@ -42,7 +43,7 @@ pub fn mezo_splits(
     let pick = |r: &[usize]| r.iter().map(|&i| pool[i].clone()).collect::<Vec<_>>();
     let train = pick(&idx[..n_train]);
     let dev = pick(&idx[n_train..n_train + n_dev]);
-    let test = mezo_data::load_jsonl(test_file)?;
+    let test = task.load(test_file)?;
     Ok(Splits { train, dev, test })
 }
 

@@ -7,23 +7,33 @@
 
 use mezo_core::fused::{self, SgdUpdate};
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
+use std::sync::Arc;
+
+use mezo_data::metrics::f1_score;
 use mezo_data::ScoringRow;
-use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, ScoreBatch};
+use mezo_model::generate::{answer_text, greedy};
+use mezo_model::{Decoding, LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, ScoreBatch, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
 use crate::optim::{self, Rule, Slot};
 
-/// What the model is trained to do on candidate tasks.
+/// What a forward pass measures: the number the zeroth-order estimator differentiates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     /// Cross-entropy over the candidates' mean log-probabilities (MeZO's
-    /// `train_as_classification`, the default for SST-2).
+    /// `train_as_classification`, the default for candidate tasks).
     Classification,
-    /// Teacher-forced cross-entropy on the gold answer's tokens only.
+    /// Teacher-forced cross-entropy on the gold answer's tokens only (the default for
+    /// generation tasks).
     AnswerCe,
+    /// Non-differentiable: minus the accuracy of the batch's candidate predictions.
+    Accuracy,
+    /// Non-differentiable: minus the mean SQuAD F1 of the batch's greedy generations (MeZO's
+    /// `--non_diff` objective).
+    F1,
 }
 
 impl LossKind {
@@ -31,70 +41,222 @@ impl LossKind {
         match s {
             "classification" => Ok(LossKind::Classification),
             "answer-ce" | "ce" => Ok(LossKind::AnswerCe),
-            _ => {
-                Err(TrainError::Config(format!("unknown --loss `{s}`: expected classification or answer-ce")))
-            }
+            "accuracy" | "acc" => Ok(LossKind::Accuracy),
+            "f1" => Ok(LossKind::F1),
+            _ => Err(TrainError::Config(format!(
+                "unknown --loss `{s}`: expected classification, answer-ce, accuracy or f1"
+            ))),
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Classification => "classification",
+            LossKind::AnswerCe => "answer-ce",
+            LossKind::Accuracy => "accuracy",
+            LossKind::F1 => "f1",
+        }
+    }
+
+    /// Whether autograd can train on it (first-order Adam cannot use accuracy or F1).
+    pub fn is_differentiable(self) -> bool {
+        matches!(self, LossKind::Classification | LossKind::AnswerCe)
+    }
+}
+
+/// What the F1 objective needs to generate and score text.
+pub struct GenContext {
+    pub tokenizer: Arc<TextTokenizer>,
+    pub decoding: Decoding,
+}
+
+/// One training example as the loss sees it.
+pub struct Item<'a> {
+    /// Scoring rows: one per candidate, or the teacher-forced gold row of a generation task.
+    pub rows: &'a [ScoringRow],
+    /// Gold candidates (the first is the target); `[0]` for a generation task's gold row.
+    pub gold: &'a [usize],
+    /// Prompt tokens and reference answers (used by the F1 objective).
+    pub prompt: &'a [i64],
+    pub answers: &'a [String],
+}
+
+/// The candidate layout of a batch: which scoring rows belong to which example.
+struct Candidates {
+    /// `[examples * max_candidates]` row index (0 where padded).
+    idx: Tensor,
+    /// `[examples, max_candidates]`: a real candidate.
+    real: Tensor,
+    /// `[examples, max_candidates]`: a gold candidate.
+    gold: Tensor,
+    max: i64,
+}
+
+struct Generation {
+    prompts: Vec<Vec<i64>>,
+    answers: Vec<Vec<String>>,
+    ctx: Arc<GenContext>,
 }
 
 /// A batch of examples tokenised and placed on the device, ready for the loss.
 pub struct Prepared {
-    score: ScoreBatch,
+    score: Option<ScoreBatch>,
+    cands: Option<Candidates>,
+    gen: Option<Generation>,
     labels: Tensor,
     examples: i64,
-    candidates: i64,
-    /// The loss's denominator: examples (classification) or answer tokens (answer-ce).
+    /// The loss's denominator: examples, or answer tokens (answer-ce).
     pub weight: f64,
-    /// Tokens in the rows of one forward copy (no padding).
+    /// Tokens in the rows of one forward copy (no padding; prompts for the F1 objective).
     pub tokens: u64,
     kind: LossKind,
 }
 
 impl Prepared {
+    /// A batch of candidate examples with one gold candidate each.
     pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Opt) -> Result<Self> {
-        let candidates = rows.first().map_or(0, |r| r.len()) as i64;
-        if rows.iter().any(|r| r.len() as i64 != candidates) || candidates == 0 {
+        let golds: Vec<[usize; 1]> = labels.iter().map(|&l| [l]).collect();
+        let items: Vec<Item> = rows
+            .iter()
+            .zip(&golds)
+            .map(|(r, g)| Item { rows: r, gold: g, prompt: &[], answers: &[] })
+            .collect();
+        Self::from_items(&items, kind, model, None)
+    }
+
+    /// Any batch; `gen` is required by the F1 objective.
+    pub fn from_items(
+        items: &[Item],
+        kind: LossKind,
+        model: &Opt,
+        gen: Option<&Arc<GenContext>>,
+    ) -> Result<Self> {
+        let dev = model.device;
+        let examples = items.len() as i64;
+        if items.is_empty() || items.iter().any(|it| it.rows.is_empty() || it.gold.is_empty()) {
             return Err(TrainError::Config(
-                "every example needs the same, non-zero number of candidates".into(),
+                "a batch needs examples, each with a candidate and a gold".into(),
             ));
         }
+        if let Some(bad) = items.iter().find(|it| it.gold.iter().any(|&g| g >= it.rows.len())) {
+            return Err(TrainError::Config(format!(
+                "gold candidate {:?} outside the example's {} candidates",
+                bad.gold,
+                bad.rows.len()
+            )));
+        }
+        let labels =
+            Tensor::from_slice(&items.iter().map(|it| it.gold[0] as i64).collect::<Vec<_>>()).to_device(dev);
+        if kind == LossKind::F1 {
+            let ctx =
+                gen.ok_or_else(|| TrainError::Config("the f1 objective needs a generation task".into()))?;
+            if items.iter().any(|it| it.prompt.is_empty() || it.answers.is_empty()) {
+                return Err(TrainError::Config(
+                    "--loss f1 needs a generation task (SQuAD, DROP, or a user task with --answer-field)"
+                        .into(),
+                ));
+            }
+            return Ok(Prepared {
+                score: None,
+                cands: None,
+                tokens: items.iter().map(|it| it.prompt.len() as u64).sum(),
+                gen: Some(Generation {
+                    prompts: items.iter().map(|it| it.prompt.to_vec()).collect(),
+                    answers: items.iter().map(|it| it.answers.to_vec()).collect(),
+                    ctx: Arc::clone(ctx),
+                }),
+                labels,
+                examples,
+                weight: examples as f64,
+                kind,
+            });
+        }
         let picked: Vec<&ScoringRow> = match kind {
-            LossKind::Classification => rows.iter().flat_map(|r| r.iter()).collect(),
-            LossKind::AnswerCe => rows.iter().zip(labels).map(|(r, &l)| &r[l]).collect(),
+            LossKind::AnswerCe => items.iter().map(|it| &it.rows[it.gold[0]]).collect(),
+            _ => items.iter().flat_map(|it| it.rows.iter()).collect(),
         };
+        let cands = (kind != LossKind::AnswerCe).then(|| {
+            let max = items.iter().map(|it| it.rows.len()).max().unwrap_or(0);
+            let (mut idx, mut real, mut gold) = (Vec::new(), Vec::new(), Vec::new());
+            let mut row = 0i64;
+            for it in items {
+                for c in 0..max {
+                    let here = c < it.rows.len();
+                    idx.push(if here { row + c as i64 } else { 0 });
+                    real.push(here);
+                    gold.push(it.gold.contains(&c));
+                }
+                row += it.rows.len() as i64;
+            }
+            let shape = [examples, max as i64];
+            Candidates {
+                idx: Tensor::from_slice(&idx).to_device(dev),
+                real: Tensor::from_slice(&real).view(shape).to_device(dev),
+                gold: Tensor::from_slice(&gold).view(shape).to_device(dev),
+                max: max as i64,
+            }
+        });
         let tokens: Vec<Vec<i64>> = picked.iter().map(|r| r.tokens.clone()).collect();
         let n_tokens = tokens.iter().map(|t| t.len() as u64).sum();
         let starts: Vec<usize> = picked.iter().map(|r| r.answer_start).collect();
         let weight = match kind {
-            LossKind::Classification => rows.len() as f64,
             LossKind::AnswerCe => picked.iter().map(|r| (r.tokens.len() - r.answer_start) as f64).sum(),
+            _ => examples as f64,
         };
-        let score = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
-        let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        let score = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, dev)?;
         Ok(Prepared {
-            score,
-            labels: Tensor::from_slice(&labels).to_device(model.device),
-            examples: rows.len() as i64,
-            candidates,
+            score: Some(score),
+            cands,
+            gen: None,
+            labels,
+            examples,
             weight,
             tokens: n_tokens,
             kind,
         })
     }
 
+    /// Mean candidate log-probabilities `[variants, examples, max_candidates]`, padding at -inf.
+    fn candidate_scores(&self, sums: Tensor, score: &ScoreBatch) -> Tensor {
+        let c = self.cands.as_ref().expect("candidate batches carry their layout");
+        let v = sums.size()[0];
+        let means = sums / &score.counts;
+        let s = means.index_select(1, &c.idx).view([v, self.examples, c.max]);
+        s.masked_fill(&c.real.logical_not().unsqueeze(0), f64::NEG_INFINITY)
+    }
+
     /// The summed loss of each adapter variant, `[variants]` float32 (divide by `weight`).
     pub fn loss_sums(&self, model: &Opt, lora: Option<&LoraBatch>) -> Result<Tensor> {
-        let sums = model.answer_logprob_sums(&self.score, lora)?;
+        if let Some(g) = &self.gen {
+            // Greedy generations under every variant, scored on the host: -sum of F1.
+            let outs = greedy(model, &g.prompts, lora, &g.ctx.decoding)?;
+            let mut sums = Vec::with_capacity(outs.len());
+            for variant in outs {
+                let mut s = 0.0;
+                for (toks, answers) in variant.iter().zip(&g.answers) {
+                    s += f1_score(&answer_text(&g.ctx.tokenizer, toks)?, answers);
+                }
+                sums.push(-s as f32);
+            }
+            return Ok(Tensor::from_slice(&sums).to_device(model.device));
+        }
+        let score = self.score.as_ref().expect("scoring batches carry rows");
+        let sums = model.answer_logprob_sums(score, lora)?;
         let v = sums.size()[0];
         Ok(match self.kind {
             LossKind::Classification => {
-                let scores = (sums / &self.score.counts).view([v, self.examples, self.candidates]);
-                let logp = scores.log_softmax(-1, Kind::Float);
+                let logp = self.candidate_scores(sums, score).log_softmax(-1, Kind::Float);
                 let idx = self.labels.view([1, self.examples, 1]).expand([v, self.examples, 1], false);
                 -logp.gather(2, &idx, false).squeeze_dim(2).sum_dim_intlist(1, false, Kind::Float)
             }
-            LossKind::AnswerCe => -sums.sum_dim_intlist(1, false, Kind::Float),
+            LossKind::Accuracy => {
+                let pred = self.candidate_scores(sums, score).argmax(-1, true);
+                let c = self.cands.as_ref().expect("candidate layout");
+                let gold = c.gold.unsqueeze(0).expand([v, self.examples, c.max], false);
+                let correct = gold.gather(2, &pred, false).squeeze_dim(2).to_kind(Kind::Float);
+                -correct.sum_dim_intlist(1, false, Kind::Float)
+            }
+            LossKind::AnswerCe | LossKind::F1 => -sums.sum_dim_intlist(1, false, Kind::Float),
         })
     }
 }

@@ -8,7 +8,8 @@ use mezo_proto::v1 as pb;
 use crate::engine::LossKind;
 use crate::error::{Result, TrainError};
 use crate::optim::Schedule;
-use crate::trainer::{ModeSpec, OptimizerSpec, TrainConfig};
+use crate::trainer::{default_loss, ModeSpec, OptimizerSpec, TrainConfig, DEFAULT_MAX_NEW_TOKENS};
+use mezo_data::{Task, UserTemplate};
 
 /// Where the work of a step goes (the service's choice; `mezo train` runs everything locally).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,9 +63,21 @@ pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, S
         pb::Distribution::Unspecified | pb::Distribution::Gaussian => "gaussian",
         pb::Distribution::Rademacher => "rademacher",
     };
+    let task = or(s.task.clone(), "sst2".into());
+    let template = or(s.template.clone(), "mezo".into());
+    let user_template = s.user_template.as_ref().map(|u| UserTemplate {
+        prompt: u.prompt.clone(),
+        candidates: u.candidates.clone(),
+        candidates_field: u.candidates_field.clone(),
+        label_field: u.label_field.clone(),
+        answer_field: u.answer_field.clone(),
+    });
     let loss = match pb::Loss::try_from(s.loss).map_err(|_| bad(format!("loss: unknown value {}", s.loss)))? {
-        pb::Loss::Unspecified | pb::Loss::Classification => LossKind::Classification,
+        pb::Loss::Unspecified => default_loss(&Task::new(&task, &template, user_template.clone())?),
+        pb::Loss::Classification => LossKind::Classification,
         pb::Loss::AnswerCe => LossKind::AnswerCe,
+        pb::Loss::Accuracy => LossKind::Accuracy,
+        pb::Loss::F1 => LossKind::F1,
     };
     let split = match pb::WorkSplit::try_from(s.split)
         .map_err(|_| bad(format!("split: unknown value {}", s.split)))?
@@ -77,7 +90,7 @@ pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, S
     }
     let cfg = TrainConfig {
         model: s.model.clone().into(),
-        task: or(s.task.clone(), "sst2".into()),
+        task,
         data_dir: s.data_dir.clone().into(),
         mode,
         steps: or(s.steps, 20000),
@@ -94,7 +107,9 @@ pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, S
         weight_decay: s.weight_decay,
         distribution: distribution.into(),
         loss,
-        template: or(s.template.clone(), "mezo".into()),
+        template,
+        user_template,
+        max_new_tokens: or(s.max_new_tokens, DEFAULT_MAX_NEW_TOKENS as u32) as usize,
         n_train: or(s.n_train, 1000) as usize,
         n_dev: or(s.n_dev, 500) as usize,
         min_words: s.min_words as usize,
@@ -150,6 +165,8 @@ pub fn spec_from_config(c: &TrainConfig, split: Split, snapshot_every: u64) -> p
         loss: match c.loss {
             LossKind::Classification => pb::Loss::Classification,
             LossKind::AnswerCe => pb::Loss::AnswerCe,
+            LossKind::Accuracy => pb::Loss::Accuracy,
+            LossKind::F1 => pb::Loss::F1,
         } as i32,
         template: c.template.clone(),
         n_train: c.n_train as u32,
@@ -163,6 +180,14 @@ pub fn spec_from_config(c: &TrainConfig, split: Split, snapshot_every: u64) -> p
             Split::Data => pb::WorkSplit::Data,
         } as i32,
         snapshot_every,
+        user_template: c.user_template.as_ref().map(|u| pb::UserTemplate {
+            prompt: u.prompt.clone(),
+            candidates: u.candidates.clone(),
+            candidates_field: u.candidates_field.clone(),
+            label_field: u.label_field.clone(),
+            answer_field: u.answer_field.clone(),
+        }),
+        max_new_tokens: c.max_new_tokens as u32,
     }
 }
 
@@ -181,6 +206,42 @@ mod tests {
         let (c2, split2, snap2) = config_from_spec(&back, "out".into()).unwrap();
         assert_eq!(c2, c);
         assert_eq!((split2, snap2), (Split::Data, 5));
+    }
+
+    #[test]
+    fn tasks_user_templates_and_losses_cross_the_wire() {
+        let base = pb::RunSpec { model: "m".into(), data_dir: "d".into(), ..Default::default() };
+        // An unset loss is the task's default.
+        let s = pb::RunSpec { task: "squad".into(), ..base.clone() };
+        let (c, _, _) = config_from_spec(&s, "o".into()).unwrap();
+        assert_eq!((c.loss, c.max_new_tokens), (LossKind::AnswerCe, DEFAULT_MAX_NEW_TOKENS));
+        let s = pb::RunSpec { task: "copa".into(), loss: pb::Loss::Accuracy as i32, ..base.clone() };
+        assert_eq!(config_from_spec(&s, "o".into()).unwrap().0.loss, LossKind::Accuracy);
+        let s = pb::RunSpec {
+            task: "custom".into(),
+            loss: pb::Loss::F1 as i32,
+            max_new_tokens: 7,
+            user_template: Some(pb::UserTemplate {
+                prompt: "Q: {q}\\nA:".into(),
+                answer_field: "a".into(),
+                ..Default::default()
+            }),
+            ..base.clone()
+        };
+        let (c, split, snap) = config_from_spec(&s, "o".into()).unwrap();
+        assert_eq!(c.user_template.as_ref().unwrap().answer_field, "a");
+        assert_eq!((c.loss, c.max_new_tokens), (LossKind::F1, 7));
+        assert_eq!(config_from_spec(&spec_from_config(&c, split, snap), "o".into()).unwrap().0, c);
+        // Mismatches are refused with the reason.
+        let s = pb::RunSpec { task: "squad".into(), loss: pb::Loss::Accuracy as i32, ..base.clone() };
+        let e = config_from_spec(&s, "o".into()).unwrap_err().to_string();
+        assert!(e.contains("generates") && e.contains("answer-ce or f1"), "{e}");
+        let s = pb::RunSpec { task: "rte".into(), loss: pb::Loss::F1 as i32, ..base.clone() };
+        assert!(config_from_spec(&s, "o".into()).unwrap_err().to_string().contains("scores candidates"));
+        let s = pb::RunSpec { task: "custom".into(), ..base.clone() };
+        assert!(config_from_spec(&s, "o".into()).unwrap_err().to_string().contains("--prompt"));
+        let s = pb::RunSpec { task: "rte".into(), user_template: Some(Default::default()), ..base };
+        assert!(config_from_spec(&s, "o".into()).unwrap_err().to_string().contains("custom only"));
     }
 
     #[test]

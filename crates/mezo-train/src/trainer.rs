@@ -6,14 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use mezo_core::{direction_seed, splitmix64, Distribution};
-use mezo_data::{Example, ScoringRow, Template};
-use mezo_model::scoring::{evaluate_rows, example_rows};
-use mezo_model::{parse_device, parse_dtype, Adapter, LoraConfig, Opt, Target, TextTokenizer};
+use std::sync::Arc;
+
+use mezo_data::{ScoringRow, Task, TaskExample, UserTemplate};
+use mezo_model::scoring::{evaluate_generation, evaluate_rows, example_rows, prompt_tokens, EvalReport};
+use mezo_model::{parse_device, parse_dtype, Adapter, Decoding, LoraConfig, Opt, Target, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::data::{mezo_splits, Batcher};
-use crate::engine::{Engine, FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
+use crate::engine::{
+    Engine, FullState, GenContext, Item, LoraState, LossKind, Prepared, StepSettings, Trainable,
+};
 use crate::error::{Result, TrainError};
 use crate::optim::{self, Rule, Schedule, Slot};
 
@@ -81,7 +85,14 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub distribution: String,
     pub loss: LossKind,
+    /// SST-2's prompt variant (`mezo` or `classify`); `mezo` for the other tasks.
     pub template: String,
+    /// The prompt, candidates and fields of a `custom` task.
+    #[serde(default)]
+    pub user_template: Option<UserTemplate>,
+    /// Generation tasks: the most tokens greedy decoding adds (it stops earlier at a newline).
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
     pub n_train: usize,
     pub n_dev: usize,
     /// Sample train and dev only among examples of at least this many words (0: all).
@@ -94,6 +105,23 @@ pub struct TrainConfig {
     pub out: PathBuf,
 }
 
+fn default_max_new_tokens() -> usize {
+    DEFAULT_MAX_NEW_TOKENS
+}
+
+/// MeZO's `--max_new_tokens` default.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 50;
+
+/// The loss a task trains with when none is asked for: classification for candidate tasks,
+/// answer-ce for generation tasks.
+pub fn default_loss(task: &Task) -> LossKind {
+    if task.is_generation() {
+        LossKind::AnswerCe
+    } else {
+        LossKind::Classification
+    }
+}
+
 /// The most steps a run may ask for.
 pub const MAX_STEPS: u64 = 100_000_000;
 
@@ -101,12 +129,34 @@ impl TrainConfig {
     /// Checks every field a user sets, naming it and the accepted range.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
-        if self.task != "sst2" {
-            return bad(format!("unknown task `{}`: expected sst2", self.task));
+        let task = self.task()?;
+        match (task.is_generation(), self.loss) {
+            (true, LossKind::Classification | LossKind::Accuracy) => {
+                return bad(format!(
+                    "--loss {} scores candidates, but task {} generates its answers: use answer-ce or f1",
+                    self.loss.name(),
+                    self.task
+                ))
+            }
+            (false, LossKind::F1) => {
+                return bad(format!(
+                    "--loss f1 scores generated answers, but task {} scores candidates: use classification, \
+                     answer-ce or accuracy",
+                    self.task
+                ))
+            }
+            _ => {}
+        }
+        if self.optimizer == OptimizerSpec::Adam && !self.loss.is_differentiable() {
+            return bad(format!(
+                "--loss {} is not differentiable, so first-order --optimizer adam cannot train on it: use a \
+                 zeroth-order optimizer (zo-sgd, zo-momentum, zo-adam)",
+                self.loss.name()
+            ));
         }
         // Each count within a range: beyond it a typo (an extra zero) would allocate or run for
         // days before anyone noticed. The message names the flag and the run-spec field.
-        let counts: [(&str, u64, u64, u64); 8] = [
+        let counts: [(&str, u64, u64, u64); 9] = [
             ("--steps (steps)", self.steps, 1, MAX_STEPS),
             ("--batch-size (batch_size)", self.batch_size as u64, 1, 4096),
             ("--directions (directions)", self.directions as u64, 1, 1024),
@@ -115,6 +165,7 @@ impl TrainConfig {
             ("--n-train (n_train)", self.n_train as u64, 1, 10_000_000),
             ("--n-dev (n_dev)", self.n_dev as u64, 1, 10_000_000),
             ("--min-words (min_words)", self.min_words as u64, 0, 10_000),
+            ("--max-new-tokens (max_new_tokens)", self.max_new_tokens as u64, 1, 1024),
         ];
         for (name, v, lo, hi) in counts {
             if !(lo..=hi).contains(&v) {
@@ -159,7 +210,6 @@ impl TrainConfig {
             }
         }
         self.distribution.parse::<Distribution>()?;
-        Template::parse(&self.template)?;
         parse_dtype(&self.dtype)?;
         Ok(())
     }
@@ -189,9 +239,15 @@ impl TrainConfig {
         Ok(Some(LoraConfig { r: *r, alpha: *alpha, targets }))
     }
 
+    /// The run's task (its name, template and user template checked).
+    pub fn task(&self) -> Result<Task> {
+        Ok(Task::new(&self.task, &self.template, self.user_template.clone())?)
+    }
+
     /// The MeZO protocol's splits of this run, the test set cut to `test_limit`.
     fn splits(&self) -> Result<crate::data::Splits> {
         let mut s = mezo_splits(
+            &self.task()?,
             &self.data_dir.join("train.jsonl"),
             &self.data_dir.join("validation.jsonl"),
             self.n_train,
@@ -224,9 +280,13 @@ pub struct StepRecord {
     pub seconds: f64,
 }
 
+/// The `*_accuracy` fields hold the task's metric, named by `metric`: accuracy for candidate
+/// tasks, F1 for generation tasks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainReport {
     pub steps: u64,
+    #[serde(default)]
+    pub metric: String,
     pub final_train_loss: f64,
     pub zero_shot_accuracy: f64,
     pub best_dev_accuracy: f64,
@@ -251,18 +311,25 @@ pub struct NoObserver;
 impl Observer for NoObserver {}
 
 struct Tokenised {
-    examples: Vec<Example>,
+    examples: Vec<TaskExample>,
+    /// Scoring rows: the candidates, or a generation task's teacher-forced gold row.
     rows: Vec<Vec<ScoringRow>>,
+    /// Prompt tokens (generation tasks only).
+    prompts: Vec<Vec<i64>>,
 }
 
-fn tokenise(tok: &TextTokenizer, examples: Vec<Example>, template: Template) -> Result<Tokenised> {
-    let rows = example_rows(tok, &examples, template)?;
-    Ok(Tokenised { examples, rows })
+fn tokenise(tok: &TextTokenizer, examples: Vec<TaskExample>, task: &Task) -> Result<Tokenised> {
+    let rows = example_rows(tok, &examples)?;
+    let prompts = if task.is_generation() { prompt_tokens(tok, &examples)? } else { Vec::new() };
+    Ok(Tokenised { examples, rows, prompts })
 }
 
 /// Everything [`train`] loads before its first step.
 pub struct Session {
     pub cfg: TrainConfig,
+    pub task: Task,
+    /// Tokenizer and stop tokens of generation tasks.
+    gen: Option<Arc<GenContext>>,
     pub model: Opt,
     kind: Kind,
     train: Tokenised,
@@ -278,14 +345,18 @@ impl Session {
         cfg.validate()?;
         let device = parse_device(&cfg.device)?;
         let kind = parse_dtype(&cfg.dtype)?;
-        let template = Template::parse(&cfg.template)?;
+        let task = cfg.task()?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
         let model = Opt::load(&cfg.model, device, kind)?;
         let splits = cfg.splits()?;
         let test = splits.test;
-        let train = tokenise(&tok, splits.train, template)?;
-        let dev = tokenise(&tok, splits.dev, template)?;
-        let test = tokenise(&tok, test, template)?;
+        let train = tokenise(&tok, splits.train, &task)?;
+        let dev = tokenise(&tok, splits.dev, &task)?;
+        let test = tokenise(&tok, test, &task)?;
+        let gen = task.is_generation().then(|| {
+            let decoding = Decoding::new(&tok, model.config.eos_token_id, cfg.max_new_tokens);
+            Arc::new(GenContext { tokenizer: Arc::new(tok), decoding })
+        });
         let trainable = match cfg.lora_config()? {
             Some(lc) => {
                 Trainable::Lora(LoraState::init(lc, &model.config, model.device, lora_init_seed(cfg.seed))?)
@@ -297,7 +368,7 @@ impl Session {
         };
         let settings = cfg.step_settings()?;
         let engine = Engine::new(trainable, settings, device);
-        Ok(Session { cfg, model, kind, train, dev, test, engine, fo_slots: Vec::new() })
+        Ok(Session { cfg, task, gen, model, kind, train, dev, test, engine, fo_slots: Vec::new() })
     }
 
     pub fn trainable_params(&self) -> i64 {
@@ -307,21 +378,55 @@ impl Session {
         }
     }
 
-    fn accuracy(&self, set: &Tokenised) -> Result<f64> {
+    /// Evaluates the given examples of a set at the current state.
+    fn evaluate(&self, set: &Tokenised, idx: Option<&[usize]>) -> Result<EvalReport> {
         let lora = match &self.engine.trainable {
             Trainable::Lora(l) => Some(l.batch(self.kind)?),
             Trainable::Full(_) => None,
         };
-        Ok(evaluate_rows(&self.model, &set.examples, &set.rows, self.cfg.eval_batch_size, lora.as_ref())?
-            .accuracy)
+        let all: Vec<usize>;
+        let idx = match idx {
+            Some(i) => i,
+            None => {
+                all = (0..set.examples.len()).collect();
+                &all
+            }
+        };
+        let examples: Vec<TaskExample> = idx.iter().map(|&i| set.examples[i].clone()).collect();
+        let bs = self.cfg.eval_batch_size;
+        Ok(match &self.gen {
+            None => {
+                let rows: Vec<Vec<ScoringRow>> = idx.iter().map(|&i| set.rows[i].clone()).collect();
+                evaluate_rows(&self.model, &examples, &rows, bs, lora.as_ref())?
+            }
+            Some(g) => {
+                let prompts: Vec<Vec<i64>> = idx.iter().map(|&i| set.prompts[i].clone()).collect();
+                evaluate_generation(
+                    &self.model,
+                    &g.tokenizer,
+                    &g.decoding,
+                    &examples,
+                    &prompts,
+                    bs,
+                    lora.as_ref(),
+                )?
+            }
+        })
     }
 
+    /// The task's metric (accuracy, or F1 for generation tasks) on the dev set.
     pub fn dev_accuracy(&self) -> Result<f64> {
-        self.accuracy(&self.dev)
+        Ok(self.evaluate(&self.dev, None)?.score)
     }
 
+    /// The task's metric on the test set.
     pub fn test_accuracy(&self) -> Result<f64> {
-        self.accuracy(&self.test)
+        Ok(self.evaluate(&self.test, None)?.score)
+    }
+
+    /// The whole test set's report (predictions and every metric).
+    pub fn test_report(&self) -> Result<EvalReport> {
+        self.evaluate(&self.test, None)
     }
 
     /// Micro-batches of the given training examples.
@@ -329,9 +434,20 @@ impl Session {
         let per = idx.len().div_ceil(self.cfg.grad_accum);
         idx.chunks(per)
             .map(|c| {
-                let rows: Vec<&[ScoringRow]> = c.iter().map(|&i| self.train.rows[i].as_slice()).collect();
-                let labels: Vec<usize> = c.iter().map(|&i| self.train.examples[i].label).collect();
-                Prepared::new(&rows, &labels, self.cfg.loss, &self.model)
+                let items: Vec<Item> = c
+                    .iter()
+                    .map(|&i| {
+                        let ex = &self.train.examples[i];
+                        Item {
+                            rows: &self.train.rows[i],
+                            // A generation task's only row is its gold answer.
+                            gold: if ex.candidates.is_empty() { &[0] } else { &ex.gold },
+                            prompt: self.train.prompts.get(i).map_or(&[], Vec::as_slice),
+                            answers: &ex.answers,
+                        }
+                    })
+                    .collect();
+                Prepared::from_items(&items, self.cfg.loss, &self.model, self.gen.as_ref())
             })
             .collect()
     }
@@ -527,8 +643,9 @@ impl Session {
         Ok((self.engine.direction_losses(&self.model, &micro, seeds)?, weight, tokens))
     }
 
-    /// Examples of `set` predicted correctly, of those given.
-    pub fn eval_subset(&self, set: EvalSet, idx: &[usize]) -> Result<(usize, usize)> {
+    /// The sum of the task's metric over the given examples of `set` (correct predictions, or
+    /// F1), the examples exactly right (correct, or exact matches), and the examples evaluated.
+    pub fn eval_subset(&self, set: EvalSet, idx: &[usize]) -> Result<(f64, usize, usize)> {
         let src = match set {
             EvalSet::Dev => &self.dev,
             EvalSet::Test => &self.test,
@@ -539,14 +656,13 @@ impl Session {
                 src.examples.len()
             )));
         }
-        let examples: Vec<Example> = idx.iter().map(|&i| src.examples[i].clone()).collect();
-        let rows: Vec<Vec<ScoringRow>> = idx.iter().map(|&i| src.rows[i].clone()).collect();
-        let lora = match &self.engine.trainable {
-            Trainable::Lora(l) => Some(l.batch(self.kind)?),
-            Trainable::Full(_) => None,
+        let r = self.evaluate(src, Some(idx))?;
+        let exact = if r.generations.is_empty() {
+            r.per_example.iter().filter(|e| e.correct).count()
+        } else {
+            r.generations.iter().filter(|g| g.exact_match == 1.0).count()
         };
-        let r = evaluate_rows(&self.model, &examples, &rows, self.cfg.eval_batch_size, lora.as_ref())?;
-        Ok((r.per_example.iter().filter(|e| e.pred == e.label).count(), r.examples))
+        Ok((r.score_sum(), exact, r.examples))
     }
 
     pub fn set_sizes(&self) -> (usize, usize, usize) {
@@ -578,13 +694,13 @@ pub struct DataPlan {
 impl DataPlan {
     pub fn new(cfg: &TrainConfig) -> Result<Self> {
         cfg.validate()?;
-        let template = Template::parse(&cfg.template)?;
+        let task = cfg.task()?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
         // A bad config.json fails here, before any worker loads it.
         mezo_model::OptConfig::from_dir(&cfg.model)?;
         let splits = cfg.splits()?;
         let n_test = splits.test.len();
-        let train = tokenise(&tok, splits.train, template)?;
+        let train = tokenise(&tok, splits.train, &task)?;
         let train_lengths =
             train.rows.iter().map(|r| r.iter().map(|x| x.tokens.len()).max().unwrap_or(0)).collect();
         Ok(DataPlan { train_lengths, n_dev: splits.dev.len(), n_test })
@@ -691,6 +807,7 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
     };
     let report = TrainReport {
         steps: cfg.steps,
+        metric: s.task.metric().name().into(),
         final_train_loss,
         zero_shot_accuracy: zero_shot,
         best_dev_accuracy: best_dev,

@@ -224,9 +224,10 @@ fn engine_thread(
                 r.tokens = tokens;
                 r.forward_seconds = seconds;
             }
-            Ok(Outcome::Accuracy { correct, total }) => {
+            Ok(Outcome::Accuracy { score, correct, total }) => {
                 r.correct = correct as u32;
                 r.total = total as u32;
+                r.score = score;
             }
             Err(e) => {
                 // Report and keep serving: the task goes to another worker (an out-of-memory
@@ -297,7 +298,7 @@ fn describe_failure(message: &str, device: &str) -> String {
 
 enum Outcome {
     Losses { per_seed: Vec<(f64, f64)>, weight: f64, tokens: u64, seconds: f64 },
-    Accuracy { correct: usize, total: usize },
+    Accuracy { score: f64, correct: usize, total: usize },
 }
 
 fn serve_task(
@@ -353,12 +354,12 @@ fn serve_task(
             Ok(Outcome::Losses { per_seed, weight, tokens, seconds })
         }
         pb::TaskKind::EvalDev => {
-            let (correct, total) = rep.session.eval_subset(EvalSet::Dev, &idx)?;
-            Ok(Outcome::Accuracy { correct, total })
+            let (score, correct, total) = rep.session.eval_subset(EvalSet::Dev, &idx)?;
+            Ok(Outcome::Accuracy { score, correct, total })
         }
         pb::TaskKind::EvalTest => {
-            let (correct, total) = rep.session.eval_subset(EvalSet::Test, &idx)?;
-            Ok(Outcome::Accuracy { correct, total })
+            let (score, correct, total) = rep.session.eval_subset(EvalSet::Test, &idx)?;
+            Ok(Outcome::Accuracy { score, correct, total })
         }
     }
 }

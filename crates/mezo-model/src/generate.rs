@@ -1,0 +1,114 @@
+//! Greedy decoding on top of a model's full forward pass, for generation tasks (SQuAD, DROP)
+//! and their non-differentiable F1 objective. Each new token recomputes the whole sequence: no
+//! key-value cache, which keeps the model side to one function ([`CausalLm::last_token_logits`])
+//! that any decoder-only model can provide.
+
+use std::collections::HashSet;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::opt::pad_right;
+use crate::{LoraBatch, Opt, Padding, TextTokenizer};
+
+/// What greedy decoding needs from a causal language model.
+pub trait CausalLm {
+    /// Logits after each row's last real token, `[rows, vocab]` float32, for right-padded `ids`
+    /// and `mask` (`[rows, seq]`). With `lora`, rows are grouped by adapter variant.
+    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor>;
+    fn pad_token_id(&self) -> i64;
+    fn eos_token_id(&self) -> i64;
+    fn device(&self) -> Device;
+    /// The longest sequence the model takes.
+    fn max_positions(&self) -> usize;
+}
+
+impl CausalLm for Opt {
+    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, mask, Padding::Right, lora)?;
+        let last = mask.sum_dim_intlist(1, false, Kind::Int64) - 1;
+        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, self.device));
+        let picked = hidden.index(&[Some(&rows), Some(&last)]);
+        Ok(self.logits(&picked).to_kind(Kind::Float))
+    }
+
+    fn pad_token_id(&self) -> i64 {
+        self.config.pad_token_id
+    }
+
+    fn eos_token_id(&self) -> i64 {
+        self.config.eos_token_id
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings as usize
+    }
+}
+
+/// When generation stops: a stop token (newline-bearing tokens and EOS, as MeZO's SQuAD runs
+/// with `--eos_token "\n"`) or `max_new_tokens` new tokens.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    pub max_new_tokens: usize,
+    pub stop_ids: HashSet<i64>,
+}
+
+impl Decoding {
+    pub fn new(tok: &TextTokenizer, eos_token_id: i64, max_new_tokens: usize) -> Self {
+        let mut stop_ids: HashSet<i64> = tok.newline_ids().into_iter().collect();
+        stop_ids.insert(eos_token_id);
+        Decoding { max_new_tokens, stop_ids }
+    }
+}
+
+/// Greedy continuations of every prompt under every adapter variant of `lora` (one without):
+/// `[variant][prompt]` new tokens, the stop token excluded. A sequence also stops at the
+/// model's longest sequence.
+pub fn greedy(
+    model: &dyn CausalLm,
+    prompts: &[Vec<i64>],
+    lora: Option<&LoraBatch>,
+    d: &Decoding,
+) -> Result<Vec<Vec<Vec<i64>>>> {
+    let _g = tch::no_grad_guard();
+    let variants = lora.map_or(1, |l| l.variants) as usize;
+    // Variant-major, as LoraBatch groups rows.
+    let mut seqs: Vec<Vec<i64>> = (0..variants).flat_map(|_| prompts.iter().cloned()).collect();
+    let mut out: Vec<Vec<i64>> = vec![Vec::new(); seqs.len()];
+    let limit = model.max_positions();
+    let mut done: Vec<bool> = seqs.iter().map(|s| s.len() >= limit || s.is_empty()).collect();
+    for _ in 0..d.max_new_tokens {
+        if done.iter().all(|&x| x) {
+            break;
+        }
+        let (ids, mask) = pad_right(&seqs, model.pad_token_id(), model.device())?;
+        let next = model.last_token_logits(&ids, &mask, lora)?.argmax(-1, false);
+        let next: Vec<i64> =
+            Vec::<i64>::try_from(&next.to_device(Device::Cpu)).map_err(crate::ModelError::Torch)?;
+        for (i, &t) in next.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            if d.stop_ids.contains(&t) {
+                done[i] = true;
+                continue;
+            }
+            seqs[i].push(t);
+            out[i].push(t);
+            done[i] = seqs[i].len() >= limit;
+        }
+    }
+    let per = prompts.len();
+    Ok((0..variants).map(|v| out[v * per..(v + 1) * per].to_vec()).collect())
+}
+
+/// The answer text of generated tokens: decoded, cut at the first newline, trimmed (MeZO decodes
+/// and strips).
+pub fn answer_text(tok: &TextTokenizer, tokens: &[i64]) -> Result<String> {
+    let text = tok.decode(tokens)?;
+    Ok(text.split('\n').next().unwrap_or("").trim().to_string())
+}
