@@ -5,7 +5,7 @@ use mezo_data::{candidate_rows, Example, ScoringRow, Template};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::{LoraBatch, Opt, ScoreBatch, TextTokenizer};
+use crate::{Opt, ScoreBatch, TextTokenizer, Tuning};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScore {
@@ -36,7 +36,7 @@ pub fn example_rows(
         .collect()
 }
 
-/// Scores every example, `batch_size` examples a forward, with `lora` (one variant) applied if
+/// Scores every example, `batch_size` examples a forward, with `tuning` (one variant) applied if
 /// given. Examples are grouped by length so a batch carries little padding; the report keeps
 /// the input order.
 pub fn evaluate(
@@ -45,10 +45,10 @@ pub fn evaluate(
     examples: &[Example],
     template: Template,
     batch_size: usize,
-    lora: Option<&LoraBatch>,
+    tuning: Option<&Tuning>,
 ) -> Result<EvalReport> {
     let rows = example_rows(tok, examples, template)?;
-    evaluate_rows(model, examples, &rows, batch_size, lora)
+    evaluate_rows(model, examples, &rows, batch_size, tuning)
 }
 
 /// [`evaluate`] on examples already tokenised by [`example_rows`].
@@ -57,7 +57,7 @@ pub fn evaluate_rows(
     examples: &[Example],
     rows: &[Vec<ScoringRow>],
     batch_size: usize,
-    lora: Option<&LoraBatch>,
+    tuning: Option<&Tuning>,
 ) -> Result<EvalReport> {
     let _guard = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..examples.len()).collect();
@@ -68,7 +68,7 @@ pub fn evaluate_rows(
         let tokens: Vec<Vec<i64>> = flat.iter().map(|r| r.tokens.clone()).collect();
         let starts: Vec<usize> = flat.iter().map(|r| r.answer_start).collect();
         let b = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
-        let lp = model.answer_logprob_sums(&b, lora)?.squeeze_dim(0) / &b.counts;
+        let lp = model.answer_logprob_sums(&b, tuning)?.squeeze_dim(0) / &b.counts;
         let values: Vec<f64> = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))
             .map_err(crate::ModelError::Torch)?
             .into_iter()
