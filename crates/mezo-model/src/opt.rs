@@ -267,18 +267,15 @@ impl Opt {
             Padding::Right => None,
             Padding::Any => Some(self.explicit_mask(mask, seq)),
         };
-        // Every query sees the whole prefix: its columns go in front of the mask (the fused
-        // causal path assumes square attention, so a prefix always gets an explicit mask).
-        let attn_mask = if prefix > 0 {
-            let m = attn_mask.unwrap_or_else(|| {
-                Tensor::ones([seq, seq], (Kind::Bool, self.device)).tril(0).view([1, 1, seq, seq])
-            });
-            let s = m.size();
-            let front = Tensor::ones([s[0], 1, seq, prefix], (Kind::Bool, self.device));
-            Some(Tensor::cat(&[front, m], 3))
-        } else {
-            attn_mask
-        };
+        // Every query sees the whole prefix: its columns go in front of an explicit mask (the
+        // causal-only path handles the prefix in `attention`).
+        let attn_mask = attn_mask.map(|m| {
+            if prefix == 0 {
+                return m;
+            }
+            let front = Tensor::ones([m.size()[0], 1, seq, prefix], (Kind::Bool, self.device));
+            Tensor::cat(&[front, m], 3)
+        });
         if let Some(t) = tuning {
             let v = t.variants();
             if v < 1 || rows % v != 0 {
@@ -361,18 +358,28 @@ impl Opt {
             let len = y.size()[1];
             y.view([b, len, a.heads, a.head_dim]).transpose(1, 2)
         };
+        let mut q = proj(i, Target::Q, &a.q_proj, x, lora);
         let mut k = proj(i, Target::K, &a.k_proj, x, lora);
         let mut v = proj(i, Target::V, &a.v_proj, x, lora);
+        let mut skip = 0;
         if let Some(p) = tuning.and_then(Tuning::prefix) {
             // Keys and values as projected (before the head split), as past_key_values hold them.
             let (pk, pv) = p.layer(i, b);
+            if mask.is_none() {
+                // The fused causal kernels align the mask top-left (query j sees keys 0..=j), so
+                // `num_prefix` dummy queries in front make query P+j see the prefix and keys up
+                // to its own; their outputs are dropped. Cheaper than an explicit mask, which
+                // takes the unfused path.
+                q = Tensor::cat(&[pk.zeros_like(), q], 1);
+                skip = p.num_prefix;
+            }
             k = Tensor::cat(&[pk, k], 1);
             v = Tensor::cat(&[pv, v], 1);
         }
-        let q = split(proj(i, Target::Q, &a.q_proj, x, lora));
-        let (k, v) = (split(k), split(v));
+        let (q, k, v) = (split(q), split(k), split(v));
         let o =
             Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None::<f64>, false);
+        let o = if skip > 0 { o.narrow(2, skip, t) } else { o };
         let o = o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]);
         proj(i, Target::Out, &a.out_proj, &o, lora)
     }
