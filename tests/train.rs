@@ -201,7 +201,8 @@ fn prefix_runs_learn_and_peft_loads_the_prefix() {
     ]);
     let validation = data.join("sst2/validation.jsonl");
     let scores = |model: &Path, adapter: Option<&Path>| -> Value {
-        let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--data", validation.to_str().unwrap()];
+        let mut args =
+            vec!["eval", "--model", model.to_str().unwrap(), "--data", validation.to_str().unwrap()];
         if let Some(a) = adapter {
             args.extend(["--adapter", a.to_str().unwrap()]);
         }
@@ -214,21 +215,48 @@ fn prefix_runs_learn_and_peft_loads_the_prefix() {
         let a = assets();
         // The whole training set in every batch, so the loss of one step compares with another's.
         mezo_ok(&[
-            "train", "--mode", "prefix", "--num-prefix", "5",
-            "--model", model.to_str().unwrap(), "--data-dir", a.join("sst2").to_str().unwrap(),
-            "--steps", steps, "--n-train", "16", "--batch-size", "16", "--n-dev", "16", "--test-limit", "8",
-            "--eval-every", "0", "--lr", "1e-2", "--directions", "4", "--out", out.to_str().unwrap(),
+            "train",
+            "--mode",
+            "prefix",
+            "--num-prefix",
+            "5",
+            "--model",
+            model.to_str().unwrap(),
+            "--data-dir",
+            a.join("sst2").to_str().unwrap(),
+            "--steps",
+            steps,
+            "--n-train",
+            "16",
+            "--batch-size",
+            "16",
+            "--n-dev",
+            "16",
+            "--test-limit",
+            "8",
+            "--eval-every",
+            "0",
+            "--lr",
+            "1e-2",
+            "--directions",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
         ]);
         if case == "pre_safetensors" {
             let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
-            let l: Vec<f64> = log.lines().map(|x| serde_json::from_str::<Value>(x).unwrap()["loss"].as_f64().unwrap()).collect();
+            let l: Vec<f64> = log
+                .lines()
+                .map(|x| serde_json::from_str::<Value>(x).unwrap()["loss"].as_f64().unwrap())
+                .collect();
             let (first, last) = (l[..5].iter().sum::<f64>() / 5.0, l[35..].iter().sum::<f64>() / 5.0);
             eprintln!("prefix run: loss {first:.4} -> {last:.4}");
             assert!(last < first - 0.01, "the prefix run did not lower its loss: {first} -> {last}");
         }
         let adapter = out.join("adapter");
         let cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["peft_type"], "PREFIX_TUNING");
         assert_eq!(cfg["num_virtual_tokens"], 5);
         assert_eq!(cfg["prefix_projection"], false);
@@ -255,7 +283,9 @@ fn prefix_runs_learn_and_peft_loads_the_prefix() {
             }
             assert_eq!(o[i]["pred"], p[i]["pred"], "{case} example {i}: prediction differs from PEFT");
         }
-        eprintln!("{case}: mezo eval --adapter (prefix) vs PEFT: worst |diff| {worst:.2e}; moved {moved:.2e}");
+        eprintln!(
+            "{case}: mezo eval --adapter (prefix) vs PEFT: worst |diff| {worst:.2e}; moved {moved:.2e}"
+        );
         assert!(worst <= 1e-4, "{case}: scores differ from PEFT's by {worst}");
         assert!(moved > 1e-3, "{case}: the prefix barely changed the model ({moved})");
     }

@@ -112,7 +112,10 @@ fn eval(args: EvalArgs) -> Result<()> {
     let model = Opt::load(&args.model, device, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let adapter = match &args.adapter {
-        Some(dir) => Some(load_adapter(dir, &model, kind).with_context(|| format!("loading adapter from {}", dir.display()))?),
+        Some(dir) => Some(
+            load_adapter(dir, &model, kind)
+                .with_context(|| format!("loading adapter from {}", dir.display()))?,
+        ),
         None => None,
     };
     let report = evaluate(&model, &tokenizer, &examples, template, args.batch_size, adapter.as_ref())?;
@@ -134,7 +137,12 @@ fn load_adapter(dir: &std::path::Path, model: &Opt, kind: tch::Kind) -> Result<m
     } else {
         let a = mezo_model::Adapter::load(dir, c)?;
         let flat = a.flat.to_device(model.device).unsqueeze(0);
-        mezo_model::Tuning::Lora(mezo_model::LoraBatch::from_flat(&flat, &a.config, &a.config.tensors(c), kind)?)
+        mezo_model::Tuning::Lora(mezo_model::LoraBatch::from_flat(
+            &flat,
+            &a.config,
+            &a.config.tensors(c),
+            kind,
+        )?)
     })
 }
 

@@ -29,7 +29,9 @@ use mezo_store::{RunStatus, StepRecord, Store};
 use mezo_train::data::Batcher;
 use mezo_train::engine::projected_grads;
 use mezo_train::spec::{config_from_spec, spec_from_config, Split};
-use mezo_train::trainer::{coordinator_state, f32_from_le_bytes, flat_state_bytes, save_adapter, state_checksum, DataPlan};
+use mezo_train::trainer::{
+    coordinator_state, f32_from_le_bytes, flat_state_bytes, save_adapter, state_checksum, DataPlan,
+};
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};

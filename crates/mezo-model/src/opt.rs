@@ -434,11 +434,12 @@ impl Opt {
         }
         let ids = Tensor::from_slice(tokens).view([1, n]).to_device(self.device);
         let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]) + OPT_POSITION_OFFSET;
-        let mut x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
-        if let Some(p) = &self.project_in {
-            x = p.forward(&x);
-        }
-        x = x + Tensor::embedding(&self.embed_positions, &positions, -1, false, false);
+        let tok = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
+        let tok = match &self.project_in {
+            Some(p) => p.forward(&tok),
+            None => tok,
+        };
+        let mut x = tok + Tensor::embedding(&self.embed_positions, &positions, -1, false, false);
         let mut per_layer = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             // What the layer's attention projects (the same ops as `layer_forward`'s).
@@ -634,10 +635,12 @@ mod tests {
             assert_eq!(kv.size(), [cfg.numel(&m.config)]);
             let both: Vec<i64> = first.iter().chain(&row).copied().collect();
             let joined = Tensor::from_slice(&both).view([1, 8]);
-            let expect = m.hidden_states(&joined, &joined.ones_like(), Padding::Right, None).unwrap().narrow(1, 3, 5);
+            let expect =
+                m.hidden_states(&joined, &joined.ones_like(), Padding::Right, None).unwrap().narrow(1, 3, 5);
             // Variant 0: the real prefix; variant 1: another prefix (must not leak into variant 0).
             let flat = Tensor::stack(&[&kv, &(kv.randn_like() * 0.5)], 0);
-            let t = Tuning::Prefix(crate::PrefixBatch::from_flat(&flat, &cfg, &m.config, Kind::Double).unwrap());
+            let t =
+                Tuning::Prefix(crate::PrefixBatch::from_flat(&flat, &cfg, &m.config, Kind::Double).unwrap());
             let ids = Tensor::from_slice(&row).view([1, 5]).repeat([2, 1]);
             let h = m.hidden_states(&ids, &ids.ones_like(), Padding::Right, Some(&t)).unwrap();
             let diff = (h.get(0) - expect.get(0)).abs().max().double_value(&[]);

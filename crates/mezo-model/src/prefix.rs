@@ -95,7 +95,10 @@ impl PrefixAdapter {
             other => return Err(field("peft_type", format!("{other:?} is not PREFIX_TUNING"))),
         }
         if json.get("prefix_projection").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(field("prefix_projection", "only prefixes without a projection MLP are supported".into()));
+            return Err(field(
+                "prefix_projection",
+                "only prefixes without a projection MLP are supported".into(),
+            ));
         }
         let int = |f: &str| {
             json.get(f).and_then(|v| v.as_i64()).ok_or_else(|| field(f, "missing or not an integer".into()))
@@ -131,11 +134,10 @@ impl PrefixAdapter {
                 }
             }
         })?;
-        let w = loaded
-            .into_iter()
-            .find(|(k, _)| k == PREFIX_KEY)
-            .map(|(_, t)| t)
-            .ok_or_else(|| ModelError::MissingTensor { path: st_path.clone(), tensor: PREFIX_KEY.into() })?;
+        let w =
+            loaded.into_iter().find(|(k, _)| k == PREFIX_KEY).map(|(_, t)| t).ok_or_else(|| {
+                ModelError::MissingTensor { path: st_path.clone(), tensor: PREFIX_KEY.into() }
+            })?;
         let shape = config.shape(model);
         if w.size() != shape {
             return Err(ModelError::ShapeMismatch {

@@ -6,9 +6,9 @@
 //! in full-parameter mode, and neither builds an autograd graph.
 
 use mezo_core::fused::{self, SgdUpdate};
+use mezo_core::HostRng;
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
 use mezo_data::ScoringRow;
-use mezo_core::HostRng;
 use mezo_model::prefix::PREFIX_KEY;
 use mezo_model::{
     LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, PrefixBatch, PrefixConfig, ScoreBatch, Tuning,
@@ -132,7 +132,9 @@ impl Trainable {
     /// the model's dtype `kind`; `None` for full-parameter training (the weights are the state).
     pub fn tuning_of(&self, flat: &Tensor, kind: Kind) -> Result<Option<Tuning>> {
         Ok(match self {
-            Trainable::Lora(l) => Some(Tuning::Lora(LoraBatch::from_flat(flat, &l.config, &l.tensors, kind)?)),
+            Trainable::Lora(l) => {
+                Some(Tuning::Lora(LoraBatch::from_flat(flat, &l.config, &l.tensors, kind)?))
+            }
             Trainable::Prefix(p) => {
                 Some(Tuning::Prefix(PrefixBatch::from_flat(flat, &p.config, &p.model, kind)?))
             }
@@ -729,7 +731,10 @@ mod tests {
                 engine.apply_update(None, &seeds, &grads, 1e-3).unwrap();
                 flat_update_tensor(&mut b.state, &seeds, &grads, 1e-3, Rule::Sgd, wd, dist, &table);
                 let Trainable::Lora(a) = &engine.trainable else { unreachable!() };
-                assert!(a.state.flat.equal(&b.state.flat), "{dist} {seeds:?}: fused and tensor LoRA updates differ");
+                assert!(
+                    a.state.flat.equal(&b.state.flat),
+                    "{dist} {seeds:?}: fused and tensor LoRA updates differ"
+                );
             }
         }
     }

@@ -58,7 +58,9 @@ pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, S
             },
         },
         Some(pb::run_spec::Mode::Full(f)) => ModeSpec::Full { patterns: f.patterns.clone() },
-        Some(pb::run_spec::Mode::Prefix(p)) => ModeSpec::Prefix { num_prefix: i64::from(or(p.num_prefix, 5)) },
+        Some(pb::run_spec::Mode::Prefix(p)) => {
+            ModeSpec::Prefix { num_prefix: i64::from(or(p.num_prefix, 5)) }
+        }
         None => ModeSpec::Lora { r: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()] },
     };
     let full = matches!(mode, ModeSpec::Full { .. });

@@ -243,7 +243,12 @@ pub fn prefix_init_seed(run_seed: u64) -> u64 {
 /// `model`) or full-parameter (the model's own weights).
 pub fn init_trainable(cfg: &TrainConfig, model: &Opt) -> Result<Trainable> {
     if let Some(lc) = cfg.lora_config()? {
-        return Ok(Trainable::Lora(LoraState::init(lc, &model.config, model.device, lora_init_seed(cfg.seed))?));
+        return Ok(Trainable::Lora(LoraState::init(
+            lc,
+            &model.config,
+            model.device,
+            lora_init_seed(cfg.seed),
+        )?));
     }
     match &cfg.mode {
         ModeSpec::Prefix { num_prefix } => Ok(Trainable::Prefix(PrefixState::init(
@@ -263,7 +268,12 @@ pub fn init_trainable(cfg: &TrainConfig, model: &Opt) -> Result<Trainable> {
 pub fn coordinator_state(cfg: &TrainConfig) -> Result<Option<Trainable>> {
     if let Some(lc) = cfg.lora_config()? {
         let mc = OptConfig::from_dir(&cfg.model)?;
-        return Ok(Some(Trainable::Lora(LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed))?)));
+        return Ok(Some(Trainable::Lora(LoraState::init(
+            lc,
+            &mc,
+            tch::Device::Cpu,
+            lora_init_seed(cfg.seed),
+        )?)));
     }
     if cfg.prefix_config().is_some() {
         let model = Opt::load(&cfg.model, tch::Device::Cpu, parse_dtype(&cfg.dtype)?)?;

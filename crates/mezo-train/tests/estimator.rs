@@ -62,7 +62,8 @@ fn averaged_spsa_estimates_align_with_autograd() {
     // The true gradient, by backprop.
     let leaf = theta.detach().set_requires_grad(true);
     let lb = mezo_model::LoraBatch::from_flat(&leaf.unsqueeze(0), &cfg, &state.tensors, Kind::Float).unwrap();
-    let loss = prepared.loss_sums(&model, Some(&mezo_model::Tuning::Lora(lb))).unwrap().sum(Kind::Float) / prepared.weight;
+    let loss = prepared.loss_sums(&model, Some(&mezo_model::Tuning::Lora(lb))).unwrap().sum(Kind::Float)
+        / prepared.weight;
     loss.backward();
     let grad = leaf.grad().detach();
     assert!(grad.norm().double_value(&[]) > 1e-3, "degenerate test point");
