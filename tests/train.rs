@@ -182,6 +182,115 @@ fn peft_loads_the_adapter_and_agrees_with_mezo_eval() {
     );
 }
 
+/// MeZO's prefix mode end to end on base checkpoints written by transformers (pre- and
+/// post-LayerNorm OPT): a full-batch run lowers its training loss, the exported adapter is PEFT's
+/// PREFIX_TUNING format, and PEFT's scores with it equal `mezo eval --adapter`'s.
+#[test]
+fn prefix_runs_learn_and_peft_loads_the_prefix() {
+    let base = tmp("prefix-base");
+    let data = shared_data();
+    run_python(&[
+        repo_root().join("tests/py/make_parity_fixtures.py").to_str().unwrap(),
+        base.to_str().unwrap(),
+        data.join("sst2/validation.jsonl").to_str().unwrap(),
+        data.join("gpt2-bpe").to_str().unwrap(),
+        "--limit",
+        "2",
+        "--cases",
+        "pre_safetensors,post_bin",
+    ]);
+    let validation = data.join("sst2/validation.jsonl");
+    let scores = |model: &Path, adapter: Option<&Path>| -> Value {
+        let mut args =
+            vec!["eval", "--model", model.to_str().unwrap(), "--data", validation.to_str().unwrap()];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        args.extend(["--limit", "12", "--json"]);
+        serde_json::from_str(&mezo_ok(&args)).unwrap()
+    };
+    for (case, steps) in [("pre_safetensors", "40"), ("post_bin", "3")] {
+        let model = base.join(case);
+        let out = tmp(&format!("prefix-{case}"));
+        let a = assets();
+        // The whole training set in every batch, so the loss of one step compares with another's.
+        mezo_ok(&[
+            "train",
+            "--mode",
+            "prefix",
+            "--num-prefix",
+            "5",
+            "--model",
+            model.to_str().unwrap(),
+            "--data-dir",
+            a.join("sst2").to_str().unwrap(),
+            "--steps",
+            steps,
+            "--n-train",
+            "16",
+            "--batch-size",
+            "16",
+            "--n-dev",
+            "16",
+            "--test-limit",
+            "8",
+            "--eval-every",
+            "0",
+            "--lr",
+            "1e-2",
+            "--directions",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        if case == "pre_safetensors" {
+            let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+            let l: Vec<f64> = log
+                .lines()
+                .map(|x| serde_json::from_str::<Value>(x).unwrap()["loss"].as_f64().unwrap())
+                .collect();
+            let (first, last) = (l[..5].iter().sum::<f64>() / 5.0, l[35..].iter().sum::<f64>() / 5.0);
+            eprintln!("prefix run: loss {first:.4} -> {last:.4}");
+            assert!(last < first - 0.01, "the prefix run did not lower its loss: {first} -> {last}");
+        }
+        let adapter = out.join("adapter");
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["peft_type"], "PREFIX_TUNING");
+        assert_eq!(cfg["num_virtual_tokens"], 5);
+        assert_eq!(cfg["prefix_projection"], false);
+        let ours = scores(&model, Some(&adapter));
+        let plain = scores(&model, None);
+        let peft_json = out.join("peft.json");
+        run_python(&[
+            repo_root().join("tests/py/peft_scores.py").to_str().unwrap(),
+            model.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            validation.to_str().unwrap(),
+            "12",
+            "mezo",
+            peft_json.to_str().unwrap(),
+        ]);
+        let peft: Value = serde_json::from_str(&std::fs::read_to_string(&peft_json).unwrap()).unwrap();
+        let (o, p, b) = (&ours["per_example"], &peft["per_example"], &plain["per_example"]);
+        let (mut worst, mut moved) = (0.0f64, 0.0f64);
+        for i in 0..12 {
+            for c in 0..2 {
+                let x = o[i]["scores"][c].as_f64().unwrap();
+                worst = worst.max((x - p[i]["scores"][c].as_f64().unwrap()).abs());
+                moved = moved.max((x - b[i]["scores"][c].as_f64().unwrap()).abs());
+            }
+            assert_eq!(o[i]["pred"], p[i]["pred"], "{case} example {i}: prediction differs from PEFT");
+        }
+        eprintln!(
+            "{case}: mezo eval --adapter (prefix) vs PEFT: worst |diff| {worst:.2e}; moved {moved:.2e}"
+        );
+        assert!(worst <= 1e-4, "{case}: scores differ from PEFT's by {worst}");
+        assert!(moved > 1e-3, "{case}: the prefix barely changed the model ({moved})");
+    }
+}
+
 #[test]
 fn non_finite_losses_are_skipped_and_counted() {
     let out = tmp("nan");
@@ -269,6 +378,10 @@ fn bad_train_arguments_are_named() {
     assert!(with(&["--optimizer", "lion"]).contains("--optimizer `lion`"));
     assert!(with(&["--distribution", "cauchy"]).contains("cauchy"));
     assert!(with(&["--n-train", "100000"]).contains("100000 train"));
+    let e = with(&["--mode", "prefix", "--num-prefix", "0"]);
+    assert!(e.contains("--num-prefix (prefix.num_prefix) must be between 1 and 1024, got 0"), "{e}");
+    assert!(with(&["--mode", "prefix", "--full"]).contains("--full and --mode prefix"));
+    assert!(with(&["--mode", "bitfit"]).contains("--mode `bitfit`"));
     let e = mezo_err(&[
         "train",
         "--model",

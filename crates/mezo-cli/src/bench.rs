@@ -19,7 +19,7 @@ pub struct BenchArgs {
     /// or coordinator (the service's overhead with 1, 4 and 16 instant in-process workers).
     #[arg(default_value = "forward")]
     pub what: String,
-    /// train: lora (r=8, alpha=16 on q_proj,v_proj) or full.
+    /// train: lora (r=8, alpha=16 on q_proj,v_proj), prefix (5 tokens a layer) or full.
     #[arg(long, default_value = "lora")]
     pub mode: String,
     /// train: directions per step.
@@ -210,9 +210,18 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
             Trainable::Lora(LoraState::init(cfg, &model.config, model.device, 0)?)
         }
         "full" => Trainable::Full(FullState::new(&model, &[])?),
-        m => bail!("unknown --mode `{m}`: expected lora or full"),
+        "prefix" => Trainable::Prefix(mezo_train::engine::PrefixState::init(
+            mezo_model::PrefixConfig { num_prefix: 5 },
+            &model,
+            0,
+        )?),
+        m => bail!("unknown --mode `{m}`: expected lora, prefix or full"),
     };
-    let eps = if args.mode == "lora" { 1e-2 } else { 1e-3 };
+    let eps = match args.mode.as_str() {
+        "lora" => 1e-2,
+        "prefix" => 1e-1,
+        _ => 1e-3,
+    };
     let settings = StepSettings {
         eps,
         dist: mezo_core::Distribution::Gaussian,

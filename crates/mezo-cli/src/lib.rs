@@ -68,7 +68,8 @@ pub struct EvalArgs {
     /// many prompts together).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), LoRA or
+    /// prefix-tuning, to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Print one JSON object instead of a summary.
@@ -109,13 +110,10 @@ fn eval(args: EvalArgs) -> Result<()> {
     let model = Opt::load(&args.model, device, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let adapter = match &args.adapter {
-        Some(dir) => {
-            let a = mezo_model::Adapter::load(dir, &model.config)
-                .with_context(|| format!("loading adapter from {}", dir.display()))?;
-            let tensors = a.config.tensors(&model.config);
-            let flat = a.flat.to_device(device).unsqueeze(0);
-            Some(mezo_model::LoraBatch::from_flat(&flat, &a.config, &tensors, kind)?)
-        }
+        Some(dir) => Some(
+            load_adapter(dir, &model, kind)
+                .with_context(|| format!("loading adapter from {}", dir.display()))?,
+        ),
         None => None,
     };
     let report = evaluate(
@@ -133,6 +131,25 @@ fn eval(args: EvalArgs) -> Result<()> {
         print_summary(&args, &report, start.elapsed().as_secs_f64());
     }
     Ok(())
+}
+
+/// A PEFT adapter directory, LoRA or prefix-tuning (by its `peft_type`), ready to apply.
+fn load_adapter(dir: &std::path::Path, model: &Opt, kind: tch::Kind) -> Result<mezo_model::Tuning> {
+    let c = &model.config;
+    Ok(if mezo_model::prefix::peft_type(dir)? == "PREFIX_TUNING" {
+        let a = mezo_model::PrefixAdapter::load(dir, c)?;
+        let flat = a.flat.to_device(model.device).unsqueeze(0);
+        mezo_model::Tuning::Prefix(mezo_model::PrefixBatch::from_flat(&flat, &a.config, c, kind)?)
+    } else {
+        let a = mezo_model::Adapter::load(dir, c)?;
+        let flat = a.flat.to_device(model.device).unsqueeze(0);
+        mezo_model::Tuning::Lora(mezo_model::LoraBatch::from_flat(
+            &flat,
+            &a.config,
+            &a.config.tensors(c),
+            kind,
+        )?)
+    })
 }
 
 fn print_summary(args: &EvalArgs, report: &EvalReport, seconds: f64) {

@@ -173,7 +173,7 @@ async fn drive(
     }
     // What the run produced: the adapter from the coordinator, or (full-parameter: the
     // coordinator holds only the log) the base model with the logged updates replayed.
-    let output = if cfg.lora_config()?.is_some() {
+    let output = if !matches!(cfg.mode, mezo_train::ModeSpec::Full { .. }) {
         let r = client
             .export_adapter(pb::ExportAdapterRequest { run_id: RUN_ID.into() })
             .await

@@ -87,6 +87,13 @@ pub struct TrainArgs {
     /// Folder with train.jsonl (train and dev are sampled from it) and validation.jsonl (test).
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// What trains: lora, prefix (MeZO's prefix-tuning: --num-prefix key/value prefixes a layer,
+    /// initialised from real activations) or full (every selected parameter; same as --full).
+    #[arg(long, default_value = "lora")]
+    pub mode: String,
+    /// With --mode prefix: virtual tokens a layer.
+    #[arg(long, default_value_t = 5)]
+    pub num_prefix: i64,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub lora_r: i64,
@@ -95,7 +102,7 @@ pub struct TrainArgs {
     /// Comma-separated modules: q_proj, k_proj, v_proj, out_proj, fc1, fc2.
     #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
     pub lora_targets: Vec<String>,
-    /// Full-parameter MeZO instead of LoRA.
+    /// Full-parameter MeZO instead of LoRA (--mode full).
     #[arg(long)]
     pub full: bool,
     /// With --full: train only parameters whose names contain one of these (or match as a glob).
@@ -103,10 +110,11 @@ pub struct TrainArgs {
     pub full_patterns: Vec<String>,
     #[arg(long, default_value_t = 20000)]
     pub steps: u64,
-    /// Learning rate [default: 1e-4 with LoRA, 1e-6 with --full, 1e-3 with --optimizer adam].
+    /// Learning rate [default: 1e-4 with LoRA, 1e-6 with --full, 1e-3 with prefix or with
+    /// --optimizer adam].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Perturbation scale ε [default: 1e-2 with LoRA, 1e-3 with --full].
+    /// Perturbation scale ε [default: 1e-2 with LoRA, 1e-3 with --full, 1e-1 with prefix].
     #[arg(long)]
     pub eps: Option<f64>,
     #[arg(long, default_value_t = 16)]
@@ -163,7 +171,7 @@ pub struct TrainArgs {
     pub device: String,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
-    /// Output folder: adapter/ (PEFT) or model/ (--full), train_log.jsonl, report.json
+    /// Output folder: adapter/ (PEFT LoRA or prefix) or model/ (--full), train_log.jsonl, report.json
     /// (required by `mezo train`).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -190,17 +198,22 @@ pub struct TrainCmd {
 impl TrainArgs {
     pub fn config(&self) -> Result<TrainConfig> {
         let optimizer = OptimizerSpec::parse(&self.optimizer)?;
-        let mode = if self.full {
-            ModeSpec::Full { patterns: self.full_patterns.clone() }
-        } else {
-            ModeSpec::Lora { r: self.lora_r, alpha: self.lora_alpha, targets: self.lora_targets.clone() }
+        let mode = match (self.mode.as_str(), self.full) {
+            ("full", _) | ("lora", true) => ModeSpec::Full { patterns: self.full_patterns.clone() },
+            ("lora", false) => {
+                ModeSpec::Lora { r: self.lora_r, alpha: self.lora_alpha, targets: self.lora_targets.clone() }
+            }
+            ("prefix", false) => ModeSpec::Prefix { num_prefix: self.num_prefix },
+            ("prefix", true) => anyhow::bail!("--full and --mode prefix contradict each other: pick one"),
+            (m, _) => anyhow::bail!("unknown --mode `{m}`: expected lora, prefix or full"),
         };
-        let lr = self.lr.unwrap_or(match (optimizer, self.full) {
-            (OptimizerSpec::Adam, _) => 1e-3,
-            (_, true) => 1e-6,
-            (_, false) => 1e-4,
+        let full = matches!(mode, ModeSpec::Full { .. });
+        let prefix = matches!(mode, ModeSpec::Prefix { .. });
+        let lr = self.lr.unwrap_or(match optimizer {
+            OptimizerSpec::Adam => 1e-3,
+            _ => mezo_train::spec::default_lr(full, prefix),
         });
-        let eps = self.eps.unwrap_or(if self.full { 1e-3 } else { 1e-2 });
+        let eps = self.eps.unwrap_or(mezo_train::spec::default_eps(full, prefix));
         let loss = match &self.loss {
             Some(l) => LossKind::parse(l)?,
             None => default_loss(&self.task.task()?),
@@ -348,6 +361,8 @@ pub fn demo_args(out: PathBuf, steps: Option<u64>) -> Result<TrainArgs> {
         model: assets.join("opt-mini"),
         task: TaskArgs::sst2(),
         data_dir: assets.join("sst2"),
+        mode: "lora".into(),
+        num_prefix: 5,
         lora_r: DEMO_R,
         lora_alpha: 2.0 * DEMO_R as f64,
         lora_targets: DEMO_TARGETS.iter().map(|t| t.to_string()).collect(),

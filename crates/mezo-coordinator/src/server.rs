@@ -3,7 +3,7 @@
 //!
 //! A run's actor is the one task that owns the run's trainable state, its seed schedule and its
 //! metric history. Its step loop: plan the step's tasks, wait for their results, aggregate the
-//! projected gradients, apply the update to its copy of the LoRA state, log the step to the store,
+//! projected gradients, apply the update to its copy of the LoRA or prefix state, log the step to the store,
 //! and publish it once the store has made it durable. While it waits it keeps answering commands
 //! (subscriptions, stop); the state it has made durable is published on a watch channel that
 //! the gRPC handlers read. Workers keep their replicas in step by replaying the logged updates
@@ -27,10 +27,11 @@ use mezo_core::direction_seed;
 use mezo_proto::v1 as pb;
 use mezo_store::{RunStatus, StepRecord, Store};
 use mezo_train::data::Batcher;
-use mezo_train::engine::{projected_grads, LoraState, Trainable};
+use mezo_train::engine::projected_grads;
 use mezo_train::spec::{config_from_spec, spec_from_config, Split};
 use mezo_train::trainer::{
-    f32_from_le_bytes, lora_init_seed, lora_state_bytes, lora_values_from_bytes, state_checksum, DataPlan,
+    coordinator_state, f32_from_le_bytes, flat_state_bytes, flat_values_from_bytes, save_adapter,
+    state_checksum, DataPlan,
 };
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -73,7 +74,7 @@ struct Published {
     /// False until the actor has recovered the run (snapshot, log replay): a worker asking for a
     /// snapshot before then waits rather than getting a state that is not the run's.
     ready: bool,
-    /// Durable steps, and the LoRA state after them (empty for full-parameter runs).
+    /// Durable steps, and the LoRA or prefix state after them (empty for full-parameter runs).
     version: u64,
     bytes: Arc<Vec<u8>>,
 }
@@ -412,34 +413,37 @@ impl RunActor {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        // The coordinator's copy of the LoRA or prefix state (none for full-parameter runs). A
+        // prefix's initial values come from the base model's activations: computed here once
+        // (recomputed, with the same bits, after a restart) and shipped to the workers in their
+        // snapshots, like every later state.
+        let c3 = cfg.clone();
+        let initial = self
+            .serving(tokio::task::spawn_blocking(move || coordinator_state(&c3)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let settings = cfg.step_settings().map_err(|e| e.to_string())?;
+        let mut engine = initial.map(|t| Engine::new(t, settings, tch::Device::Cpu));
         let store = &self.inner.store;
         store.set_status(&self.id, RunStatus::Running, "").map_err(|e| e.to_string())?;
         self.inner.count_runs();
-        // The coordinator's copy of the LoRA state (none for full-parameter runs).
-        let mut engine = match cfg.lora_config().map_err(|e| e.to_string())? {
-            Some(lc) => {
-                let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(|e| e.to_string())?;
-                let st = LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed))
-                    .map_err(|e| e.to_string())?;
-                let settings = cfg.step_settings().map_err(|e| e.to_string())?;
-                Some(Engine::new(Trainable::Lora(st), settings, tch::Device::Cpu))
-            }
-            None => None,
-        };
+
         // Recovery: the newest valid snapshot, then the log after it (the log is the source of
         // truth; a snapshot only shortens the replay). Stateful rules keep optimizer state that
         // snapshots do not hold, so they replay the whole log.
         let logged = store.steps(&self.id, 0).map_err(|e| e.to_string())?;
         let mut from = 0u64;
-        if let (Some(Engine { trainable: Trainable::Lora(l), .. }), true) =
-            (engine.as_mut(), cfg.optimizer == mezo_train::OptimizerSpec::ZoSgd)
-        {
+        if let (Some(l), true) = (
+            engine.as_mut().and_then(|e| e.trainable.flat_state_mut()),
+            cfg.optimizer == mezo_train::OptimizerSpec::ZoSgd,
+        ) {
             let (snap, warnings) = store.latest_snapshot(&self.id).map_err(|e| e.to_string())?;
             for w in warnings {
                 eprintln!("run {}: skipped a snapshot: {w}", self.id);
             }
             if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
-                match lora_values_from_bytes(&bytes, l.flat.numel()) {
+                match flat_values_from_bytes(&bytes, l.flat.numel()) {
                     Ok(v) => {
                         l.flat = tch::Tensor::from_slice(&v);
                         from = meta.step;
@@ -470,7 +474,7 @@ impl RunActor {
         }
         let mut step = logged.len() as u64;
         let mut last = logged.last().cloned();
-        let bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| lora_state_bytes(&e.trainable)));
+        let bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| flat_state_bytes(&e.trainable)));
         self.state.send_replace(Published { ready: true, version: step, bytes: bytes.clone() });
         let snapshot_every = if self.stored.snapshot_every > 0 {
             self.stored.snapshot_every
@@ -516,7 +520,7 @@ impl RunActor {
             let seq = self.inner.commit.logged();
             let duration = started.elapsed();
             step += 1;
-            bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| lora_state_bytes(&e.trainable)));
+            bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| flat_state_bytes(&e.trainable)));
             let context = StepContext { previous: Some(step_update(&rec)), expected_checksum: String::new() };
             last = Some(rec.clone());
             let mut p = Pending { seq, rec, version: step, bytes: bytes.clone(), dev: None, duration };
@@ -762,20 +766,19 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         let id = req.into_inner().run_id;
         let run = self.0.run(&id)?;
         let cfg = &run.stored.config;
-        let Some(config) = cfg.lora_config().map_err(internal)? else {
+        if matches!(cfg.mode, mezo_train::ModeSpec::Full { .. }) {
             return Err(Status::failed_precondition(format!(
                 "run `{id}` trains all parameters: it has no adapter"
             )));
-        };
+        }
         let (step, bytes) = {
             let p = run.state.borrow();
             (p.version, p.bytes.clone())
         };
         let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
-        let adapter =
-            mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&f32_from_le_bytes(&bytes)) };
+        let flat = tch::Tensor::from_slice(&f32_from_le_bytes(&bytes));
         let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));
-        adapter.save(&dir, &mc, &cfg.model.to_string_lossy()).map_err(internal)?;
+        save_adapter(cfg, &mc, flat, &dir).map_err(internal)?;
         let read = |f: &str| std::fs::read(dir.join(f)).map_err(internal);
         let resp = pb::ExportAdapterResponse {
             adapter_config_json: String::from_utf8(read("adapter_config.json")?).map_err(internal)?,

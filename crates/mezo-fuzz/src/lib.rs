@@ -133,7 +133,7 @@ pub fn snapshot(data: &[u8]) {
         return;
     }
     for expected in [file.len() / 4, file.len() / 4 + 1] {
-        match mezo_train::trainer::lora_values_from_bytes(file, expected) {
+        match mezo_train::trainer::flat_values_from_bytes(file, expected) {
             Ok(v) => assert!(v.len() == expected && file.len() == 4 * expected),
             Err(_) => assert!(file.len() != 4 * expected),
         }

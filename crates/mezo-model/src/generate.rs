@@ -9,13 +9,13 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::opt::pad_right;
-use crate::{LoraBatch, Opt, Padding, TextTokenizer};
+use crate::{Opt, Padding, TextTokenizer, Tuning};
 
 /// What greedy decoding needs from a causal language model.
 pub trait CausalLm {
     /// Logits after each row's last real token, `[rows, vocab]` float32, for right-padded `ids`
-    /// and `mask` (`[rows, seq]`). With `lora`, rows are grouped by adapter variant.
-    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor>;
+    /// and `mask` (`[rows, seq]`). With `tuning`, rows are grouped by adapter variant.
+    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, tuning: Option<&Tuning>) -> Result<Tensor>;
     fn pad_token_id(&self) -> i64;
     fn eos_token_id(&self) -> i64;
     fn device(&self) -> Device;
@@ -24,8 +24,8 @@ pub trait CausalLm {
 }
 
 impl CausalLm for Opt {
-    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, lora: Option<&LoraBatch>) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, mask, Padding::Right, lora)?;
+    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, tuning: Option<&Tuning>) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, mask, Padding::Right, tuning)?;
         let last = mask.sum_dim_intlist(1, false, Kind::Int64) - 1;
         let rows = Tensor::arange(ids.size()[0], (Kind::Int64, self.device));
         let picked = hidden.index(&[Some(&rows), Some(&last)]);
@@ -65,18 +65,18 @@ impl Decoding {
     }
 }
 
-/// Greedy continuations of every prompt under every adapter variant of `lora` (one without):
+/// Greedy continuations of every prompt under every adapter variant of `tuning` (one without):
 /// `[variant][prompt]` new tokens, the stop token excluded. A sequence also stops at the
 /// model's longest sequence.
 pub fn greedy(
     model: &dyn CausalLm,
     prompts: &[Vec<i64>],
-    lora: Option<&LoraBatch>,
+    tuning: Option<&Tuning>,
     d: &Decoding,
 ) -> Result<Vec<Vec<Vec<i64>>>> {
     let _g = tch::no_grad_guard();
-    let variants = lora.map_or(1, |l| l.variants) as usize;
-    // Variant-major, as LoraBatch groups rows.
+    let variants = tuning.map_or(1, |t| t.variants()) as usize;
+    // Variant-major, as adapter batches group rows.
     let mut seqs: Vec<Vec<i64>> = (0..variants).flat_map(|_| prompts.iter().cloned()).collect();
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); seqs.len()];
     let limit = model.max_positions();
@@ -86,7 +86,7 @@ pub fn greedy(
             break;
         }
         let (ids, mask) = pad_right(&seqs, model.pad_token_id(), model.device())?;
-        let next = model.last_token_logits(&ids, &mask, lora)?.argmax(-1, false);
+        let next = model.last_token_logits(&ids, &mask, tuning)?.argmax(-1, false);
         let next: Vec<i64> =
             Vec::<i64>::try_from(&next.to_device(Device::Cpu)).map_err(crate::ModelError::Torch)?;
         for (i, &t) in next.iter().enumerate() {

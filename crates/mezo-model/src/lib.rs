@@ -7,6 +7,7 @@ pub mod error;
 pub mod generate;
 pub mod lora;
 pub mod opt;
+pub mod prefix;
 pub mod scoring;
 pub mod tokenizer;
 pub mod torch_bin;
@@ -16,9 +17,40 @@ pub use error::{ModelError, Result};
 pub use generate::{CausalLm, Decoding};
 pub use lora::{Adapter, LoraBatch, LoraConfig, LoraTensor, Target};
 pub use opt::{Opt, Padding, ScoreBatch};
+pub use prefix::{PrefixAdapter, PrefixBatch, PrefixConfig};
 pub use tokenizer::TextTokenizer;
 
 use tch::{Device, Kind};
+
+/// The trained state a forward pass applies, row group by row group (see [`LoraBatch`] and
+/// [`PrefixBatch`]): several variants of it (θ+εz, θ-εz, …) share one forward.
+pub enum Tuning {
+    Lora(LoraBatch),
+    Prefix(PrefixBatch),
+}
+
+impl Tuning {
+    pub fn variants(&self) -> i64 {
+        match self {
+            Tuning::Lora(l) => l.variants,
+            Tuning::Prefix(p) => p.variants,
+        }
+    }
+
+    pub fn lora(&self) -> Option<&LoraBatch> {
+        match self {
+            Tuning::Lora(l) => Some(l),
+            Tuning::Prefix(_) => None,
+        }
+    }
+
+    pub fn prefix(&self) -> Option<&PrefixBatch> {
+        match self {
+            Tuning::Prefix(p) => Some(p),
+            Tuning::Lora(_) => None,
+        }
+    }
+}
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {

@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, OptConfig, OPT_POSITION_OFFSET};
 use crate::error::Result;
 use crate::lora::{LoraBatch, Target};
+use crate::Tuning;
 
 pub struct Linear {
     pub weight: Tensor,
@@ -234,25 +235,29 @@ impl Opt {
 
     /// The last hidden states, `[batch, seq, word_embed_proj_dim]`, ready for the LM head.
     /// `ids` and `mask` are `[batch, seq]` int64, `mask` 1 on tokens and 0 on padding.
-    /// With `lora`, rows are grouped by adapter variant (see [`LoraBatch`]).
+    /// With `tuning`, rows are grouped by its variants (see [`LoraBatch`], [`PrefixBatch`]).
+    ///
+    /// [`PrefixBatch`]: crate::PrefixBatch
     pub fn hidden_states(
         &self,
         ids: &Tensor,
         mask: &Tensor,
         padding: Padding,
-        lora: Option<&LoraBatch>,
+        tuning: Option<&Tuning>,
     ) -> Result<Tensor> {
-        let (_, seq) = ids.size2()?;
+        let (rows, seq) = ids.size2()?;
+        let prefix = tuning.and_then(Tuning::prefix).map_or(0, |p| p.num_prefix);
         let max_pos = self.config.max_position_embeddings;
-        if seq > max_pos {
+        if seq + prefix > max_pos {
             return Err(crate::ModelError::InvalidArgument {
                 what: "sequence length",
-                value: seq.to_string(),
-                expected: "at most config.json's max_position_embeddings",
+                value: format!("{seq} tokens after {prefix} prefix tokens"),
+                expected: "at most config.json's max_position_embeddings in all",
             });
         }
-        // HF: positions count real tokens only, so a left-padded row starts at position 0 too.
-        let positions = (mask.cumsum(1, Kind::Int64) * mask - 1) + OPT_POSITION_OFFSET;
+        // HF: positions count real tokens only, so a left-padded row starts at position 0 too
+        // (at `prefix` with a prefix, which PEFT counts as tokens read before the row).
+        let positions = ((mask.cumsum(1, Kind::Int64) + prefix) * mask - 1) + OPT_POSITION_OFFSET;
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         if let Some(p) = &self.project_in {
             x = p.forward(&x);
@@ -262,18 +267,27 @@ impl Opt {
             Padding::Right => None,
             Padding::Any => Some(self.explicit_mask(mask, seq)),
         };
-        if let Some(l) = lora {
-            let rows = ids.size()[0];
-            if l.variants < 1 || rows % l.variants != 0 {
+        // Every query sees the whole prefix: its columns go in front of an explicit mask (the
+        // causal-only path handles the prefix in `attention`).
+        let attn_mask = attn_mask.map(|m| {
+            if prefix == 0 {
+                return m;
+            }
+            let front = Tensor::ones([m.size()[0], 1, seq, prefix], (Kind::Bool, self.device));
+            Tensor::cat(&[front, m], 3)
+        });
+        if let Some(t) = tuning {
+            let v = t.variants();
+            if v < 1 || rows % v != 0 {
                 return Err(crate::ModelError::InvalidArgument {
                     what: "batch rows",
-                    value: format!("{rows} rows for {} adapter variants", l.variants),
+                    value: format!("{rows} rows for {v} adapter variants"),
                     expected: "a multiple of the number of adapter variants",
                 });
             }
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, attn_mask.as_ref(), lora);
+            x = self.layer_forward(i, layer, &x, attn_mask.as_ref(), tuning);
         }
         if let Some(n) = &self.final_layer_norm {
             x = n.forward(&x);
@@ -299,12 +313,13 @@ impl Opt {
         layer: &DecoderLayer,
         x: &Tensor,
         mask: Option<&Tensor>,
-        lora: Option<&LoraBatch>,
+        tuning: Option<&Tuning>,
     ) -> Tensor {
+        let lora = tuning.and_then(Tuning::lora);
         let pre = self.config.do_layer_norm_before;
         let residual = x;
         let h = if pre { layer.self_attn_layer_norm.forward(x) } else { x.shallow_clone() };
-        let h = self.attention(i, &layer.self_attn, &h, mask, lora);
+        let h = self.attention(i, &layer.self_attn, &h, mask, tuning);
         let mut x = residual + h;
         if !pre {
             x = layer.self_attn_layer_norm.forward(&x);
@@ -335,15 +350,36 @@ impl Opt {
         a: &Attention,
         x: &Tensor,
         mask: Option<&Tensor>,
-        lora: Option<&LoraBatch>,
+        tuning: Option<&Tuning>,
     ) -> Tensor {
+        let lora = tuning.and_then(Tuning::lora);
         let (b, t, _) = x.size3().expect("hidden states are [batch, seq, width]");
-        let split = |y: Tensor| y.view([b, t, a.heads, a.head_dim]).transpose(1, 2);
-        let q = split(proj(i, Target::Q, &a.q_proj, x, lora));
-        let k = split(proj(i, Target::K, &a.k_proj, x, lora));
-        let v = split(proj(i, Target::V, &a.v_proj, x, lora));
+        let split = |y: Tensor| {
+            let len = y.size()[1];
+            y.view([b, len, a.heads, a.head_dim]).transpose(1, 2)
+        };
+        let mut q = proj(i, Target::Q, &a.q_proj, x, lora);
+        let mut k = proj(i, Target::K, &a.k_proj, x, lora);
+        let mut v = proj(i, Target::V, &a.v_proj, x, lora);
+        let mut skip = 0;
+        if let Some(p) = tuning.and_then(Tuning::prefix) {
+            // Keys and values as projected (before the head split), as past_key_values hold them.
+            let (pk, pv) = p.layer(i, b);
+            if mask.is_none() {
+                // The fused causal kernels align the mask top-left (query j sees keys 0..=j), so
+                // `num_prefix` dummy queries in front make query P+j see the prefix and keys up
+                // to its own; their outputs are dropped. Cheaper than an explicit mask, which
+                // takes the unfused path.
+                q = Tensor::cat(&[pk.zeros_like(), q], 1);
+                skip = p.num_prefix;
+            }
+            k = Tensor::cat(&[pk, k], 1);
+            v = Tensor::cat(&[pv, v], 1);
+        }
+        let (q, k, v) = (split(q), split(k), split(v));
         let o =
             Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None::<f64>, false);
+        let o = if skip > 0 { o.narrow(2, skip, t) } else { o };
         let o = o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]);
         proj(i, Target::Out, &a.out_proj, &o, lora)
     }
@@ -354,17 +390,17 @@ impl Opt {
     }
 
     /// Sum of each row's answer-token log-probabilities, for `variants` copies of the batch
-    /// (one per adapter variant of `lora`; 1 without): `[variants, rows]` float32 on the model's
+    /// (one per variant of `tuning`; 1 without): `[variants, rows]` float32 on the model's
     /// device. The LM head runs only at the scored positions, which is most of the saving for a
     /// 50k vocabulary.
-    pub fn answer_logprob_sums(&self, b: &ScoreBatch, lora: Option<&LoraBatch>) -> Result<Tensor> {
-        let v = lora.map_or(1, |l| l.variants);
+    pub fn answer_logprob_sums(&self, b: &ScoreBatch, tuning: Option<&Tuning>) -> Result<Tensor> {
+        let v = tuning.map_or(1, Tuning::variants);
         let (ids, mask) = if v == 1 {
             (b.ids.shallow_clone(), b.mask.shallow_clone())
         } else {
             (b.ids.repeat([v, 1]), b.mask.repeat([v, 1]))
         };
-        let hidden = self.hidden_states(&ids, &mask, Padding::Right, lora)?;
+        let hidden = self.hidden_states(&ids, &mask, Padding::Right, tuning)?;
         let offsets = Tensor::arange(v, (Kind::Int64, self.device)) * b.rows;
         let row_idx = (b.row_idx.unsqueeze(0) + offsets.unsqueeze(1)).flatten(0, 1);
         let pos_idx = b.pos_idx.repeat([v]);
@@ -381,6 +417,43 @@ impl Opt {
     pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
         let b = ScoreBatch::new(rows, answer_start, self.config.pad_token_id, self.device)?;
         Ok(self.answer_logprob_sums(&b, None)?.squeeze_dim(0) / &b.counts)
+    }
+
+    /// Each layer's keys and values (k_proj and v_proj outputs) over one row of `tokens`, as a
+    /// prefix in PEFT's layout ([`crate::prefix`]): `[tokens * layers * 2 * hidden]` float32.
+    /// MeZO's `--prefix_init_by_real_act` initialises the prefix this way.
+    pub fn key_values(&self, tokens: &[i64]) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let n = tokens.len() as i64;
+        if n == 0 || n > self.config.max_position_embeddings {
+            return Err(crate::ModelError::InvalidArgument {
+                what: "prefix token count",
+                value: n.to_string(),
+                expected: "between 1 and config.json's max_position_embeddings",
+            });
+        }
+        let ids = Tensor::from_slice(tokens).view([1, n]).to_device(self.device);
+        let positions = Tensor::arange(n, (Kind::Int64, self.device)).view([1, n]) + OPT_POSITION_OFFSET;
+        let tok = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
+        let tok = match &self.project_in {
+            Some(p) => p.forward(&tok),
+            None => tok,
+        };
+        let mut x = tok + Tensor::embedding(&self.embed_positions, &positions, -1, false, false);
+        let mut per_layer = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            // What the layer's attention projects (the same ops as `layer_forward`'s).
+            let h = if self.config.do_layer_norm_before {
+                layer.self_attn_layer_norm.forward(&x)
+            } else {
+                x.shallow_clone()
+            };
+            let k = layer.self_attn.k_proj.forward(&h);
+            let v = layer.self_attn.v_proj.forward(&h);
+            per_layer.push(Tensor::stack(&[k.squeeze_dim(0), v.squeeze_dim(0)], 1)); // [n, 2, hidden]
+            x = self.layer_forward(i, layer, &x, None, None);
+        }
+        Ok(Tensor::stack(&per_layer, 1).to_kind(Kind::Float).flatten(0, -1))
     }
 
     /// Every parameter by its HF name, for code that walks the weights (full-parameter MeZO,
@@ -546,6 +619,49 @@ mod tests {
             let diff = (h3.narrow(1, 0, 5) - &h1).abs().max().double_value(&[]);
             assert!(diff < 1e-12, "pre={pre}: right padding changed real positions by {diff}");
         }
+    }
+
+    /// A prefix made of the keys and values of real tokens is exactly the cache of a model that
+    /// read them first: the states of a row after the prefix equal those of the tokens followed
+    /// by the row (PEFT's positions), for left padding and for two variants in one batch.
+    #[test]
+    fn a_prefix_of_real_activations_equals_reading_those_tokens_first() {
+        let _g = tch::no_grad_guard();
+        for pre in [true, false] {
+            let m = tiny(pre);
+            let (first, row) = ([7i64, 30, 2], [5i64, 9, 17, 3, 44]);
+            let cfg = crate::PrefixConfig { num_prefix: 3 };
+            let kv = m.key_values(&first).unwrap().to_kind(Kind::Double);
+            assert_eq!(kv.size(), [cfg.numel(&m.config)]);
+            let both: Vec<i64> = first.iter().chain(&row).copied().collect();
+            let joined = Tensor::from_slice(&both).view([1, 8]);
+            let expect =
+                m.hidden_states(&joined, &joined.ones_like(), Padding::Right, None).unwrap().narrow(1, 3, 5);
+            // Variant 0: the real prefix; variant 1: another prefix (must not leak into variant 0).
+            let flat = Tensor::stack(&[&kv, &(kv.randn_like() * 0.5)], 0);
+            let t =
+                Tuning::Prefix(crate::PrefixBatch::from_flat(&flat, &cfg, &m.config, Kind::Double).unwrap());
+            let ids = Tensor::from_slice(&row).view([1, 5]).repeat([2, 1]);
+            let h = m.hidden_states(&ids, &ids.ones_like(), Padding::Right, Some(&t)).unwrap();
+            let diff = (h.get(0) - expect.get(0)).abs().max().double_value(&[]);
+            // The prefix is float32 (the trained state's type): its rounding is all that differs.
+            assert!(diff < 1e-6, "pre={pre}: prefix states differ from the joined row's by {diff}");
+            assert!((h.get(1) - expect.get(0)).abs().max().double_value(&[]) > 1e-3, "variant 1 ignored");
+            // Left padding (explicit mask) keeps the prefix visible to every real position.
+            let padded = Tensor::from_slice(&[1i64, 1, 5, 9, 17, 3, 44]).view([1, 7]).repeat([2, 1]);
+            let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1]).view([1, 7]).repeat([2, 1]);
+            let h2 = m.hidden_states(&padded, &mask, Padding::Any, Some(&t)).unwrap();
+            let diff = (h2.narrow(1, 2, 5) - &h).abs().max().double_value(&[]);
+            assert!(diff < 1e-12, "pre={pre}: left padding changed prefix states by {diff}");
+        }
+        // Prefix plus row beyond the position table is refused.
+        let m = tiny(true);
+        let cfg = crate::PrefixConfig { num_prefix: 3 };
+        let flat = Tensor::zeros([1, cfg.numel(&m.config)], (Kind::Double, Device::Cpu));
+        let t = Tuning::Prefix(crate::PrefixBatch::from_flat(&flat, &cfg, &m.config, Kind::Double).unwrap());
+        let ids = Tensor::zeros([1, 30], (Kind::Int64, Device::Cpu));
+        let e = m.hidden_states(&ids, &ids.ones_like(), Padding::Right, Some(&t)).unwrap_err().to_string();
+        assert!(e.contains("prefix"), "{e}");
     }
 
     #[test]

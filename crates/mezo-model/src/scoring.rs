@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::generate::{answer_text, greedy, CausalLm, Decoding};
-use crate::{LoraBatch, Opt, ScoreBatch, TextTokenizer};
+use crate::{Opt, ScoreBatch, TextTokenizer, Tuning};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScore {
@@ -78,25 +78,25 @@ pub fn prompt_tokens(tok: &TextTokenizer, examples: &[TaskExample]) -> Result<Ve
     examples.iter().map(|ex| tok.encode(&ex.prompt)).collect()
 }
 
-/// Evaluates a task's examples with `lora` (one variant) applied if given.
+/// Evaluates a task's examples with `tuning` (one variant of a LoRA or prefix adapter) applied if given.
 pub fn evaluate(
     model: &Opt,
     tok: &TextTokenizer,
     task: &Task,
     examples: &[TaskExample],
     batch_size: usize,
-    lora: Option<&LoraBatch>,
+    tuning: Option<&Tuning>,
     max_new_tokens: usize,
 ) -> Result<EvalReport> {
     match task.metric() {
         Metric::Accuracy => {
             let rows = example_rows(tok, examples)?;
-            evaluate_rows(model, examples, &rows, batch_size, lora)
+            evaluate_rows(model, examples, &rows, batch_size, tuning)
         }
         Metric::F1 => {
             let prompts = prompt_tokens(tok, examples)?;
             let d = Decoding::new(tok, model.config.eos_token_id, max_new_tokens);
-            evaluate_generation(model, tok, &d, examples, &prompts, batch_size, lora)
+            evaluate_generation(model, tok, &d, examples, &prompts, batch_size, tuning)
         }
     }
 }
@@ -109,7 +109,7 @@ pub fn evaluate_rows(
     examples: &[TaskExample],
     rows: &[Vec<ScoringRow>],
     batch_size: usize,
-    lora: Option<&LoraBatch>,
+    tuning: Option<&Tuning>,
 ) -> Result<EvalReport> {
     let _guard = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..examples.len()).collect();
@@ -120,7 +120,7 @@ pub fn evaluate_rows(
         let tokens: Vec<Vec<i64>> = flat.iter().map(|r| r.tokens.clone()).collect();
         let starts: Vec<usize> = flat.iter().map(|r| r.answer_start).collect();
         let b = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
-        let lp = model.answer_logprob_sums(&b, lora)?.squeeze_dim(0) / &b.counts;
+        let lp = model.answer_logprob_sums(&b, tuning)?.squeeze_dim(0) / &b.counts;
         let values: Vec<f64> = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))
             .map_err(crate::ModelError::Torch)?
             .into_iter()
@@ -162,14 +162,14 @@ pub fn evaluate_generation(
     examples: &[TaskExample],
     prompts: &[Vec<i64>],
     batch_size: usize,
-    lora: Option<&LoraBatch>,
+    tuning: Option<&Tuning>,
 ) -> Result<EvalReport> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let mut texts: Vec<String> = vec![String::new(); examples.len()];
     for chunk in order.chunks(batch_size.max(1)) {
         let batch: Vec<Vec<i64>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let out = greedy(model, &batch, lora, d)?.remove(0);
+        let out = greedy(model, &batch, tuning, d)?.remove(0);
         for (&i, toks) in chunk.iter().zip(&out) {
             texts[i] = answer_text(tok, toks)?;
         }

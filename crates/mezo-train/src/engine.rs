@@ -6,13 +6,18 @@
 //! in full-parameter mode, and neither builds an autograd graph.
 
 use mezo_core::fused::{self, SgdUpdate};
+use mezo_core::HostRng;
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
 use std::sync::Arc;
 
 use mezo_data::metrics::f1_score;
 use mezo_data::ScoringRow;
 use mezo_model::generate::{answer_text, greedy};
-use mezo_model::{Decoding, LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, ScoreBatch, TextTokenizer};
+use mezo_model::prefix::PREFIX_KEY;
+use mezo_model::{
+    Decoding, LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, PrefixBatch, PrefixConfig, ScoreBatch,
+    TextTokenizer, Tuning,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -225,11 +230,11 @@ impl Prepared {
         s.masked_fill(&c.real.logical_not().unsqueeze(0), f64::NEG_INFINITY)
     }
 
-    /// The summed loss of each adapter variant, `[variants]` float32 (divide by `weight`).
-    pub fn loss_sums(&self, model: &Opt, lora: Option<&LoraBatch>) -> Result<Tensor> {
+    /// The summed loss of each variant of `tuning`, `[variants]` float32 (divide by `weight`).
+    pub fn loss_sums(&self, model: &Opt, tuning: Option<&Tuning>) -> Result<Tensor> {
         if let Some(g) = &self.gen {
             // Greedy generations under every variant, scored on the host: -sum of F1.
-            let outs = greedy(model, &g.prompts, lora, &g.ctx.decoding)?;
+            let outs = greedy(model, &g.prompts, tuning, &g.ctx.decoding)?;
             let mut sums = Vec::with_capacity(outs.len());
             for variant in outs {
                 let mut s = 0.0;
@@ -241,7 +246,7 @@ impl Prepared {
             return Ok(Tensor::from_slice(&sums).to_device(model.device));
         }
         let score = self.score.as_ref().expect("scoring batches carry rows");
-        let sums = model.answer_logprob_sums(score, lora)?;
+        let sums = model.answer_logprob_sums(score, tuning)?;
         let v = sums.size()[0];
         Ok(match self.kind {
             LossKind::Classification => {
@@ -264,19 +269,131 @@ impl Prepared {
 /// Which parameters train, and their state.
 pub enum Trainable {
     Lora(LoraState),
+    Prefix(PrefixState),
     Full(FullState),
 }
 
-/// LoRA matrices as one float32 vector (PEFT's order), so Z for every matrix and every direction
-/// comes from one vectorised pass rather than one per matrix.
-pub struct LoraState {
-    pub config: LoraConfig,
-    pub tensors: Vec<LoraTensor>,
+impl Trainable {
+    /// The flat vector of a LoRA or prefix state; `None` for full-parameter training.
+    pub fn flat_state(&self) -> Option<&FlatState> {
+        match self {
+            Trainable::Lora(l) => Some(&l.state),
+            Trainable::Prefix(p) => Some(&p.state),
+            Trainable::Full(_) => None,
+        }
+    }
+
+    pub fn flat_state_mut(&mut self) -> Option<&mut FlatState> {
+        match self {
+            Trainable::Lora(l) => Some(&mut l.state),
+            Trainable::Prefix(p) => Some(&mut p.state),
+            Trainable::Full(_) => None,
+        }
+    }
+
+    /// What a forward applies for the values `flat` (`[variants, P]`, this state's layout), in
+    /// the model's dtype `kind`; `None` for full-parameter training (the weights are the state).
+    pub fn tuning_of(&self, flat: &Tensor, kind: Kind) -> Result<Option<Tuning>> {
+        Ok(match self {
+            Trainable::Lora(l) => {
+                Some(Tuning::Lora(LoraBatch::from_flat(flat, &l.config, &l.tensors, kind)?))
+            }
+            Trainable::Prefix(p) => {
+                Some(Tuning::Prefix(PrefixBatch::from_flat(flat, &p.config, &p.model, kind)?))
+            }
+            Trainable::Full(_) => None,
+        })
+    }
+
+    /// One variant (the current θ) for evaluation.
+    pub fn tuning(&self, kind: Kind) -> Result<Option<Tuning>> {
+        match self.flat_state() {
+            Some(f) => self.tuning_of(&f.flat.unsqueeze(0), kind),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Trainable values held as one float32 vector of named segments back to back (LoRA: one per
+/// matrix; prefix: PEFT's one `prompt_embeddings`), so Z for every segment and every direction
+/// comes from one vectorised pass, and a CPU update is one fused sweep. Z of element i of a
+/// segment is Z(seed, segment name, i).
+pub struct FlatState {
     pub flat: Tensor,
-    /// Element index within its own matrix, and the matrix it belongs to, per element.
+    /// Each segment's stream name and length, in order.
+    segments: Vec<(String, i64)>,
+    /// Element index within its own segment, and the segment it belongs to, per element.
     local_idx: Tensor,
     owner: Tensor,
     slot: Slot,
+}
+
+impl FlatState {
+    pub fn new(segments: Vec<(String, i64)>, flat: Tensor, dev: Device) -> Result<Self> {
+        let mut local = Vec::new();
+        let mut owner = Vec::new();
+        for (i, (_, n)) in segments.iter().enumerate() {
+            local.extend(0..*n);
+            owner.extend(std::iter::repeat_n(i as i64, *n as usize));
+        }
+        if flat.size() != [local.len() as i64] {
+            return Err(TrainError::Config(format!(
+                "the trainable state has {:?} values, the configuration needs {}",
+                flat.size(),
+                local.len()
+            )));
+        }
+        Ok(FlatState {
+            flat: flat.to_kind(Kind::Float).to_device(dev),
+            segments,
+            local_idx: Tensor::from_slice(&local).to_device(dev),
+            owner: Tensor::from_slice(&owner).to_device(dev),
+            slot: Slot::default(),
+        })
+    }
+
+    /// `[seeds, P]` float32: row i is Z(seed_i) for every element.
+    fn z(&self, seeds: &[u64], dist: Distribution, table: &GaussTable) -> Tensor {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for &s in seeds {
+            for (name, _) in &self.segments {
+                let k = StreamKey::new(s, name);
+                a.push(k.a as i64);
+                b.push(k.b as i64);
+            }
+        }
+        let shape = [seeds.len() as i64, self.segments.len() as i64];
+        let dev = self.flat.device();
+        let a = Tensor::from_slice(&a).view(shape).to_device(dev).index_select(1, &self.owner);
+        let b = Tensor::from_slice(&b).view(shape).to_device(dev).index_select(1, &self.owner);
+        z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
+    }
+
+    /// Each segment's stretch of `flat` with its stream key per direction.
+    fn fused_segments(&self, seeds: &[u64]) -> Vec<fused::Segment> {
+        let mut offset = 0;
+        self.segments
+            .iter()
+            .map(|(name, n)| {
+                let len = *n as usize;
+                let keys = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
+                let seg = fused::Segment { offset, len, keys };
+                offset += len;
+                seg
+            })
+            .collect()
+    }
+
+    pub fn optimizer_state_bytes(&self) -> i64 {
+        self.slot.state_bytes()
+    }
+}
+
+/// LoRA matrices in PEFT's order (one segment each).
+pub struct LoraState {
+    pub config: LoraConfig,
+    pub tensors: Vec<LoraTensor>,
+    pub state: FlatState,
 }
 
 impl LoraState {
@@ -313,69 +430,57 @@ impl LoraState {
         flat: Tensor,
         dev: Device,
     ) -> Result<Self> {
-        let mut local = Vec::new();
-        let mut owner = Vec::new();
-        for (i, t) in tensors.iter().enumerate() {
-            local.extend(0..t.numel());
-            owner.extend(std::iter::repeat_n(i as i64, t.numel() as usize));
-        }
-        if flat.size() != [local.len() as i64] {
-            return Err(TrainError::Config(format!(
-                "LoRA state has {:?} values, the configuration needs {}",
-                flat.size(),
-                local.len()
-            )));
-        }
-        Ok(LoraState {
-            config,
-            tensors,
-            flat: flat.to_kind(Kind::Float).to_device(dev),
-            local_idx: Tensor::from_slice(&local).to_device(dev),
-            owner: Tensor::from_slice(&owner).to_device(dev),
-            slot: Slot::default(),
-        })
-    }
-
-    /// `[seeds, P]` float32: row i is Z(seed_i) for every LoRA element.
-    fn z(&self, seeds: &[u64], dist: Distribution, table: &GaussTable) -> Tensor {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for &s in seeds {
-            for t in &self.tensors {
-                let k = StreamKey::new(s, &t.key);
-                a.push(k.a as i64);
-                b.push(k.b as i64);
-            }
-        }
-        let shape = [seeds.len() as i64, self.tensors.len() as i64];
-        let dev = self.flat.device();
-        let a = Tensor::from_slice(&a).view(shape).to_device(dev).index_select(1, &self.owner);
-        let b = Tensor::from_slice(&b).view(shape).to_device(dev).index_select(1, &self.owner);
-        z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
-    }
-
-    /// Each LoRA matrix's stretch of `flat` with its stream key per direction.
-    fn segments(&self, seeds: &[u64]) -> Vec<fused::Segment> {
-        let mut offset = 0;
-        self.tensors
-            .iter()
-            .map(|t| {
-                let len = t.numel() as usize;
-                let keys = seeds.iter().map(|&s| StreamKey::new(s, &t.key)).collect();
-                let seg = fused::Segment { offset, len, keys };
-                offset += len;
-                seg
-            })
-            .collect()
+        let segments = tensors.iter().map(|t| (t.key.clone(), t.numel())).collect();
+        let state = FlatState::new(segments, flat, dev)?;
+        Ok(LoraState { config, tensors, state })
     }
 
     /// One variant (the current θ) for evaluation.
     pub fn batch(&self, kind: Kind) -> Result<LoraBatch> {
-        Ok(LoraBatch::from_flat(&self.flat.unsqueeze(0), &self.config, &self.tensors, kind)?)
+        Ok(LoraBatch::from_flat(&self.state.flat.unsqueeze(0), &self.config, &self.tensors, kind)?)
     }
 
     pub fn optimizer_state_bytes(&self) -> i64 {
-        self.slot.state_bytes()
+        self.state.optimizer_state_bytes()
     }
+}
+
+/// Prefix keys and values of every layer (MeZO's prefix mode), PEFT's `prompt_embeddings` as one
+/// segment.
+pub struct PrefixState {
+    pub config: PrefixConfig,
+    pub model: OptConfig,
+    pub state: FlatState,
+}
+
+impl PrefixState {
+    /// MeZO's `--prefix_init_by_real_act`: `num_prefix` tokens drawn uniformly from the vocabulary
+    /// with a seeded generator, run through `model`; each layer's keys and values on them are
+    /// the initial prefix. Deterministic for a given model, device and dtype; the service computes
+    /// it once on the coordinator and ships it to the workers.
+    pub fn init(config: PrefixConfig, model: &Opt, seed: u64) -> Result<Self> {
+        let tokens = prefix_init_tokens(&config, &model.config, seed)?;
+        let flat = model.key_values(&tokens)?;
+        Self::from_flat(config, model.config.clone(), flat, model.device)
+    }
+
+    pub fn from_flat(config: PrefixConfig, model: OptConfig, flat: Tensor, dev: Device) -> Result<Self> {
+        let n = config.numel(&model);
+        let state = FlatState::new(vec![(PREFIX_KEY.to_string(), n)], flat, dev)?;
+        Ok(PrefixState { config, model, state })
+    }
+}
+
+/// The token ids a prefix is initialised from: `num_prefix` uniform draws over the vocabulary.
+pub fn prefix_init_tokens(config: &PrefixConfig, model: &OptConfig, seed: u64) -> Result<Vec<i64>> {
+    if !(1..=model.max_position_embeddings).contains(&config.num_prefix) {
+        return Err(TrainError::Config(format!(
+            "--num-prefix must be between 1 and the model's max_position_embeddings ({}), got {}",
+            model.max_position_embeddings, config.num_prefix
+        )));
+    }
+    let mut rng = HostRng::new(seed);
+    Ok((0..config.num_prefix).map(|_| rng.below(model.vocab_size as u64) as i64).collect())
 }
 
 /// Full-parameter training: the model's own tensors, selected by name pattern, perturbed in place.
@@ -467,17 +572,17 @@ impl Engine {
         let _g = tch::no_grad_guard();
         let eps = self.settings.eps;
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
-        let losses = match &self.trainable {
-            Trainable::Lora(l) => {
+        let losses = match self.trainable.flat_state() {
+            Some(l) => {
                 let z = l.z(seeds, self.settings.dist, &self.table) * eps;
                 let theta = l.flat.unsqueeze(0);
                 // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
                 let variants =
                     Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
-                let batch = LoraBatch::from_flat(&variants, &l.config, &l.tensors, model.kind)?;
+                let batch = self.trainable.tuning_of(&variants, model.kind)?;
                 let mut total: Option<Tensor> = None;
                 for p in micro {
-                    let s = p.loss_sums(model, Some(&batch))?;
+                    let s = p.loss_sums(model, batch.as_ref())?;
                     total = Some(match total {
                         Some(t) => t + s,
                         None => s,
@@ -485,7 +590,10 @@ impl Engine {
                 }
                 total.expect("at least one micro-batch") / weight
             }
-            Trainable::Full(f) => self.full_losses(model, f, micro, seeds, false)?,
+            None => {
+                let Trainable::Full(f) = &self.trainable else { unreachable!("no flat state") };
+                self.full_losses(model, f, micro, seeds, false)?
+            }
         };
         let v: Vec<f32> = Vec::<f32>::try_from(&losses.to_device(Device::Cpu))?;
         Ok(v.chunks(2).map(|c| (c[0] as f64, c[1] as f64)).collect())
@@ -614,19 +722,22 @@ impl Engine {
         // into exactly this, the CPU would not, and replicas on both must agree.
         let inv_n = (1.0 / seeds.len() as f64) as f32 as f64;
         let StepSettings { dist, rule, weight_decay, .. } = self.settings;
-        match &mut self.trainable {
-            Trainable::Lora(l) if rule == Rule::Sgd && l.flat.device() == Device::Cpu => {
+        if let Some(l) = self.trainable.flat_state_mut() {
+            if rule == Rule::Sgd && l.flat.device() == Device::Cpu {
                 // The coordinator's copy (and CPU runs): one fused pass on every core, the same
                 // bits as the tensor ops below (tested).
                 l.slot.count_step();
-                let segs = l.segments(seeds);
+                let segs = l.fused_segments(seeds);
                 let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
                 let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
                 fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
+            } else {
+                flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
             }
-            Trainable::Lora(l) => {
-                lora_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
-            }
+            return Ok(());
+        }
+        match &mut self.trainable {
+            Trainable::Lora(_) | Trainable::Prefix(_) => unreachable!("flat states are updated above"),
             Trainable::Full(f) => {
                 let model = model.ok_or_else(|| {
                     TrainError::Config("a full-parameter update needs the model's weights".into())
@@ -674,17 +785,19 @@ impl Engine {
 
     pub fn optimizer_state_bytes(&self) -> i64 {
         match &self.trainable {
-            Trainable::Lora(l) => l.optimizer_state_bytes(),
+            Trainable::Lora(_) | Trainable::Prefix(_) => {
+                self.trainable.flat_state().map_or(0, FlatState::optimizer_state_bytes)
+            }
             Trainable::Full(f) => f.slots.iter().map(Slot::state_bytes).sum(),
         }
     }
 }
 
-/// The LoRA update with tensor ops (any device, any rule): ĝ summed in a fixed order with
-/// element-wise ops, identical bits on every device.
+/// The update of a flat (LoRA or prefix) state with tensor ops (any device, any rule): ĝ summed
+/// in a fixed order with element-wise ops, identical bits on every device.
 #[allow(clippy::too_many_arguments)]
-fn lora_update_tensor(
-    l: &mut LoraState,
+fn flat_update_tensor(
+    l: &mut FlatState,
     seeds: &[u64],
     grads: &[f64],
     lr: f64,
@@ -773,15 +886,18 @@ mod tests {
             {
                 let mut a = LoraState::init(lc.clone(), &mc, Device::Cpu, 5).unwrap();
                 // B starts at zero: give every element a value so decay and updates show.
-                a.flat = Tensor::randn([a.flat.numel() as i64], (Kind::Float, Device::Cpu));
+                a.state.flat = Tensor::randn([a.state.flat.numel() as i64], (Kind::Float, Device::Cpu));
                 let mut b = LoraState::init(lc.clone(), &mc, Device::Cpu, 5).unwrap();
-                b.flat = a.flat.copy();
+                b.state.flat = a.state.flat.copy();
                 let settings = StepSettings { eps: 1e-2, dist, rule: Rule::Sgd, weight_decay: wd };
                 let mut engine = Engine::new(Trainable::Lora(a), settings, Device::Cpu);
                 engine.apply_update(None, &seeds, &grads, 1e-3).unwrap();
-                lora_update_tensor(&mut b, &seeds, &grads, 1e-3, Rule::Sgd, wd, dist, &table);
+                flat_update_tensor(&mut b.state, &seeds, &grads, 1e-3, Rule::Sgd, wd, dist, &table);
                 let Trainable::Lora(a) = &engine.trainable else { unreachable!() };
-                assert!(a.flat.equal(&b.flat), "{dist} {seeds:?}: fused and tensor LoRA updates differ");
+                assert!(
+                    a.state.flat.equal(&b.state.flat),
+                    "{dist} {seeds:?}: fused and tensor LoRA updates differ"
+                );
             }
         }
     }

@@ -26,6 +26,25 @@ fn or<T: PartialEq + Default>(v: T, d: T) -> T {
     }
 }
 
+/// The zeroth-order learning rate when none is given: MeZO's settings for OPT (LoRA 1e-4, full
+/// 1e-6, prefix 1e-3).
+pub fn default_lr(full: bool, prefix: bool) -> f64 {
+    match (full, prefix) {
+        (true, _) => 1e-6,
+        (_, true) => 1e-3,
+        _ => 1e-4,
+    }
+}
+
+/// ε when none is given: MeZO's settings (LoRA 1e-2, full 1e-3, prefix 1e-1).
+pub fn default_eps(full: bool, prefix: bool) -> f64 {
+    match (full, prefix) {
+        (true, _) => 1e-3,
+        (_, true) => 1e-1,
+        _ => 1e-2,
+    }
+}
+
 /// Builds the configuration a run's processes share. `out` is where a local copy writes.
 pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, Split, u64)> {
     let bad = |m: String| TrainError::Config(m);
@@ -40,9 +59,13 @@ pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, S
             },
         },
         Some(pb::run_spec::Mode::Full(f)) => ModeSpec::Full { patterns: f.patterns.clone() },
+        Some(pb::run_spec::Mode::Prefix(p)) => {
+            ModeSpec::Prefix { num_prefix: i64::from(or(p.num_prefix, 5)) }
+        }
         None => ModeSpec::Lora { r: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()] },
     };
     let full = matches!(mode, ModeSpec::Full { .. });
+    let prefix = matches!(mode, ModeSpec::Prefix { .. });
     let optimizer = match pb::Optimizer::try_from(s.optimizer)
         .map_err(|_| bad(format!("optimizer: unknown value {}", s.optimizer)))?
     {
@@ -94,8 +117,8 @@ pub fn config_from_spec(s: &pb::RunSpec, out: PathBuf) -> Result<(TrainConfig, S
         data_dir: s.data_dir.clone().into(),
         mode,
         steps: or(s.steps, 20000),
-        lr: or(s.lr, if full { 1e-6 } else { 1e-4 }),
-        eps: or(s.eps, if full { 1e-3 } else { 1e-2 }),
+        lr: or(s.lr, default_lr(full, prefix)),
+        eps: or(s.eps, default_eps(full, prefix)),
         batch_size: or(s.batch_size, 16) as usize,
         directions: or(s.directions, 1) as usize,
         grad_accum: or(s.grad_accum, 1) as usize,
@@ -135,6 +158,9 @@ pub fn spec_from_config(c: &TrainConfig, split: Split, snapshot_every: u64) -> p
             }
             ModeSpec::Full { patterns } => {
                 pb::run_spec::Mode::Full(pb::FullSpec { patterns: patterns.clone() })
+            }
+            ModeSpec::Prefix { num_prefix } => {
+                pb::run_spec::Mode::Prefix(pb::PrefixSpec { num_prefix: *num_prefix as u32 })
             }
         }),
         steps: c.steps,
@@ -206,6 +232,18 @@ mod tests {
         let (c2, split2, snap2) = config_from_spec(&back, "out".into()).unwrap();
         assert_eq!(c2, c);
         assert_eq!((split2, snap2), (Split::Data, 5));
+        // The prefix mode: 0 virtual tokens means MeZO's 5, and its own lr and ε defaults.
+        let s = pb::RunSpec {
+            model: "m".into(),
+            data_dir: "d".into(),
+            mode: Some(pb::run_spec::Mode::Prefix(pb::PrefixSpec { num_prefix: 0 })),
+            ..Default::default()
+        };
+        let (c, _, _) = config_from_spec(&s, "out".into()).unwrap();
+        assert_eq!(c.mode, ModeSpec::Prefix { num_prefix: 5 });
+        assert_eq!((c.lr, c.eps), (1e-3, 1e-1));
+        let back = spec_from_config(&c, Split::Direction, 0);
+        assert_eq!(config_from_spec(&back, "out".into()).unwrap().0, c);
     }
 
     #[test]

@@ -10,13 +10,16 @@ use std::sync::Arc;
 
 use mezo_data::{ScoringRow, Task, TaskExample, UserTemplate};
 use mezo_model::scoring::{evaluate_generation, evaluate_rows, example_rows, prompt_tokens, EvalReport};
-use mezo_model::{parse_device, parse_dtype, Adapter, Decoding, LoraConfig, Opt, Target, TextTokenizer};
+use mezo_model::{
+    parse_device, parse_dtype, Adapter, Decoding, LoraConfig, Opt, OptConfig, PrefixAdapter, PrefixConfig,
+    Target, TextTokenizer,
+};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::data::{mezo_splits, Batcher};
 use crate::engine::{
-    Engine, FullState, GenContext, Item, LoraState, LossKind, Prepared, StepSettings, Trainable,
+    Engine, FullState, GenContext, Item, LoraState, LossKind, PrefixState, Prepared, StepSettings, Trainable,
 };
 use crate::error::{Result, TrainError};
 use crate::optim::{self, Rule, Schedule, Slot};
@@ -33,6 +36,11 @@ pub enum ModeSpec {
     /// Empty patterns: every parameter.
     Full {
         patterns: Vec<String>,
+    },
+    /// MeZO's prefix mode: `num_prefix` key/value prefixes a layer, initialised from real
+    /// activations.
+    Prefix {
+        num_prefix: i64,
     },
 }
 
@@ -209,6 +217,13 @@ impl TrainConfig {
                 Target::parse(t)?;
             }
         }
+        if let ModeSpec::Prefix { num_prefix } = &self.mode {
+            if !(1..=1024).contains(num_prefix) {
+                return bad(format!(
+                    "--num-prefix (prefix.num_prefix) must be between 1 and 1024, got {num_prefix}"
+                ));
+            }
+        }
         self.distribution.parse::<Distribution>()?;
         parse_dtype(&self.dtype)?;
         Ok(())
@@ -244,6 +259,14 @@ impl TrainConfig {
         Ok(Task::new(&self.task, &self.template, self.user_template.clone())?)
     }
 
+    /// The prefix configuration of a prefix run; `None` otherwise.
+    pub fn prefix_config(&self) -> Option<PrefixConfig> {
+        match &self.mode {
+            ModeSpec::Prefix { num_prefix } => Some(PrefixConfig { num_prefix: *num_prefix }),
+            _ => None,
+        }
+    }
+
     /// The MeZO protocol's splits of this run, the test set cut to `test_limit`.
     fn splits(&self) -> Result<crate::data::Splits> {
         let mut s = mezo_splits(
@@ -265,6 +288,68 @@ impl TrainConfig {
 /// The seed of a run's LoRA initialisation, derived from the run seed (every process agrees).
 pub fn lora_init_seed(run_seed: u64) -> u64 {
     splitmix64(run_seed ^ 0x1A17_0A11)
+}
+
+/// The seed of a run's prefix initialisation (the tokens it is run on), from the run seed.
+pub fn prefix_init_seed(run_seed: u64) -> u64 {
+    splitmix64(run_seed ^ 0x9_0EF1_C5E5)
+}
+
+/// A run's initial trainable state on `model`: LoRA (PEFT's init), prefix (real activations of
+/// `model`) or full-parameter (the model's own weights).
+pub fn init_trainable(cfg: &TrainConfig, model: &Opt) -> Result<Trainable> {
+    if let Some(lc) = cfg.lora_config()? {
+        return Ok(Trainable::Lora(LoraState::init(
+            lc,
+            &model.config,
+            model.device,
+            lora_init_seed(cfg.seed),
+        )?));
+    }
+    match &cfg.mode {
+        ModeSpec::Prefix { num_prefix } => Ok(Trainable::Prefix(PrefixState::init(
+            PrefixConfig { num_prefix: *num_prefix },
+            model,
+            prefix_init_seed(cfg.seed),
+        )?)),
+        ModeSpec::Full { patterns } => Ok(Trainable::Full(FullState::new(model, patterns)?)),
+        ModeSpec::Lora { .. } => unreachable!("handled above"),
+    }
+}
+
+/// The initial state a coordinator holds for a run, on the CPU: LoRA from the configuration
+/// alone; a prefix from the base model's activations (the model is loaded on the CPU in the
+/// run's dtype for that, then dropped); `None` for full-parameter runs (the workers' weights are
+/// the state).
+pub fn coordinator_state(cfg: &TrainConfig) -> Result<Option<Trainable>> {
+    if let Some(lc) = cfg.lora_config()? {
+        let mc = OptConfig::from_dir(&cfg.model)?;
+        return Ok(Some(Trainable::Lora(LoraState::init(
+            lc,
+            &mc,
+            tch::Device::Cpu,
+            lora_init_seed(cfg.seed),
+        )?)));
+    }
+    if cfg.prefix_config().is_some() {
+        let model = Opt::load(&cfg.model, tch::Device::Cpu, parse_dtype(&cfg.dtype)?)?;
+        return Ok(Some(init_trainable(cfg, &model)?));
+    }
+    Ok(None)
+}
+
+/// Writes a LoRA or prefix state (`flat`, float32) as a PEFT adapter directory; `Ok(false)` for
+/// full-parameter runs, which have none.
+pub fn save_adapter(cfg: &TrainConfig, model: &OptConfig, flat: Tensor, dir: &Path) -> Result<bool> {
+    let base = cfg.model.to_string_lossy();
+    if let Some(config) = cfg.lora_config()? {
+        Adapter { config, flat }.save(dir, model, &base)?;
+    } else if let Some(config) = cfg.prefix_config() {
+        PrefixAdapter { config, flat }.save(dir, model, &base)?;
+    } else {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// One line of `OUT/train_log.jsonl`.
@@ -357,15 +442,7 @@ impl Session {
             let decoding = Decoding::new(&tok, model.config.eos_token_id, cfg.max_new_tokens);
             Arc::new(GenContext { tokenizer: Arc::new(tok), decoding })
         });
-        let trainable = match cfg.lora_config()? {
-            Some(lc) => {
-                Trainable::Lora(LoraState::init(lc, &model.config, model.device, lora_init_seed(cfg.seed))?)
-            }
-            None => {
-                let ModeSpec::Full { patterns } = &cfg.mode else { unreachable!("not LoRA") };
-                Trainable::Full(FullState::new(&model, patterns)?)
-            }
-        };
+        let trainable = init_trainable(&cfg, &model)?;
         let settings = cfg.step_settings()?;
         let engine = Engine::new(trainable, settings, device);
         Ok(Session { cfg, task, gen, model, kind, train, dev, test, engine, fo_slots: Vec::new() })
@@ -373,17 +450,14 @@ impl Session {
 
     pub fn trainable_params(&self) -> i64 {
         match &self.engine.trainable {
-            Trainable::Lora(l) => l.flat.numel() as i64,
             Trainable::Full(f) => f.numel(&self.model),
+            t => t.flat_state().map_or(0, |s| s.flat.numel() as i64),
         }
     }
 
     /// Evaluates the given examples of a set at the current state.
     fn evaluate(&self, set: &Tokenised, idx: Option<&[usize]>) -> Result<EvalReport> {
-        let lora = match &self.engine.trainable {
-            Trainable::Lora(l) => Some(l.batch(self.kind)?),
-            Trainable::Full(_) => None,
-        };
+        let tuning = self.engine.trainable.tuning(self.kind)?;
         let all: Vec<usize>;
         let idx = match idx {
             Some(i) => i,
@@ -397,7 +471,7 @@ impl Session {
         Ok(match &self.gen {
             None => {
                 let rows: Vec<Vec<ScoringRow>> = idx.iter().map(|&i| set.rows[i].clone()).collect();
-                evaluate_rows(&self.model, &examples, &rows, bs, lora.as_ref())?
+                evaluate_rows(&self.model, &examples, &rows, bs, tuning.as_ref())?
             }
             Some(g) => {
                 let prompts: Vec<Vec<i64>> = idx.iter().map(|&i| set.prompts[i].clone()).collect();
@@ -408,7 +482,7 @@ impl Session {
                     &examples,
                     &prompts,
                     bs,
-                    lora.as_ref(),
+                    tuning.as_ref(),
                 )?
             }
         })
@@ -485,27 +559,24 @@ impl Session {
         let rule = self.cfg.rule();
         let wd = self.cfg.weight_decay;
         let mut total = 0.0;
-        match &mut self.engine.trainable {
-            Trainable::Lora(l) => {
-                let leaf = l.flat.detach().set_requires_grad(true);
-                for p in micro {
-                    let batch = mezo_model::LoraBatch::from_flat(
-                        &leaf.unsqueeze(0),
-                        &l.config,
-                        &l.tensors,
-                        self.kind,
-                    )?;
-                    let loss = p.loss_sums(&self.model, Some(&batch))?.sum(Kind::Float) / weight;
-                    total += loss.double_value(&[]);
-                    loss.backward();
-                }
-                let _g = tch::no_grad_guard();
-                if self.fo_slots.is_empty() {
-                    self.fo_slots.push(Slot::default());
-                }
-                let grad = leaf.grad();
-                l.flat = optim::apply(rule, &mut self.fo_slots[0], &leaf.detach(), &grad, lr, wd, true);
+        if let Some(state) = self.engine.trainable.flat_state() {
+            let leaf = state.flat.detach().set_requires_grad(true);
+            for p in micro {
+                let batch = self.engine.trainable.tuning_of(&leaf.unsqueeze(0), self.kind)?;
+                let loss = p.loss_sums(&self.model, batch.as_ref())?.sum(Kind::Float) / weight;
+                total += loss.double_value(&[]);
+                loss.backward();
             }
+            let _g = tch::no_grad_guard();
+            if self.fo_slots.is_empty() {
+                self.fo_slots.push(Slot::default());
+            }
+            let grad = leaf.grad();
+            let state = self.engine.trainable.flat_state_mut().expect("checked above");
+            state.flat = optim::apply(rule, &mut self.fo_slots[0], &leaf.detach(), &grad, lr, wd, true);
+        }
+        match &mut self.engine.trainable {
+            Trainable::Lora(_) | Trainable::Prefix(_) => {}
             Trainable::Full(f) => {
                 let params = self.model.named_parameters();
                 let trained: Vec<Tensor> =
@@ -555,11 +626,12 @@ impl Session {
         })
     }
 
-    /// The trained state as a PEFT adapter (LoRA runs).
-    pub fn adapter(&self) -> Option<Adapter> {
-        match &self.engine.trainable {
-            Trainable::Lora(l) => Some(Adapter { config: l.config.clone(), flat: l.flat.copy() }),
-            Trainable::Full(_) => None,
+    /// Writes the trained state as a PEFT adapter (LoRA or prefix runs) into `dir`; `Ok(false)`
+    /// for full-parameter runs.
+    pub fn save_adapter(&self, dir: &Path) -> Result<bool> {
+        match self.engine.trainable.flat_state() {
+            Some(s) => save_adapter(&self.cfg, &self.model.config, s.flat.copy(), dir),
+            None => Ok(false),
         }
     }
 }
@@ -573,29 +645,30 @@ pub enum EvalSet {
 
 /// What the distributed service needs from a session: replicas that take their state from the
 /// coordinator, replay logged updates, and evaluate given examples.
-/// The wire and snapshot form of LoRA state: its f32 values, little-endian, in PEFT order.
-pub fn lora_state_bytes(trainable: &Trainable) -> Vec<u8> {
-    match trainable {
-        Trainable::Lora(l) => {
-            let v: Vec<f32> = Vec::try_from(&l.flat.to_device(tch::Device::Cpu)).expect("f32 state");
+/// The wire and snapshot form of a LoRA or prefix state: its f32 values, little-endian, in PEFT
+/// order; empty for full-parameter training.
+pub fn flat_state_bytes(trainable: &Trainable) -> Vec<u8> {
+    match trainable.flat_state() {
+        Some(s) => {
+            let v: Vec<f32> = Vec::try_from(&s.flat.to_device(tch::Device::Cpu)).expect("f32 state");
             v.iter().flat_map(|x| x.to_le_bytes()).collect()
         }
-        Trainable::Full(_) => Vec::new(),
+        None => Vec::new(),
     }
 }
 
-/// The inverse of [`lora_state_bytes`] (a trailing partial value is dropped).
+/// The inverse of [`flat_state_bytes`] (a trailing partial value is dropped).
 pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-/// Decodes LoRA state bytes (a snapshot, a replica's state) that must hold exactly `expected`
+/// Decodes LoRA or prefix state bytes (a snapshot, a replica's state) that must hold exactly `expected`
 /// values: a length that is off, even by a partial value, means the bytes belong to another
 /// configuration or were cut short.
-pub fn lora_values_from_bytes(bytes: &[u8], expected: usize) -> std::result::Result<Vec<f32>, String> {
+pub fn flat_values_from_bytes(bytes: &[u8], expected: usize) -> std::result::Result<Vec<f32>, String> {
     if bytes.len() != expected.saturating_mul(4) {
         return Err(format!(
-            "{} bytes for {expected} LoRA values ({} bytes)",
+            "{} bytes for {expected} trainable values ({} bytes)",
             bytes.len(),
             expected.saturating_mul(4)
         ));
@@ -604,21 +677,22 @@ pub fn lora_values_from_bytes(bytes: &[u8], expected: usize) -> std::result::Res
 }
 
 impl Session {
-    /// The LoRA state as little-endian f32 bytes (PEFT order); empty for full-parameter runs.
+    /// The LoRA or prefix state as little-endian f32 bytes (PEFT order); empty for
+    /// full-parameter runs.
     pub fn state_bytes(&self) -> Vec<u8> {
-        lora_state_bytes(&self.engine.trainable)
+        flat_state_bytes(&self.engine.trainable)
     }
 
-    /// Replaces the LoRA state with `bytes` (as from [`Session::state_bytes`]).
+    /// Replaces the LoRA or prefix state with `bytes` (as from [`Session::state_bytes`]).
     pub fn set_state_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        let Trainable::Lora(l) = &mut self.engine.trainable else {
+        let Some(l) = self.engine.trainable.flat_state_mut() else {
             return if bytes.is_empty() {
                 Ok(())
             } else {
                 Err(TrainError::Config("a full-parameter replica takes no state bytes".into()))
             };
         };
-        let values = lora_values_from_bytes(bytes, l.flat.numel())
+        let values = flat_values_from_bytes(bytes, l.flat.numel())
             .map_err(|why| TrainError::Config(format!("state: {why}")))?;
         l.flat = Tensor::from_slice(&values).to_device(l.flat.device());
         Ok(())
@@ -709,13 +783,16 @@ impl DataPlan {
 
 /// A copy of the trained values, to keep the best by dev accuracy.
 enum Snapshot {
-    Lora(Tensor),
+    Flat(Tensor),
     Full(Vec<Tensor>),
 }
 
 fn snapshot(s: &Session) -> Snapshot {
+    if let Some(f) = s.engine.trainable.flat_state() {
+        return Snapshot::Flat(f.flat.copy());
+    }
     match &s.engine.trainable {
-        Trainable::Lora(l) => Snapshot::Lora(l.flat.copy()),
+        Trainable::Lora(_) | Trainable::Prefix(_) => unreachable!("flat states are copied above"),
         Trainable::Full(f) => {
             let params = s.model.named_parameters();
             Snapshot::Full(
@@ -727,8 +804,11 @@ fn snapshot(s: &Session) -> Snapshot {
 
 fn restore(s: &mut Session, snap: &Snapshot) {
     let _g = tch::no_grad_guard();
+    if let (Some(l), Snapshot::Flat(t)) = (s.engine.trainable.flat_state_mut(), snap) {
+        l.flat = t.copy();
+        return;
+    }
     match (&mut s.engine.trainable, snap) {
-        (Trainable::Lora(l), Snapshot::Lora(t)) => l.flat = t.copy(),
         (Trainable::Full(f), Snapshot::Full(ts)) => {
             let params = s.model.named_parameters();
             for ((i, _, _), t) in f.selected.iter().zip(ts) {
@@ -791,14 +871,8 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
     let train_seconds = t_train.elapsed().as_secs_f64();
     restore(&mut s, &best);
     let test_accuracy = s.test_accuracy()?;
-    let output = match s.adapter() {
-        Some(a) => {
-            let dir = out.join("adapter");
-            a.save(&dir, &s.model.config, &cfg.model.to_string_lossy())?;
-            dir
-        }
-        None => save_full_model(&s, &out.join("model"))?,
-    };
+    let dir = out.join("adapter");
+    let output = if s.save_adapter(&dir)? { dir } else { save_full_model(&s, &out.join("model"))? };
     let tail = recent.len().saturating_sub(recent.len().div_ceil(10).max(1).min(50));
     let final_train_loss = if recent.is_empty() {
         f64::NAN

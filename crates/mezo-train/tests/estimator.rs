@@ -55,14 +55,15 @@ fn averaged_spsa_estimates_align_with_autograd() {
     let cfg = LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
     let mut state = LoraState::init(cfg.clone(), &model.config, model.device, 5).unwrap();
     // B = 0 at PEFT's init makes A's gradient vanish; start from a point with both non-zero.
-    state.flat = Tensor::randn([state.flat.numel() as i64], (Kind::Float, Device::Cpu)) * 0.3;
-    let theta = state.flat.copy();
+    state.state.flat = Tensor::randn([state.state.flat.numel() as i64], (Kind::Float, Device::Cpu)) * 0.3;
+    let theta = state.state.flat.copy();
     let p = theta.numel() as f64;
 
     // The true gradient, by backprop.
     let leaf = theta.detach().set_requires_grad(true);
     let lb = mezo_model::LoraBatch::from_flat(&leaf.unsqueeze(0), &cfg, &state.tensors, Kind::Float).unwrap();
-    let loss = prepared.loss_sums(&model, Some(&lb)).unwrap().sum(Kind::Float) / prepared.weight;
+    let loss = prepared.loss_sums(&model, Some(&mezo_model::Tuning::Lora(lb))).unwrap().sum(Kind::Float)
+        / prepared.weight;
     loss.backward();
     let grad = leaf.grad().detach();
     assert!(grad.norm().double_value(&[]) > 1e-3, "degenerate test point");
@@ -79,13 +80,13 @@ fn averaged_spsa_estimates_align_with_autograd() {
         let losses = engine.direction_losses(&model, std::slice::from_ref(&prepared), &seeds).unwrap();
         let grads = mezo_train::engine::projected_grads(&losses, eps).unwrap();
         if let Trainable::Lora(l) = &mut engine.trainable {
-            l.flat = theta.copy();
+            l.state.flat = theta.copy();
         }
         engine.apply_update(Some(&model), &seeds, &grads, 1.0).unwrap();
         let Trainable::Lora(l) = &engine.trainable else { unreachable!() };
-        sum += (&theta - &l.flat) * per as f64;
+        sum += (&theta - &l.state.flat) * per as f64;
         if let Trainable::Lora(l) = &mut engine.trainable {
-            l.flat = theta.copy();
+            l.state.flat = theta.copy();
         }
     }
     let n = (chunks * per) as f64;

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use mezo_data::ScoringRow;
 use mezo_model::generate::greedy;
-use mezo_model::{Decoding, LoraBatch, LoraConfig, Opt, OptConfig, Target};
+use mezo_model::{Decoding, LoraBatch, LoraConfig, Opt, OptConfig, Target, Tuning};
 use mezo_train::engine::{Item, LoraState};
 use mezo_train::{LossKind, Prepared};
 use tch::{Device, Kind, Tensor};
@@ -110,9 +110,9 @@ fn accuracy_loss_is_minus_the_correct_predictions() {
     // Under adapter variants (θ+εz, θ−εz) each variant's value is a count too.
     let lc = LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
     let mut st = LoraState::init(lc.clone(), &model.config, Device::Cpu, 1).unwrap();
-    st.flat = Tensor::randn([st.flat.numel() as i64], (Kind::Float, Device::Cpu));
-    let variants = Tensor::stack(&[&st.flat, &(-&st.flat)], 0);
-    let batch = LoraBatch::from_flat(&variants, &lc, &st.tensors, Kind::Float).unwrap();
+    st.state.flat = Tensor::randn([st.state.flat.numel() as i64], (Kind::Float, Device::Cpu));
+    let variants = Tensor::stack(&[&st.state.flat, &(-&st.state.flat)], 0);
+    let batch = Tuning::Lora(LoraBatch::from_flat(&variants, &lc, &st.tensors, Kind::Float).unwrap());
     let v = Vec::<f32>::try_from(&p.loss_sums(&model, Some(&batch)).unwrap()).unwrap();
     assert_eq!(v.len(), 2);
     assert!(v.iter().all(|x| x.fract() == 0.0 && (-4.0..=0.0).contains(x)), "{v:?}");
@@ -143,8 +143,8 @@ fn greedy_decoding_is_per_prompt_in_padded_batches_and_variants() {
     // Two adapter variants at B = 0 (PEFT's init) decode as the base model does.
     let lc = LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
     let st = LoraState::init(lc.clone(), &model.config, Device::Cpu, 1).unwrap();
-    let variants = Tensor::stack(&[&st.flat, &st.flat], 0);
-    let batch = LoraBatch::from_flat(&variants, &lc, &st.tensors, Kind::Float).unwrap();
+    let variants = Tensor::stack(&[&st.state.flat, &st.state.flat], 0);
+    let batch = Tuning::Lora(LoraBatch::from_flat(&variants, &lc, &st.tensors, Kind::Float).unwrap());
     let v = greedy(&model, &prompts, Some(&batch), &d).unwrap();
     assert_eq!(v, vec![together[0].clone(), together[0].clone()]);
 }

@@ -8,7 +8,7 @@ use mezo_model::{LoraConfig, OptConfig, Target};
 use mezo_store::StepRecord;
 use mezo_train::engine::LoraState;
 use mezo_train::optim::Rule;
-use mezo_train::trainer::{lora_state_bytes, lora_values_from_bytes};
+use mezo_train::trainer::{flat_state_bytes, flat_values_from_bytes};
 use mezo_train::{Engine, StepSettings, Trainable};
 use proptest::prelude::*;
 use tch::{Device, Tensor};
@@ -75,9 +75,9 @@ proptest! {
         // The live run: updates applied as they happen, a snapshot taken at `cut`.
         let mut live = engine(fresh(), dist, wd);
         replay(&mut live, &records[..cut]);
-        let snapshot = lora_state_bytes(&live.trainable);
+        let snapshot = flat_state_bytes(&live.trainable);
         replay(&mut live, &records[cut..]);
-        let expected = lora_state_bytes(&live.trainable);
+        let expected = flat_state_bytes(&live.trainable);
 
         // A replica built from scratch by replaying the whole log, read back from the store's
         // encoding.
@@ -86,16 +86,16 @@ proptest! {
         prop_assert_eq!(&decoded, &records);
         let mut from_log = engine(fresh(), dist, wd);
         replay(&mut from_log, &decoded);
-        prop_assert_eq!(lora_state_bytes(&from_log.trainable), expected.clone());
+        prop_assert_eq!(flat_state_bytes(&from_log.trainable), expected.clone());
 
         // A replica restored from the snapshot, then the log after it.
         let base = fresh();
-        let values = lora_values_from_bytes(&snapshot, base.flat.numel()).unwrap();
+        let values = flat_values_from_bytes(&snapshot, base.state.flat.numel()).unwrap();
         let restored =
             LoraState::from_flat(base.config.clone(), base.tensors.clone(), Tensor::from_slice(&values), Device::Cpu)
                 .unwrap();
         let mut from_snapshot = engine(restored, dist, wd);
         replay(&mut from_snapshot, &decoded[cut..]);
-        prop_assert_eq!(lora_state_bytes(&from_snapshot.trainable), expected);
+        prop_assert_eq!(flat_state_bytes(&from_snapshot.trainable), expected);
     }
 }
