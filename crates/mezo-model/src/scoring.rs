@@ -5,7 +5,7 @@ use mezo_data::{candidate_rows, Example, ScoringRow, Template};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::{LoraBatch, Opt, ScoreBatch, TextTokenizer};
+use crate::{LoraBatch, Model, ScoreBatch, TextTokenizer};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScore {
@@ -40,7 +40,7 @@ pub fn example_rows(
 /// given. Examples are grouped by length so a batch carries little padding; the report keeps
 /// the input order.
 pub fn evaluate(
-    model: &Opt,
+    model: &Model,
     tok: &TextTokenizer,
     examples: &[Example],
     template: Template,
@@ -53,7 +53,7 @@ pub fn evaluate(
 
 /// [`evaluate`] on examples already tokenised by [`example_rows`].
 pub fn evaluate_rows(
-    model: &Opt,
+    model: &Model,
     examples: &[Example],
     rows: &[Vec<ScoringRow>],
     batch_size: usize,
@@ -67,7 +67,7 @@ pub fn evaluate_rows(
         let flat: Vec<&ScoringRow> = chunk.iter().flat_map(|&i| rows[i].iter()).collect();
         let tokens: Vec<Vec<i64>> = flat.iter().map(|r| r.tokens.clone()).collect();
         let starts: Vec<usize> = flat.iter().map(|r| r.answer_start).collect();
-        let b = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
+        let b = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), model.device())?;
         let lp = model.answer_logprob_sums(&b, lora)?.squeeze_dim(0) / &b.counts;
         let values: Vec<f64> = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))
             .map_err(crate::ModelError::Torch)?
