@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mezo_model::scoring::{evaluate, EvalReport};
-use mezo_model::{parse_device, parse_dtype, Opt, TextTokenizer};
+use mezo_model::{parse_device, parse_dtype, Model, TextTokenizer};
 
 #[derive(Parser, Debug)]
 #[command(name = "mezo", version, about = "Fine-tune language models with MeZO: forward passes only")]
@@ -26,7 +26,7 @@ pub struct Cli {
 pub enum Command {
     /// Score a task's examples with a model and report accuracy.
     Eval(EvalArgs),
-    /// Time the engine on random weights of an OPT shape (optionally against HF transformers).
+    /// Time the engine on random weights of a published OPT or Llama-family shape (optionally against HF transformers).
     Bench(bench::BenchArgs),
     /// Fine-tune with MeZO (or first-order Adam, --optimizer adam): in one process, or with
     /// --workers N through a coordinator and N workers of this process over loopback.
@@ -108,13 +108,13 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let start = Instant::now();
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    let model = Opt::load(&args.model, device, kind)
+    let model = Model::load(&args.model, device, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let adapter = match &args.adapter {
         Some(dir) => {
-            let a = mezo_model::Adapter::load(dir, &model.config)
+            let a = mezo_model::Adapter::load(dir, &model.config())
                 .with_context(|| format!("loading adapter from {}", dir.display()))?;
-            let tensors = a.config.tensors(&model.config);
+            let tensors = a.config.tensors(&model.config())?;
             let flat = a.flat.to_device(device).unsqueeze(0);
             Some(mezo_model::LoraBatch::from_flat(&flat, &a.config, &tensors, kind)?)
         }

@@ -415,7 +415,7 @@ impl RunActor {
         // The coordinator's copy of the LoRA state (none for full-parameter runs).
         let mut engine = match cfg.lora_config().map_err(|e| e.to_string())? {
             Some(lc) => {
-                let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(|e| e.to_string())?;
+                let mc = mezo_model::ModelConfig::from_dir(&cfg.model).map_err(|e| e.to_string())?;
                 let st = LoraState::init(lc, &mc, tch::Device::Cpu, lora_init_seed(cfg.seed))
                     .map_err(|e| e.to_string())?;
                 let settings = cfg.step_settings().map_err(|e| e.to_string())?;
@@ -770,7 +770,7 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
             let p = run.state.borrow();
             (p.version, p.bytes.clone())
         };
-        let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
+        let mc = mezo_model::ModelConfig::from_dir(&cfg.model).map_err(internal)?;
         let adapter =
             mezo_model::Adapter { config, flat: tch::Tensor::from_slice(&f32_from_le_bytes(&bytes)) };
         let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));

@@ -8,7 +8,7 @@
 use mezo_core::fused::{self, SgdUpdate};
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
 use mezo_data::ScoringRow;
-use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, ScoreBatch};
+use mezo_model::{LoraBatch, LoraConfig, LoraTensor, Model, ModelConfig, ScoreBatch};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -52,7 +52,7 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Opt) -> Result<Self> {
+    pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Model) -> Result<Self> {
         let candidates = rows.first().map_or(0, |r| r.len()) as i64;
         if rows.iter().any(|r| r.len() as i64 != candidates) || candidates == 0 {
             return Err(TrainError::Config(
@@ -70,11 +70,11 @@ impl Prepared {
             LossKind::Classification => rows.len() as f64,
             LossKind::AnswerCe => picked.iter().map(|r| (r.tokens.len() - r.answer_start) as f64).sum(),
         };
-        let score = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
+        let score = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), model.device())?;
         let labels: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
         Ok(Prepared {
             score,
-            labels: Tensor::from_slice(&labels).to_device(model.device),
+            labels: Tensor::from_slice(&labels).to_device(model.device()),
             examples: rows.len() as i64,
             candidates,
             weight,
@@ -84,7 +84,7 @@ impl Prepared {
     }
 
     /// The summed loss of each adapter variant, `[variants]` float32 (divide by `weight`).
-    pub fn loss_sums(&self, model: &Opt, lora: Option<&LoraBatch>) -> Result<Tensor> {
+    pub fn loss_sums(&self, model: &Model, lora: Option<&LoraBatch>) -> Result<Tensor> {
         let sums = model.answer_logprob_sums(&self.score, lora)?;
         let v = sums.size()[0];
         Ok(match self.kind {
@@ -121,11 +121,11 @@ impl LoraState {
     /// PEFT's initialisation: A Kaiming-uniform (bound 1/sqrt(in_features)), B zeros; the uniform
     /// draws come from the same seeded generator as Z, so every process builds the same A.
     /// Needs only the model's configuration, so a coordinator can hold the state without weights.
-    pub fn init(config: LoraConfig, model: &OptConfig, dev: Device, seed: u64) -> Result<Self> {
+    pub fn init(config: LoraConfig, model: &ModelConfig, dev: Device, seed: u64) -> Result<Self> {
         if config.r < 1 || config.targets.is_empty() {
             return Err(TrainError::Config("LoRA needs --lora-r >= 1 and at least one target module".into()));
         }
-        let tensors = config.tensors(model);
+        let tensors = config.tensors(model)?;
         let mut parts = Vec::with_capacity(tensors.len());
         for t in &tensors {
             if t.is_a {
@@ -218,7 +218,7 @@ impl LoraState {
 
 /// Full-parameter training: the model's own tensors, selected by name pattern, perturbed in place.
 pub struct FullState {
-    /// Indices into `Opt::named_parameters()`, with their names and whether weight decay applies.
+    /// Indices into `Model::named_parameters()`, with their names and whether weight decay applies.
     pub selected: Vec<(usize, String, bool)>,
     slots: Vec<Slot>,
 }
@@ -226,7 +226,7 @@ pub struct FullState {
 impl FullState {
     /// `patterns`: empty = every parameter; else a name matches when it contains a pattern, or
     /// matches it as a glob with `*`.
-    pub fn new(model: &Opt, patterns: &[String]) -> Result<Self> {
+    pub fn new(model: &Model, patterns: &[String]) -> Result<Self> {
         let selected: Vec<(usize, String, bool)> = model
             .named_parameters()
             .into_iter()
@@ -243,7 +243,7 @@ impl FullState {
         Ok(FullState { selected, slots })
     }
 
-    pub fn numel(&self, model: &Opt) -> i64 {
+    pub fn numel(&self, model: &Model) -> i64 {
         let params = model.named_parameters();
         self.selected.iter().map(|(i, _, _)| params[*i].1.numel() as i64).sum()
     }
@@ -298,7 +298,7 @@ impl Engine {
     /// share every z: gradient accumulation). One host synchronisation at the end.
     pub fn direction_losses(
         &self,
-        model: &Opt,
+        model: &Model,
         micro: &[Prepared],
         seeds: &[u64],
     ) -> Result<Vec<(f64, f64)>> {
@@ -312,7 +312,7 @@ impl Engine {
                 // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
                 let variants =
                     Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
-                let batch = LoraBatch::from_flat(&variants, &l.config, &l.tensors, model.kind)?;
+                let batch = LoraBatch::from_flat(&variants, &l.config, &l.tensors, model.kind())?;
                 let mut total: Option<Tensor> = None;
                 for p in micro {
                     let s = p.loss_sums(model, Some(&batch))?;
@@ -333,7 +333,7 @@ impl Engine {
     /// `leave_last`) the last direction's restore, which the caller owes.
     fn full_losses(
         &self,
-        model: &Opt,
+        model: &Model,
         f: &FullState,
         micro: &[Prepared],
         seeds: &[u64],
@@ -369,7 +369,7 @@ impl Engine {
     /// a step instead of four).
     pub fn step(
         &mut self,
-        model: &Opt,
+        model: &Model,
         micro: &[Prepared],
         seeds: &[u64],
         lr: f64,
@@ -411,7 +411,7 @@ impl Engine {
 
     /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
     /// model's dtype: a fused kernel where the tensor allows, else chunked tensor ops.
-    fn perturb(&self, model: &Opt, f: &FullState, seed: u64, scale: f64) -> Result<()> {
+    fn perturb(&self, model: &Model, f: &FullState, seed: u64, scale: f64) -> Result<()> {
         let params = model.named_parameters();
         let dist = self.settings.dist;
         for (i, name, _) in &f.selected {
@@ -432,7 +432,7 @@ impl Engine {
 
     /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
     /// `model` is needed for full-parameter state only (LoRA state lives here).
-    pub fn apply_update(&mut self, model: Option<&Opt>, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+    pub fn apply_update(&mut self, model: Option<&Model>, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
         self.update(model, seeds, grads, lr, None)
     }
 
@@ -440,7 +440,7 @@ impl Engine {
     /// full-parameter weights, undone in the update's sweep.
     fn update(
         &mut self,
-        model: Option<&Opt>,
+        model: Option<&Model>,
         seeds: &[u64],
         grads: &[f64],
         lr: f64,
@@ -602,7 +602,7 @@ mod tests {
             "model_type": "opt", "vocab_size": 96, "hidden_size": 24, "num_hidden_layers": 2,
             "ffn_dim": 48, "num_attention_heads": 2, "max_position_embeddings": 32,
         });
-        let mc = OptConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
+        let mc = ModelConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
         let lc = LoraConfig { r: 4, alpha: 8.0, targets: vec![mezo_model::Target::Q, mezo_model::Target::V] };
         let table = GaussTable::new(Device::Cpu);
         for dist in [Distribution::Gaussian, Distribution::Rademacher] {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use mezo_core::{direction_seed, splitmix64, Distribution};
 use mezo_data::{Example, ScoringRow, Template};
 use mezo_model::scoring::{evaluate_rows, example_rows};
-use mezo_model::{parse_device, parse_dtype, Adapter, LoraConfig, Opt, Target, TextTokenizer};
+use mezo_model::{parse_device, parse_dtype, Adapter, LoraConfig, Model, ModelConfig, Target, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -263,7 +263,7 @@ fn tokenise(tok: &TextTokenizer, examples: Vec<Example>, template: Template) -> 
 /// Everything [`train`] loads before its first step.
 pub struct Session {
     pub cfg: TrainConfig,
-    pub model: Opt,
+    pub model: Model,
     kind: Kind,
     train: Tokenised,
     dev: Tokenised,
@@ -280,7 +280,7 @@ impl Session {
         let kind = parse_dtype(&cfg.dtype)?;
         let template = Template::parse(&cfg.template)?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
-        let model = Opt::load(&cfg.model, device, kind)?;
+        let model = Model::load(&cfg.model, device, kind)?;
         let splits = cfg.splits()?;
         let test = splits.test;
         let train = tokenise(&tok, splits.train, template)?;
@@ -288,7 +288,7 @@ impl Session {
         let test = tokenise(&tok, test, template)?;
         let trainable = match cfg.lora_config()? {
             Some(lc) => {
-                Trainable::Lora(LoraState::init(lc, &model.config, model.device, lora_init_seed(cfg.seed))?)
+                Trainable::Lora(LoraState::init(lc, &model.config(), model.device(), lora_init_seed(cfg.seed))?)
             }
             None => {
                 let ModeSpec::Full { patterns } = &cfg.mode else { unreachable!("not LoRA") };
@@ -571,8 +571,12 @@ impl DataPlan {
         cfg.validate()?;
         let template = Template::parse(&cfg.template)?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
-        // A bad config.json fails here, before any worker loads it.
-        mezo_model::OptConfig::from_dir(&cfg.model)?;
+        // A bad config.json, or LoRA targets the architecture lacks, fail here, before any
+        // worker loads the model.
+        let mc = ModelConfig::from_dir(&cfg.model)?;
+        if let Some(lc) = cfg.lora_config()? {
+            lc.tensors(&mc)?;
+        }
         let splits = cfg.splits()?;
         let n_test = splits.test.len();
         let train = tokenise(&tok, splits.train, template)?;
@@ -669,7 +673,7 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
     let output = match s.adapter() {
         Some(a) => {
             let dir = out.join("adapter");
-            a.save(&dir, &s.model.config, &cfg.model.to_string_lossy())?;
+            a.save(&dir, &s.model.config(), &cfg.model.to_string_lossy())?;
             dir
         }
         None => save_full_model(&s, &out.join("model"))?,
@@ -713,6 +717,8 @@ fn save_full_model(s: &Session, dir: &Path) -> Result<PathBuf> {
         "merges.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        "tokenizer.model",
+        "generation_config.json",
     ] {
         let src = s.cfg.model.join(f);
         if src.is_file() {
