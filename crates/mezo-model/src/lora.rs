@@ -225,6 +225,8 @@ impl Adapter {
             _ => return Err(field("target_modules", "missing or not a list of module names".into())),
         };
         let config = LoraConfig { r, alpha, targets };
+        // Modules the model lacks are named before any weights are read.
+        let tensors = config.tensors(model).map_err(|e| field("target_modules", e.to_string()))?;
         let st_path = dir.join("adapter_model.safetensors");
         if !st_path.is_file() {
             return Err(ModelError::Io {
@@ -237,7 +239,6 @@ impl Adapter {
             .into_iter()
             .collect();
         let mut parts = Vec::new();
-        let tensors = config.tensors(model).map_err(|e| field("target_modules", e.to_string()))?;
         for t in tensors {
             // PEFT saves without the adapter name; some tools keep `.default`.
             let alt = t.key.replace(".weight", ".default.weight");
