@@ -147,4 +147,3 @@ pub fn compare_half(case: &str, ours: &Value, hf_half: &Value, hf_fp32: &Value) 
     assert!(d < 0.5, "{case}: HF's own half-precision error {d} is implausibly large");
     assert!(worst <= tol, "{case}: |ours - HF| = {worst:.3e} exceeds 2d = {tol:.3e}");
 }
-

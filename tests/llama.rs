@@ -14,8 +14,14 @@ use std::sync::OnceLock;
 use common::*;
 use serde_json::Value;
 
-const CASES: [&str; 6] =
-    ["llama_gqa", "llama3_tied", "llama_linear_old_format", "llama_dynamic", "qwen2_tied_window", "mistral_window"];
+const CASES: [&str; 6] = [
+    "llama_gqa",
+    "llama3_tied",
+    "llama_linear_old_format",
+    "llama_dynamic",
+    "qwen2_tied_window",
+    "mistral_window",
+];
 const BF16_CASES: &str = "llama3_tied,mistral_window";
 const LIMIT: &str = "16";
 
@@ -142,14 +148,26 @@ fn lora_adapter_loads_in_peft_and_agrees() {
     let r = train(
         &model,
         &out,
-        &["--steps", "12", "--lr", "5e-2", "--directions", "2", "--lora-targets", "q_proj,v_proj,o_proj,down_proj"],
+        &[
+            "--steps",
+            "12",
+            "--lr",
+            "5e-2",
+            "--directions",
+            "2",
+            "--lora-targets",
+            "q_proj,v_proj,o_proj,down_proj",
+        ],
     );
     assert_eq!(r["steps"], 12, "{r}");
     let adapter = out.join("adapter");
     let cfg = read_json(&adapter.join("adapter_config.json"));
     assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "o_proj", "q_proj", "v_proj"]));
     let tensors: std::collections::HashMap<String, tch::Tensor> =
-        tch::Tensor::read_safetensors(adapter.join("adapter_model.safetensors")).unwrap().into_iter().collect();
+        tch::Tensor::read_safetensors(adapter.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
     let p = "base_model.model.model.layers.1";
     // q_proj: 32 -> 4 heads x 16; v_proj: 32 -> 1 key/value head x 16; o_proj: 64 -> 32;
     // down_proj: 48 -> 32.
@@ -170,7 +188,10 @@ fn lora_adapter_loads_in_peft_and_agrees() {
     compare("llama3_tied + adapter vs PEFT", &ours, &peft, 1e-4);
     let moved = max_score_diff(&ours, &base);
     eprintln!("the adapter moved scores by up to {moved:.2e}");
-    assert!(moved > 1e-3, "the adapter barely changed the model ({moved}): the comparison would prove nothing");
+    assert!(
+        moved > 1e-3,
+        "the adapter barely changed the model ({moved}): the comparison would prove nothing"
+    );
 }
 
 /// A full-parameter run on Qwen2 (biases, a tied head, a windowed layer) writes a checkpoint
@@ -215,12 +236,16 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
 #[test]
 fn bad_llama_inputs_are_named() {
     let v = validation();
-    let eval_err = |d: &Path| mezo_err(&["eval", "--model", d.to_str().unwrap(), "--data", &v, "--limit", "2"]);
+    let eval_err =
+        |d: &Path| mezo_err(&["eval", "--model", d.to_str().unwrap(), "--data", &v, "--limit", "2"]);
 
     let d = scratch("llama_gqa", "yarn");
     edit_config(&d, |c| c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0}));
     let e = eval_err(&d);
-    assert!(e.contains("config.json") && e.contains("rope_parameters") && e.contains("`yarn` is not supported"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("rope_parameters") && e.contains("`yarn` is not supported"),
+        "{e}"
+    );
 
     let d = scratch("llama_gqa", "kv_heads");
     edit_config(&d, |c| c["num_key_value_heads"] = 3.into());

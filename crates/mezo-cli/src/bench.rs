@@ -113,15 +113,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.what != "forward" && args.what != "train" {
         bail!("unknown benchmark `{}`: expected forward, train, coordinator or scaling", args.what);
     }
-    let config = ModelConfig::shape(&args.shape).with_context(|| {
-        format!("unknown --shape `{}`: expected {SHAPES}", args.shape)
-    })?;
+    let config = ModelConfig::shape(&args.shape)
+        .with_context(|| format!("unknown --shape `{}`: expected {SHAPES}", args.shape))?;
     let max_seq = config.max_position_embeddings();
     if args.batch < 1 || args.seq < 1 || args.seq > max_seq || args.iters < 1 {
         bail!("--batch, --seq (at most {max_seq}) and --iters must be positive");
     }
     if args.peer.is_some() && !matches!(config, ModelConfig::Opt(_)) {
-        bail!("--peer runs OPT shapes only (the peer scripts build OPTForCausalLM); --shape {} is {}", args.shape, config.model_type());
+        bail!(
+            "--peer runs OPT shapes only (the peer scripts build OPTForCausalLM); --shape {} is {}",
+            args.shape,
+            config.model_type()
+        );
     }
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;

@@ -105,7 +105,11 @@ impl Llama {
         let linear = |src: &mut dyn Source, name: &str, out: i64, inp: i64, bias: bool| {
             Ok::<_, ModelError>(Linear {
                 weight: src.tensor(&format!("{name}.weight"), &[out, inp], Init::Normal)?,
-                bias: if bias { Some(src.tensor(&format!("{name}.bias"), &[out], Init::Zeros)?) } else { None },
+                bias: if bias {
+                    Some(src.tensor(&format!("{name}.bias"), &[out], Init::Zeros)?)
+                } else {
+                    None
+                },
             })
         };
         let norm = |src: &mut dyn Source, name: &str| {
@@ -192,7 +196,13 @@ impl Llama {
     /// window in reach); else a `[batch or 1, 1, seq, seq]` bool mask: causal, within the
     /// window, real keys only. A pad query may always see itself: a row with nothing to attend
     /// to would make the softmax NaN.
-    fn attention_mask(&self, mask: &Tensor, seq: i64, padding: Padding, window: Option<i64>) -> Option<Tensor> {
+    fn attention_mask(
+        &self,
+        mask: &Tensor,
+        seq: i64,
+        padding: Padding,
+        window: Option<i64>,
+    ) -> Option<Tensor> {
         let window = window.filter(|&w| seq > w);
         if padding == Padding::Right && window.is_none() {
             return None;
@@ -226,7 +236,8 @@ impl Llama {
                 // HF (modeling_rope_utils, dynamic NTK): base * ((factor * L / max) - (factor - 1))
                 // ** (dim / (dim - 2)), in float32 once L passes max_position_embeddings.
                 let l = lens.clamp_min(max_pos).to_kind(Kind::Float);
-                let base = ((l * factor / max_pos as f64) - (factor - 1.0)).pow_tensor_scalar(dim / (dim - 2.0))
+                let base = ((l * factor / max_pos as f64) - (factor - 1.0))
+                    .pow_tensor_scalar(dim / (dim - 2.0))
                     * c.rope.theta;
                 let exps = Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, self.device))
                     .to_kind(Kind::Float)
@@ -322,7 +333,10 @@ impl Llama {
             linear(&mut out, format!("{l}.mlp.up_proj"), &layer.mlp.up_proj);
             linear(&mut out, format!("{l}.mlp.down_proj"), &layer.mlp.down_proj);
             out.push((format!("{l}.input_layernorm.weight"), &layer.input_layernorm.weight));
-            out.push((format!("{l}.post_attention_layernorm.weight"), &layer.post_attention_layernorm.weight));
+            out.push((
+                format!("{l}.post_attention_layernorm.weight"),
+                &layer.post_attention_layernorm.weight,
+            ));
         }
         out.push(("model.norm.weight".into(), &self.norm.weight));
         if let Some(w) = &self.lm_head {
@@ -355,19 +369,27 @@ fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
 /// starts from the default ones.
 fn base_inv_freq(c: &LlamaConfig) -> Tensor {
     let dim = c.head_dim as f64;
-    let exps = Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim;
+    let exps =
+        Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / dim;
     let inv = Tensor::pow_scalar(c.rope.theta, &exps).reciprocal();
     match c.rope.scaling {
         RopeScaling::Default | RopeScaling::Dynamic { .. } => inv,
         RopeScaling::Linear { factor } => inv / factor,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let old = original_max_position_embeddings;
             let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
             let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
             let llama = (&inv / factor).where_self(&wavelen.gt(low_wavelen), &inv);
-            let smooth = (wavelen.reciprocal() * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smooth =
+                (wavelen.reciprocal() * old - low_freq_factor) / (high_freq_factor - low_freq_factor);
             let smoothed = (-&smooth + 1.0) * &llama / factor + &smooth * &llama;
-            let medium = wavelen.lt(high_wavelen).logical_not().logical_and(&wavelen.gt(low_wavelen).logical_not());
+            let medium =
+                wavelen.lt(high_wavelen).logical_not().logical_and(&wavelen.gt(low_wavelen).logical_not());
             smoothed.where_self(&medium, &llama)
         }
     }
@@ -392,7 +414,7 @@ mod tests {
         let _g = tch::no_grad_guard();
         for (_, t) in m.named_parameters() {
             if t.dim() == 1 {
-                let _ = t.shallow_clone().copy_(&(t.randn_like() * 0.1 + 1.0));
+                t.shallow_clone().copy_(&(t.randn_like() * 0.1 + 1.0));
             }
         }
         m
@@ -407,8 +429,11 @@ mod tests {
             (LlamaFamily::Llama, serde_json::json!({"attention_bias": true})),
             (LlamaFamily::Qwen2, serde_json::json!({})),
             (LlamaFamily::Mistral, serde_json::json!({"sliding_window": 3})),
-            (LlamaFamily::Llama, serde_json::json!({"rope_scaling": {"type": "dynamic", "factor": 2.0},
-                                                    "max_position_embeddings": 4})),
+            (
+                LlamaFamily::Llama,
+                serde_json::json!({"rope_scaling": {"type": "dynamic", "factor": 2.0},
+                                                    "max_position_embeddings": 4}),
+            ),
         ] {
             let m = tiny(family, extra.clone());
             let row = [5i64, 9, 17, 3, 44];

@@ -44,12 +44,21 @@ impl LlamaFamily {
 pub enum RopeScaling {
     Default,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Dynamic NTK: the base grows with the sequence length once it passes
     /// `max_position_embeddings`.
-    Dynamic { factor: f64 },
+    Dynamic {
+        factor: f64,
+    },
     /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -276,11 +285,7 @@ fn num(v: &Value, key: &str) -> Option<f64> {
 /// RoPE from either format. Where both exist, the older `rope_scaling` wins, as in
 /// transformers' `convert_rope_params_to_dict`; `rope_theta` comes from the dict, else the
 /// top level, else 10000.
-fn parse_rope(
-    raw: &RawLlamaConfig,
-    max_pos: i64,
-    err: &dyn Fn(&str, String) -> ModelError,
-) -> Result<Rope> {
+fn parse_rope(raw: &RawLlamaConfig, max_pos: i64, err: &dyn Fn(&str, String) -> ModelError) -> Result<Rope> {
     let (field, params) = match (&raw.rope_scaling, &raw.rope_parameters) {
         (Some(v @ Value::Object(_)), _) => ("rope_scaling", Some(v)),
         (_, Some(v @ Value::Object(_))) => ("rope_parameters", Some(v)),
@@ -314,9 +319,9 @@ fn parse_rope(
         "dynamic" => RopeScaling::Dynamic { factor: factor()? },
         "llama3" => {
             let need = |k: &str| {
-                num(p, k).filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
-                    err(field, format!("rope type `llama3` needs a positive `{k}`"))
-                })
+                num(p, k)
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| err(field, format!("rope type `llama3` needs a positive `{k}`")))
             };
             let (low, high) = (need("low_freq_factor")?, need("high_freq_factor")?);
             if high <= low {
@@ -351,7 +356,9 @@ fn windows(
 ) -> Result<Vec<Option<i64>>> {
     let n = layers as usize;
     let check = |w: Option<i64>| match w {
-        Some(w) if w <= 0 => Err(err("sliding_window", format!("must be a positive integer or null, got {w}"))),
+        Some(w) if w <= 0 => {
+            Err(err("sliding_window", format!("must be a positive integer or null, got {w}")))
+        }
         w => Ok(w),
     };
     Ok(match family {
@@ -375,7 +382,8 @@ fn windows(
                     let from = raw.max_window_layers.unwrap_or(28);
                     (0..layers)
                         .map(|i| {
-                            if w.is_some() && i >= from { "sliding_attention" } else { "full_attention" }.to_string()
+                            if w.is_some() && i >= from { "sliding_attention" } else { "full_attention" }
+                                .to_string()
                         })
                         .collect()
                 }
@@ -385,7 +393,10 @@ fn windows(
                 .map(|t| match t.as_str() {
                     "full_attention" => Ok(None),
                     "sliding_attention" => Ok(w),
-                    other => Err(err("layer_types", format!("`{other}` is not full_attention or sliding_attention"))),
+                    other => Err(err(
+                        "layer_types",
+                        format!("`{other}` is not full_attention or sliding_attention"),
+                    )),
                 })
                 .collect::<Result<_>>()?
         }
@@ -442,8 +453,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(q.layer_windows, vec![None, None, Some(16), Some(16)]);
-        let l = parse(r#"{"attention_bias": true, "hidden_size": 64, "num_attention_heads": 4}"#, LlamaFamily::Llama)
-            .unwrap();
+        let l = parse(
+            r#"{"attention_bias": true, "hidden_size": 64, "num_attention_heads": 4}"#,
+            LlamaFamily::Llama,
+        )
+        .unwrap();
         assert!(l.qkv_bias && l.o_bias && !l.mlp_bias);
         assert_eq!((l.head_dim, l.num_key_value_heads, l.pad_token_id), (16, 4, 2));
         for name in ["llama2-7b", "llama3-8b", "llama3.2-1b", "qwen2.5-0.5b", "qwen2.5-7b", "mistral-7b"] {

@@ -51,7 +51,9 @@ impl ModelConfig {
             Some("opt") => Ok(ModelConfig::Opt(OptConfig::from_json(text, path)?)),
             Some(t) => match LlamaFamily::from_model_type(t) {
                 Some(f) => Ok(ModelConfig::Llama(LlamaConfig::from_json(text, path, f)?)),
-                None => Err(ModelError::UnsupportedModelType { path: path.to_path_buf(), model_type: t.into() }),
+                None => {
+                    Err(ModelError::UnsupportedModelType { path: path.to_path_buf(), model_type: t.into() })
+                }
             },
             None => Err(ModelError::Config {
                 path: path.to_path_buf(),
@@ -65,7 +67,9 @@ impl ModelConfig {
     /// (`llama2-7b`, `llama2-13b`, `llama3-8b`, `llama3.2-1b`, `qwen2.5-0.5b`, `qwen2.5-7b`,
     /// `mistral-7b`).
     pub fn shape(name: &str) -> Option<Self> {
-        OptConfig::shape(name).map(ModelConfig::Opt).or_else(|| LlamaConfig::shape(name).map(ModelConfig::Llama))
+        OptConfig::shape(name)
+            .map(ModelConfig::Opt)
+            .or_else(|| LlamaConfig::shape(name).map(ModelConfig::Llama))
     }
 
     pub fn model_type(&self) -> &'static str {
@@ -139,7 +143,8 @@ impl ModelConfig {
             ModelConfig::Llama(c) => {
                 let p = format!("model.layers.{layer}");
                 let (h, f) = (c.hidden_size, c.intermediate_size);
-                let (attn, mlp) = (format!("{p}.self_attn.{}", target.name()), format!("{p}.mlp.{}", target.name()));
+                let (attn, mlp) =
+                    (format!("{p}.self_attn.{}", target.name()), format!("{p}.mlp.{}", target.name()));
                 match target {
                     Target::Q => (attn, h, c.q_out()),
                     Target::K | Target::V => (attn, h, c.kv_out()),
@@ -257,7 +262,8 @@ impl Model {
                 let picked = hidden.index(&[Some(&row_idx), Some(&b.pos_idx.repeat([v]))]);
                 let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
                 let token_lp = logp.gather(1, &b.targets.repeat([v]).unsqueeze(1), false).squeeze_dim(1);
-                let sums = Tensor::zeros([v * b.rows], (Kind::Float, device)).index_add(0, &row_idx, &token_lp);
+                let sums =
+                    Tensor::zeros([v * b.rows], (Kind::Float, device)).index_add(0, &row_idx, &token_lp);
                 Ok(sums.view([v, b.rows]))
             }
         }
@@ -319,7 +325,10 @@ mod tests {
             assert_eq!(parse(&format!(r#"{{"model_type": "{t}"}}"#)).unwrap().model_type(), t);
         }
         let e = parse(r#"{"model_type": "gpt_neox"}"#).unwrap_err().to_string();
-        assert!(e.contains("m/config.json") && e.contains("gpt_neox") && e.contains(SUPPORTED_MODEL_TYPES), "{e}");
+        assert!(
+            e.contains("m/config.json") && e.contains("gpt_neox") && e.contains(SUPPORTED_MODEL_TYPES),
+            "{e}"
+        );
         let e = parse(r#"{"hidden_size": 8}"#).unwrap_err().to_string();
         assert!(e.contains("model_type") && e.contains(SUPPORTED_MODEL_TYPES), "{e}");
     }
@@ -332,9 +341,15 @@ mod tests {
         )
         .unwrap();
         let v = l.lora_module(3, Target::V).unwrap();
-        assert_eq!((v.path.as_str(), v.in_features, v.out_features), ("model.layers.3.self_attn.v_proj", 64, 16));
+        assert_eq!(
+            (v.path.as_str(), v.in_features, v.out_features),
+            ("model.layers.3.self_attn.v_proj", 64, 16)
+        );
         let d = l.lora_module(0, Target::Down).unwrap();
-        assert_eq!((d.path.as_str(), d.in_features, d.out_features), ("model.layers.0.mlp.down_proj", 96, 64));
+        assert_eq!(
+            (d.path.as_str(), d.in_features, d.out_features),
+            ("model.layers.0.mlp.down_proj", 96, 64)
+        );
         let e = l.lora_module(0, Target::Fc1).unwrap_err().to_string();
         assert!(e.contains("fc1") && e.contains("llama") && e.contains("o_proj"), "{e}");
         let o = parse(r#"{"model_type": "opt"}"#).unwrap();
@@ -361,8 +376,8 @@ mod tests {
             let h = m.hidden_states(&ids, &ids.ones_like(), Padding::Right, None).unwrap();
             let logp = m.logits(&h).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
             let mut want = 0.0;
-            for p in start..row.len() {
-                want += logp.double_value(&[0, p as i64 - 1, row[p]]);
+            for (p, &token) in row.iter().enumerate().skip(start) {
+                want += logp.double_value(&[0, p as i64 - 1, token]);
             }
             want /= (row.len() - start) as f64;
             let g = got.double_value(&[r as i64]);

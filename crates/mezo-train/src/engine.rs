@@ -432,7 +432,13 @@ impl Engine {
 
     /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
     /// `model` is needed for full-parameter state only (LoRA state lives here).
-    pub fn apply_update(&mut self, model: Option<&Model>, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+    pub fn apply_update(
+        &mut self,
+        model: Option<&Model>,
+        seeds: &[u64],
+        grads: &[f64],
+        lr: f64,
+    ) -> Result<()> {
         self.update(model, seeds, grads, lr, None)
     }
 

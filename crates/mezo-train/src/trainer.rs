@@ -287,9 +287,12 @@ impl Session {
         let dev = tokenise(&tok, splits.dev, template)?;
         let test = tokenise(&tok, test, template)?;
         let trainable = match cfg.lora_config()? {
-            Some(lc) => {
-                Trainable::Lora(LoraState::init(lc, &model.config(), model.device(), lora_init_seed(cfg.seed))?)
-            }
+            Some(lc) => Trainable::Lora(LoraState::init(
+                lc,
+                &model.config(),
+                model.device(),
+                lora_init_seed(cfg.seed),
+            )?),
             None => {
                 let ModeSpec::Full { patterns } = &cfg.mode else { unreachable!("not LoRA") };
                 Trainable::Full(FullState::new(&model, patterns)?)
