@@ -67,6 +67,9 @@ struct Task {
     result: Option<TaskResult>,
     /// Failures workers reported for this task: after [`MAX_TASK_FAILURES`] it is given up.
     failures: u32,
+    /// Workers that reported a failure of this task (out of memory, say): it goes to others
+    /// first, so a run continues on the workers that can hold it.
+    failed_on: Vec<WorkerId>,
 }
 
 /// A task that fails this many times (reported by workers: out of memory, a model a worker cannot
@@ -173,7 +176,10 @@ impl Dispatcher {
             let task_id = self.next_task;
             self.next_task += 1;
             let spec = TaskSpec { task_id, run_id: run_id.into(), step, kind, seeds, examples, version };
-            self.tasks.insert(task_id, Task { spec, owner: None, result: None, failures: 0 });
+            self.tasks.insert(
+                task_id,
+                Task { spec, owner: None, result: None, failures: 0, failed_on: Vec::new() },
+            );
             self.queue.push_back(task_id);
             ids.push(task_id);
         }
@@ -182,27 +188,42 @@ impl Dispatcher {
     }
 
     /// Hands queued tasks to live workers, least loaded first, at most `per_worker` in flight each.
+    /// A task waits for a live worker that has not failed it (out of memory there, say) rather
+    /// than going back to one that has, which could spend all its attempts on one small worker
+    /// while a big one is busy; only when every live worker has failed it is it retried on them.
     pub fn assign(&mut self, now: Instant, per_worker: usize) -> Vec<(WorkerId, TaskSpec)> {
         let mut out = Vec::new();
-        while let Some(&t) = self.queue.front() {
-            let Some((&wid, _)) = self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.lease_until > now && w.in_flight.len() < per_worker)
-                .min_by_key(|(id, w)| (w.in_flight.len(), **id))
-            else {
-                break;
-            };
-            self.queue.pop_front();
-            let task = self.tasks.get_mut(&t).expect("queued tasks exist");
+        let mut waiting = VecDeque::new();
+        while let Some(t) = self.queue.pop_front() {
+            let task = self.tasks.get(&t).expect("queued tasks exist");
             if task.result.is_some() {
                 continue;
             }
+            let live = |w: &Worker| w.lease_until > now;
+            let fresh_alive = self.workers.iter().any(|(id, w)| live(w) && !task.failed_on.contains(id));
+            let choice = self
+                .workers
+                .iter()
+                .filter(|(id, w)| {
+                    live(w) && w.in_flight.len() < per_worker && !(fresh_alive && task.failed_on.contains(id))
+                })
+                .min_by_key(|(id, w)| (w.in_flight.len(), **id))
+                .map(|(&id, _)| id);
+            let Some(wid) = choice else {
+                waiting.push_back(t);
+                if !self.workers.values().any(|w| live(w) && w.in_flight.len() < per_worker) {
+                    break; // nobody has room: the rest of the queue waits too
+                }
+                continue;
+            };
+            let task = self.tasks.get_mut(&t).expect("queued tasks exist");
             task.owner = Some(wid);
             self.workers.get_mut(&wid).expect("chosen above").in_flight.push(t);
             self.counters.tasks_assigned += 1;
             out.push((wid, task.spec.clone()));
         }
+        waiting.append(&mut self.queue);
+        self.queue = waiting;
         out
     }
 
@@ -236,6 +257,7 @@ impl Dispatcher {
             if task.owner == Some(worker) {
                 task.owner = None;
                 task.failures += 1;
+                task.failed_on.push(worker);
                 if task.failures >= MAX_TASK_FAILURES {
                     task.result = Some(TaskResult::Failed(format!(
                         "task {task_id} of step {} failed {} times, last on worker {worker}: {msg}",
@@ -400,6 +422,38 @@ mod tests {
         }
         assert_eq!(d.queued(), 1);
         assert_eq!(d.counters.tasks_failed, u64::from(MAX_TASK_FAILURES));
+    }
+
+    /// A task that failed on one worker (out of its memory) goes to another next, even when the
+    /// failing worker is the less loaded one: the run continues on the workers that can hold it.
+    #[test]
+    fn a_failed_task_goes_to_a_worker_that_has_not_failed_it() {
+        let t0 = Instant::now();
+        let mut d = Dispatcher::new(ms(1000));
+        let (small, big) = (d.register(t0), d.register(t0));
+        d.submit_step("r", 0, TaskKind::Train, 0, plan_train(&[1, 2], &[0, 1], false, 1));
+        let got = d.assign(t0, 1);
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![small, big]);
+        let failed = got[0].1.task_id;
+        assert_eq!(
+            d.complete(small, failed, TaskResult::Failed("out of memory".into())),
+            Completion::Requeued
+        );
+        // `small` is idle and `big` busy, so least-loaded would pick `small` again: nothing is
+        // assigned until `big` has room, and then it goes to `big`.
+        assert!(d.assign(t0, 1).iter().all(|(w, _)| *w == big), "went back to the worker that failed it");
+        let other = got[1].1.task_id;
+        assert_eq!(d.complete(big, other, losses(0.5)), Completion::Accepted);
+        let again = d.assign(t0, 1);
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].0, again[0].1.task_id), (big, failed));
+        // With only the failing worker left alive, it is tried again (it may have memory now).
+        let t1 = t0 + ms(2000);
+        d.heartbeat(small, t1);
+        d.expire(t1);
+        d.unassign(big, failed);
+        let last = d.assign(t1, 1);
+        assert_eq!((last[0].0, last[0].1.task_id), (small, failed));
     }
 
     #[test]

@@ -29,7 +29,9 @@ use mezo_store::{RunStatus, StepRecord, Store};
 use mezo_train::data::Batcher;
 use mezo_train::engine::{projected_grads, LoraState, Trainable};
 use mezo_train::spec::{config_from_spec, spec_from_config, Split};
-use mezo_train::trainer::{f32_from_le_bytes, lora_init_seed, lora_state_bytes, state_checksum, DataPlan};
+use mezo_train::trainer::{
+    f32_from_le_bytes, lora_init_seed, lora_state_bytes, lora_values_from_bytes, state_checksum, DataPlan,
+};
 use mezo_train::{Engine, TrainConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -436,23 +438,21 @@ impl RunActor {
                 eprintln!("run {}: skipped a snapshot: {w}", self.id);
             }
             if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
-                let v = f32_from_le_bytes(&bytes);
-                if v.len() as i64 == l.flat.numel() as i64 {
-                    l.flat = tch::Tensor::from_slice(&v);
-                    from = meta.step;
-                    eprintln!(
-                        "run {}: restored the snapshot at step {from}, replaying {} logged step(s)",
+                match lora_values_from_bytes(&bytes, l.flat.numel()) {
+                    Ok(v) => {
+                        l.flat = tch::Tensor::from_slice(&v);
+                        from = meta.step;
+                        eprintln!(
+                            "run {}: restored the snapshot at step {from}, replaying {} logged step(s)",
+                            self.id,
+                            logged.len() as u64 - from
+                        );
+                    }
+                    Err(why) => eprintln!(
+                        "run {}: snapshot {} does not fit the run ({why}); replaying the whole log",
                         self.id,
-                        logged.len() as u64 - from
-                    );
-                } else {
-                    eprintln!(
-                        "run {}: snapshot {} has {} values, the run needs {}; replaying the whole log",
-                        self.id,
-                        meta.file.display(),
-                        v.len(),
-                        l.flat.numel()
-                    );
+                        meta.file.display()
+                    ),
                 }
             }
         }

@@ -89,6 +89,13 @@ impl Checkpoint {
         Ok(tensor)
     }
 
+    /// Every tensor still held, by name, with its shape (sorted by name).
+    pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let mut v: Vec<_> = self.tensors.iter().map(|(n, (t, _))| (n.clone(), t.size())).collect();
+        v.sort();
+        v
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

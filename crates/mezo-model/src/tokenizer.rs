@@ -69,7 +69,13 @@ impl TextTokenizer {
             message: e.to_string(),
         };
         let (inner, source) = if json.is_file() {
-            (Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e))?, json)
+            let bytes = std::fs::read(&json).map_err(io_err(&json))?;
+            // Syntax first, with line and column: the tokenizers crate panics on some malformed
+            // documents (a syntax error inside `decoder`: `expect("Helper")` in 0.22), where a
+            // user's corrupt file must get an error. Found by fuzzing (crates/mezo-fuzz).
+            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+                .map_err(|e| tok_err(&json, format!("not valid JSON: {e}").into()))?;
+            (Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&json, e))?, json)
         } else if vocab.is_file() && merges.is_file() {
             for p in [&vocab, &merges] {
                 std::fs::metadata(p).map_err(io_err(p))?;

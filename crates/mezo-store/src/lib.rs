@@ -88,12 +88,41 @@ struct StatusEntry {
 }
 
 /// What the snapshot index holds: the file name only, so the data directory can move.
-#[derive(Serialize, Deserialize)]
-struct IndexEntry {
-    step: u64,
-    file_name: String,
-    bytes: u64,
-    sha256: String,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub step: u64,
+    pub file_name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl IndexEntry {
+    /// Decodes an index value stored under step `key_step`. The entry must name that step and
+    /// that step's own file: a corrupt entry naming `../x` or another run's file must not make
+    /// recovery read outside the run's snapshot folder.
+    pub fn parse(key_step: u64, value: &[u8]) -> Result<Self, String> {
+        let e: IndexEntry = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        if e.step != key_step {
+            return Err(format!("entry names step {}, its key step {key_step}", e.step));
+        }
+        let expected = snapshot_file_name(key_step);
+        if e.file_name != expected {
+            return Err(format!("entry names file {:?}, expected {expected:?}", e.file_name));
+        }
+        Ok(e)
+    }
+
+    /// Whether `data` is the file this entry indexed: its length, then its SHA-256.
+    pub fn check(&self, data: &[u8]) -> Result<(), String> {
+        if data.len() as u64 != self.bytes {
+            return Err(format!("length {} does not match the indexed {}", data.len(), self.bytes));
+        }
+        let sha = sha256_hex(data);
+        if sha != self.sha256 {
+            return Err(format!("SHA-256 {sha} does not match the indexed {}", self.sha256));
+        }
+        Ok(())
+    }
 }
 
 pub struct Store {
@@ -152,6 +181,19 @@ fn run_prefix(run_id: &str) -> Vec<u8> {
 fn step_of_key(key: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
+}
+
+impl StepRecord {
+    /// The store's exact binary encoding (f64 as bits, so NaN and every bit round-trip).
+    pub fn encode(&self) -> Vec<u8> {
+        encode_step(self)
+    }
+
+    /// The inverse of [`StepRecord::encode`]; any other input is an error saying why. Exactly
+    /// one encoding decodes to each record (no trailing bytes, flags 0 or 1).
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        decode_step(bytes)
+    }
 }
 
 fn encode_step(rec: &StepRecord) -> Vec<u8> {
@@ -540,7 +582,10 @@ impl Store {
             .rev()
             .map(|kv| {
                 let (k, v) = kv.map_err(|e| self.db_err(e))?;
-                let entry = serde_json::from_slice::<IndexEntry>(&v).map_err(|e| e.to_string());
+                let entry = match step_of_key(&k) {
+                    Some(t) => IndexEntry::parse(t, &v),
+                    None => Err(format!("index key of {} bytes names no step", k.len())),
+                };
                 Ok((k, entry))
             })
             .collect()
@@ -554,23 +599,14 @@ impl Store {
         File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut data))
             .map_err(|err| format!("snapshot {shown} (step {}): unreadable: {err}", e.step))?;
-        if data.len() as u64 != e.bytes {
-            return Err(format!(
-                "snapshot {shown} (step {}): length {} does not match the indexed {}",
-                e.step,
-                data.len(),
-                e.bytes
-            ));
-        }
-        let sha = sha256_hex(&data);
-        if sha != e.sha256 {
-            return Err(format!(
-                "snapshot {shown} (step {}): SHA-256 {sha} does not match the indexed {}",
-                e.step, e.sha256
-            ));
-        }
-        let meta =
-            SnapshotMeta { run_id: run_id.into(), step: e.step, file: path, bytes: e.bytes, sha256: sha };
+        e.check(&data).map_err(|why| format!("snapshot {shown} (step {}): {why}", e.step))?;
+        let meta = SnapshotMeta {
+            run_id: run_id.into(),
+            step: e.step,
+            file: path,
+            bytes: e.bytes,
+            sha256: e.sha256.clone(),
+        };
         Ok((meta, data))
     }
 

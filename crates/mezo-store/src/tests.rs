@@ -336,3 +336,21 @@ fn dev_accuracies_survive_a_reopen_per_run_in_step_order() {
     s.create_run("r2", "{}").unwrap();
     assert!(s.evals("r2").unwrap().is_empty());
 }
+
+#[test]
+fn snapshot_index_entries_name_only_their_own_file() {
+    let good = IndexEntry { step: 7, file_name: snapshot_file_name(7), bytes: 3, sha256: sha256_hex(b"abc") };
+    let v = serde_json::to_vec(&good).unwrap();
+    assert_eq!(IndexEntry::parse(7, &v).unwrap(), good);
+    assert!(good.check(b"abc").is_ok());
+    assert!(good.check(b"abd").unwrap_err().contains("SHA-256"));
+    assert!(good.check(b"ab").unwrap_err().contains("length 2"));
+    // Another step's key, a path out of the folder, and another name are refused.
+    assert!(IndexEntry::parse(8, &v).unwrap_err().contains("key step 8"));
+    for name in ["../../etc/passwd", "/etc/passwd", "step-00000000000000000008.snap"] {
+        let bad = IndexEntry { file_name: name.into(), ..good.clone() };
+        let err = IndexEntry::parse(7, &serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(err.contains("expected \"step-00000000000000000007.snap\""), "{err}");
+    }
+    assert!(IndexEntry::parse(7, b"{not json").is_err());
+}

@@ -476,6 +476,20 @@ pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+/// Decodes LoRA state bytes (a snapshot, a replica's state) that must hold exactly `expected`
+/// values: a length that is off, even by a partial value, means the bytes belong to another
+/// configuration or were cut short.
+pub fn lora_values_from_bytes(bytes: &[u8], expected: usize) -> std::result::Result<Vec<f32>, String> {
+    if bytes.len() != expected.saturating_mul(4) {
+        return Err(format!(
+            "{} bytes for {expected} LoRA values ({} bytes)",
+            bytes.len(),
+            expected.saturating_mul(4)
+        ));
+    }
+    Ok(f32_from_le_bytes(bytes))
+}
+
 impl Session {
     /// The LoRA state as little-endian f32 bytes (PEFT order); empty for full-parameter runs.
     pub fn state_bytes(&self) -> Vec<u8> {
@@ -491,14 +505,9 @@ impl Session {
                 Err(TrainError::Config("a full-parameter replica takes no state bytes".into()))
             };
         };
-        if bytes.len() != l.flat.numel() * 4 {
-            return Err(TrainError::Config(format!(
-                "state of {} bytes for {} LoRA values",
-                bytes.len(),
-                l.flat.numel()
-            )));
-        }
-        l.flat = Tensor::from_slice(&f32_from_le_bytes(bytes)).to_device(l.flat.device());
+        let values = lora_values_from_bytes(bytes, l.flat.numel())
+            .map_err(|why| TrainError::Config(format!("state: {why}")))?;
+        l.flat = Tensor::from_slice(&values).to_device(l.flat.device());
         Ok(())
     }
 

@@ -199,6 +199,7 @@ fn engine_thread(
 ) {
     let mut replicas: HashMap<String, Replica> = HashMap::new();
     let mut corrupt = corrupt_at();
+    quiet_caught_panics();
     while let Some((task, reply)) = jobs.blocking_recv() {
         let mut r = pb::SubmitResultRequest {
             task_id: task.task_id.clone(),
@@ -206,7 +207,16 @@ fn engine_thread(
             step: task.step,
             ..Default::default()
         };
-        match serve_task(&task, &mut replicas, &client, &rt, &device, &mut corrupt, &mut r.resynced) {
+        // libtorch reports an allocation failure (out of memory on the GPU, or the CPU allocator
+        // refusing) as an error that tch's tensor operators turn into a panic: catch it here, so
+        // the task fails with a clear report and this worker keeps serving.
+        SERVING.set(true);
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_task(&task, &mut replicas, &client, &rt, &device, &mut corrupt, &mut r.resynced)
+        }))
+        .unwrap_or_else(|payload| Err(anyhow!("{}", panic_text(payload.as_ref()))));
+        SERVING.set(false);
+        match served {
             Ok(Outcome::Losses { per_seed, weight, tokens, seconds }) => {
                 r.loss_plus = per_seed.iter().map(|p| p.0).collect();
                 r.loss_minus = per_seed.iter().map(|p| p.1).collect();
@@ -220,12 +230,68 @@ fn engine_thread(
             }
             Err(e) => {
                 // Report and keep serving: the task goes to another worker (an out-of-memory
-                // error, say, need not end this worker). The replica may be suspect: rebuild it.
+                // error, say, need not end this worker). The replica may be suspect (a panic can
+                // leave it half-updated): rebuild it, which also frees its memory.
                 replicas.remove(&task.run_id);
-                r.error = format!("{e:#}");
+                r.error = describe_failure(&format!("{e:#}"), &device);
+                eprintln!(
+                    "worker: task {} (run {}, step {}) failed: {}; still serving",
+                    task.task_id, task.run_id, task.step, r.error
+                );
             }
         }
         let _ = reply.send(r);
+    }
+}
+
+thread_local! {
+    /// True while this thread serves a task inside `catch_unwind`: a panic there is caught and
+    /// reported as the task's failure, so the panic hook need not print it (with libtorch's C++
+    /// frames) as if the worker had crashed.
+    static SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays quiet for panics caught as task failures and prints
+/// every other panic as before.
+fn quiet_caught_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !SERVING.get() {
+                default(info);
+            }
+        }));
+    });
+}
+
+/// The message of a caught panic (tch panics with the libtorch error's text).
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "the engine panicked (no message)".into())
+}
+
+/// A task failure as the coordinator and the user see it: an allocation failure says so first,
+/// with the device, and keeps libtorch's own words (how much it tried to allocate) after it.
+fn describe_failure(message: &str, device: &str) -> String {
+    // A panic from tch reads `called `Result::unwrap()` on an `Err` value: Torch("<libtorch's
+    // message>\nException raised from <C++ frames>…")`, newlines escaped: keep libtorch's first
+    // line, not the C++ frames.
+    let text = match message.split_once("Torch(\"") {
+        Some((_, rest)) => {
+            let first = rest.split('\n').next().unwrap_or(rest);
+            first.split("\\n").next().unwrap_or(first).trim_end_matches("\")").trim().to_string()
+        }
+        None => message.to_string(),
+    };
+    let lower = text.to_ascii_lowercase();
+    if ["out of memory", "not enough memory", "can't allocate memory"].iter().any(|k| lower.contains(k)) {
+        format!("out of memory on {device}: {text}")
+    } else {
+        text
     }
 }
 
@@ -367,4 +433,29 @@ fn prepare_replica(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_failure;
+
+    #[test]
+    fn allocation_failures_are_reported_as_out_of_memory_without_cpp_frames() {
+        let cuda = "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to \
+                    allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB\\nException raised \
+                    from malloc at /pytorch/c10/cuda/CUDACachingAllocator.cpp:1:\\nframe #0: ...\")";
+        assert_eq!(
+            describe_failure(cuda, "cuda:0"),
+            "out of memory on cuda:0: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total \
+             capacity of 79.19 GiB"
+        );
+        let cpu = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:117] \
+                   data. DefaultCPUAllocator: not enough memory: you tried to allocate 4294967296 bytes.\")";
+        assert!(describe_failure(cpu, "cpu").starts_with("out of memory on cpu: [enforce fail"));
+        assert!(describe_failure(cpu, "cpu").ends_with("4294967296 bytes."));
+        assert_eq!(
+            describe_failure("loading the run's model: no config.json", "cpu"),
+            "loading the run's model: no config.json"
+        );
+    }
 }
