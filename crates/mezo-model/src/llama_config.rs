@@ -101,6 +101,9 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option
     Option::<i64>::deserialize(d).map(Some)
 }
 
+/// The most decoder layers a config.json may declare (the largest published models have 128).
+pub const MAX_LAYERS: i64 = 65536;
+
 /// A validated Llama-family configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -164,6 +167,11 @@ impl LlamaConfig {
             if value <= 0 {
                 return Err(err(field, format!("must be a positive integer, got {value}")));
             }
+        }
+        // Per-layer settings are laid out at parse time: bound the count, so a corrupt file is
+        // an error and not an allocation failure.
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(err("num_hidden_layers", format!("{num_hidden_layers} is more than {MAX_LAYERS}")));
         }
         if heads % kv != 0 {
             return Err(err(
@@ -478,6 +486,7 @@ mod tests {
             (r#"{"partial_rotary_factor": 0.5}"#, "partial_rotary_factor"),
             (r#"{"pad_token_id": 99999}"#, "pad_token_id"),
             (r#"{"intermediate_size": 0}"#, "intermediate_size"),
+            (r#"{"num_hidden_layers": 1000000000000}"#, "num_hidden_layers"),
         ];
         for (json, needle) in cases {
             let e = parse(json, LlamaFamily::Llama).unwrap_err().to_string();
