@@ -36,13 +36,6 @@ fn make_fixtures(dir: &Path, extra: &[&str]) {
     run_python(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let base = std::env::var_os("MEZO_TEST_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
-    base.join(name)
-}
-
 /// Fixtures are made once per test binary: creating them imports torch (seconds). HF's scores
 /// come in fp32, fp16 and bf16 on the CPU.
 fn fixtures() -> &'static Path {
@@ -56,28 +49,6 @@ fn fixtures() -> &'static Path {
 
 fn validation() -> String {
     shared_data().join("sst2/validation.jsonl").to_string_lossy().into_owned()
-}
-
-fn compare(case: &str, ours: &Value, hf: &Value, tol: f64) {
-    let (o, h) = (ours["per_example"].as_array().unwrap(), hf["per_example"].as_array().unwrap());
-    assert_eq!(o.len(), h.len(), "{case}: example count");
-    assert_eq!(ours["examples"], hf["examples"], "{case}");
-    let mut worst = 0.0f64;
-    for (a, b) in o.iter().zip(h) {
-        assert_eq!(a["idx"], b["idx"], "{case}");
-        assert_eq!(a["label"], b["label"], "{case}");
-        let (sa, sb) = (a["scores"].as_array().unwrap(), b["scores"].as_array().unwrap());
-        assert_eq!(sa.len(), 2);
-        for (x, y) in sa.iter().zip(sb) {
-            let d = (x.as_f64().unwrap() - y.as_f64().unwrap()).abs();
-            worst = worst.max(d);
-            assert!(d <= tol, "{case} idx {}: score {x} vs HF {y} (|diff| {d:e} > {tol:e})", a["idx"]);
-        }
-        assert_eq!(a["pred"], b["pred"], "{case} idx {}: prediction differs from HF", a["idx"]);
-    }
-    let acc = (ours["accuracy"].as_f64().unwrap() - hf["accuracy"].as_f64().unwrap()).abs();
-    assert!(acc < 1e-12, "{case}: accuracy differs");
-    eprintln!("{case}: {} examples, worst |score diff| {worst:.2e}", o.len());
 }
 
 #[test]
@@ -113,10 +84,6 @@ fn scores_match_hf_for_every_variant_format_and_template() {
     }
 }
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 fn our_scores(model: &Path, template: &str, device: &str, dtype: &str) -> Value {
     let out = mezo_ok(&[
         "eval",
@@ -137,42 +104,6 @@ fn our_scores(model: &Path, template: &str, device: &str, dtype: &str) -> Value 
         "--json",
     ]);
     serde_json::from_str(&out).expect("one JSON object on stdout")
-}
-
-fn scores(v: &Value) -> Vec<Vec<f64>> {
-    v["per_example"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["scores"].as_array().unwrap().iter().map(|s| s.as_f64().unwrap()).collect())
-        .collect()
-}
-
-/// Half-precision parity. Our half-precision scores and HF's are two roundings of the same fp32
-/// computation by different kernels; each lies within HF's own rounding distance `d` (the
-/// largest |HF half - HF fp32| over all scores) of fp32, so they must agree within `2d`.
-/// Predictions must agree wherever HF's candidate gap exceeds that bound (closer calls are
-/// decided by rounding, in HF as in us).
-fn compare_half(case: &str, ours: &Value, hf_half: &Value, hf_fp32: &Value) {
-    let (o, h, f) = (scores(ours), scores(hf_half), scores(hf_fp32));
-    let d = h.iter().flatten().zip(f.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    let tol = 2.0 * d;
-    let mut worst = 0.0f64;
-    let mut decided = 0;
-    for (i, (os, hs)) in o.iter().zip(&h).enumerate() {
-        for (a, b) in os.iter().zip(hs) {
-            worst = worst.max((a - b).abs());
-        }
-        let gap = (hs[0] - hs[1]).abs();
-        if gap > 2.0 * tol {
-            decided += 1;
-            let (po, ph) = (os[1] > os[0], hs[1] > hs[0]);
-            assert_eq!(po, ph, "{case} example {i}: prediction differs (HF gap {gap:.3e})");
-        }
-    }
-    eprintln!("{case}: HF half vs fp32 d = {d:.3e}; ours vs HF half worst {worst:.3e} (bound {tol:.3e}); {decided}/{} predictions compared", o.len());
-    assert!(d < 0.5, "{case}: HF's own half-precision error {d} is implausibly large");
-    assert!(worst <= tol, "{case}: |ours - HF| = {worst:.3e} exceeds 2d = {tol:.3e}");
 }
 
 #[test]
@@ -251,11 +182,16 @@ fn bad_checkpoints_are_named() {
     let e = eval_err(&d);
     assert!(e.contains("config.json") && e.contains("No such file"), "{e}");
 
-    // Unsupported model_type.
-    let d = scratch("pre_safetensors", "llama");
-    edit_config(&d, "model_type", "llama".into());
+    // Unsupported model_type: the message names the file and the accepted types.
+    let d = scratch("pre_safetensors", "gpt_neox");
+    edit_config(&d, "model_type", "gpt_neox".into());
     let e = eval_err(&d);
-    assert!(e.contains("model_type `llama` is not supported") && e.contains("config.json"), "{e}");
+    assert!(
+        e.contains("model_type `gpt_neox` is not supported")
+            && e.contains("config.json")
+            && e.contains("opt, llama, qwen2, mistral"),
+        "{e}"
+    );
 
     // A shape that disagrees with config.json.
     let d = scratch("pre_safetensors", "shape");

@@ -110,9 +110,12 @@ def score(model, tok, examples, template, device="cpu"):
     return dict(examples=len(out), accuracy=acc, per_example=out)
 
 
-def hf_scores(model_dir, examples, template, dtype, device):
+def hf_scores(model_dir, examples, template, dtype, device, prepare=None):
+    """HF's scores of a saved checkpoint; `prepare(model)` may adjust the loaded model first."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
+    if prepare is not None:
+        prepare(model)
     return score(model, tok, examples, template, device)
 
 

@@ -2,7 +2,8 @@
 
 Usage: python peft_scores.py BASE_DIR ADAPTER_DIR DATA_JSONL LIMIT TEMPLATE OUT_JSON
 Loads the adapter with `peft.PeftModel.from_pretrained` (the path a user takes to serve it) and
-scores like tests/py/make_parity_fixtures.py: one unbatched forward per candidate.
+scores like tests/py/make_parity_fixtures.py: one unbatched forward per candidate. ADAPTER_DIR
+`none` scores the checkpoint alone (e.g. a full-parameter run's output, as HF loads it).
 """
 import json, os, sys
 
@@ -17,5 +18,6 @@ base, adapter, data, limit, template, out = sys.argv[1:7]
 examples = [json.loads(l) for l in open(data) if l.strip()][: int(limit)]
 tok = AutoTokenizer.from_pretrained(base)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-model = PeftModel.from_pretrained(model, adapter).eval()
+if adapter != "none":
+    model = PeftModel.from_pretrained(model, adapter).eval()
 json.dump(score(model, tok, examples, template), open(out, "w"))

@@ -1,4 +1,4 @@
-//! `mezo bench`: timings on random weights of the published OPT shapes. With `--peer`, the same
+//! `mezo bench`: timings on random weights of published OPT and Llama-family shapes. With `--peer`, the same
 //! measurement through HF transformers runs in the same process tree, and the ratio is printed:
 //! only ratios measured in one call are comparable (the same GPU moves 2x between calls).
 
@@ -6,9 +6,12 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mezo_model::{parse_device, parse_dtype, Opt, OptConfig, Padding};
+use mezo_model::{parse_device, parse_dtype, Model, ModelConfig, Padding};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
+
+/// The shapes `--shape` takes, for messages.
+const SHAPES: &str = "125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b, 66b, llama2-7b, llama2-13b, llama3-8b, llama3.2-1b, qwen2.5-0.5b, qwen2.5-7b or mistral-7b";
 
 const HF_FORWARD: &str = include_str!("../bench/hf_forward.py");
 
@@ -25,7 +28,8 @@ pub struct BenchArgs {
     /// train: directions per step.
     #[arg(long, default_value_t = 1)]
     pub directions: usize,
-    /// OPT shape: 125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b, 66b.
+    /// Model shape: OPT's 125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b, 66b, or llama2-7b, llama2-13b,
+    /// llama3-8b, llama3.2-1b, qwen2.5-0.5b, qwen2.5-7b, mistral-7b.
     #[arg(long, default_value = "125m")]
     pub shape: String,
     #[arg(long, default_value_t = 32)]
@@ -109,11 +113,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.what != "forward" && args.what != "train" {
         bail!("unknown benchmark `{}`: expected forward, train, coordinator or scaling", args.what);
     }
-    let config = OptConfig::shape(&args.shape).with_context(|| {
-        format!("unknown --shape `{}`: expected 125m, 350m, 1.3b, 2.7b, 6.7b, 13b, 30b or 66b", args.shape)
-    })?;
-    if args.batch < 1 || args.seq < 1 || args.seq > config.max_position_embeddings || args.iters < 1 {
-        bail!("--batch, --seq (at most {}) and --iters must be positive", config.max_position_embeddings);
+    let config = ModelConfig::shape(&args.shape)
+        .with_context(|| format!("unknown --shape `{}`: expected {SHAPES}", args.shape))?;
+    let max_seq = config.max_position_embeddings();
+    if args.batch < 1 || args.seq < 1 || args.seq > max_seq || args.iters < 1 {
+        bail!("--batch, --seq (at most {max_seq}) and --iters must be positive");
+    }
+    if args.peer.is_some() && !matches!(config, ModelConfig::Opt(_)) {
+        bail!(
+            "--peer runs OPT shapes only (the peer scripts build OPTForCausalLM); --shape {} is {}",
+            args.shape,
+            config.model_type()
+        );
     }
     let device = parse_device(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;
@@ -156,10 +167,10 @@ fn sync(device: Device) {
     }
 }
 
-fn forward(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> Result<Value> {
+fn forward(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind) -> Result<Value> {
     let _guard = tch::no_grad_guard();
-    let vocab = config.vocab_size;
-    let model = Opt::random(config, device, kind, 0)?;
+    let vocab = config.vocab_size();
+    let model = Model::random(config, device, kind, 0)?;
     let ids = Tensor::randint_low(4, vocab, [args.batch, args.seq], (Kind::Int64, device));
     let mask = Tensor::ones([args.batch, args.seq], (Kind::Int64, device));
     let step =
@@ -184,12 +195,12 @@ fn forward(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> R
 
 /// MeZO steps on random token rows: rows of `seq` tokens whose last 2 are the answer (the peer's
 /// labels), answer-only cross-entropy, one direction seed per step.
-fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) -> Result<Value> {
+fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind) -> Result<Value> {
     use mezo_data::ScoringRow;
     use mezo_train::engine::{FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
-    let vocab = config.vocab_size;
+    let vocab = config.vocab_size();
     let before = device.is_cuda().then(|| mezo_core::cuda::memory_in_use(device)).transpose()?;
-    let model = Opt::random(config, device, kind, 0)?;
+    let model = Model::random(config, device, kind, 0)?;
     let mut rng = mezo_core::HostRng::new(1);
     let rows: Vec<Vec<ScoringRow>> = (0..args.batch)
         .map(|_| {
@@ -207,14 +218,19 @@ fn train_steps(args: &BenchArgs, config: OptConfig, device: Device, kind: Kind) 
                 alpha: 16.0,
                 targets: vec![mezo_model::Target::Q, mezo_model::Target::V],
             };
-            Trainable::Lora(LoraState::init(cfg, &model.config, model.device, 0)?)
+            Trainable::Lora(LoraState::init(cfg, &model.config(), model.device(), 0)?)
         }
         "full" => Trainable::Full(FullState::new(&model, &[])?),
-        "prefix" => Trainable::Prefix(mezo_train::engine::PrefixState::init(
-            mezo_model::PrefixConfig { num_prefix: 5 },
-            &model,
-            0,
-        )?),
+        "prefix" => {
+            let mezo_model::Model::Opt(opt) = &model else {
+                bail!("--mode prefix supports OPT shapes; use --mode lora or full for {}", args.shape)
+            };
+            Trainable::Prefix(mezo_train::engine::PrefixState::init(
+                mezo_model::PrefixConfig { num_prefix: 5 },
+                opt,
+                0,
+            )?)
+        }
         m => bail!("unknown --mode `{m}`: expected lora, prefix or full"),
     };
     let eps = match args.mode.as_str() {

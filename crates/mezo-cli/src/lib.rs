@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mezo_model::scoring::{evaluate, EvalReport};
-use mezo_model::{parse_device, parse_dtype, Opt, TextTokenizer};
+use mezo_model::{parse_device, parse_dtype, Model, TextTokenizer};
 use train::TaskArgs;
 
 #[derive(Parser, Debug)]
@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Score a task's examples with a model and report accuracy.
     Eval(EvalArgs),
-    /// Time the engine on random weights of an OPT shape (optionally against HF transformers).
+    /// Time the engine on random weights of a published OPT or Llama-family shape (optionally against HF transformers).
     Bench(bench::BenchArgs),
     /// Fine-tune with MeZO (or first-order Adam, --optimizer adam): in one process, or with
     /// --workers N through a coordinator and N workers of this process over loopback.
@@ -107,7 +107,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let start = Instant::now();
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    let model = Opt::load(&args.model, device, kind)
+    let model = Model::load(&args.model, device, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     let adapter = match &args.adapter {
         Some(dir) => Some(
@@ -134,19 +134,26 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 /// A PEFT adapter directory, LoRA or prefix-tuning (by its `peft_type`), ready to apply.
-fn load_adapter(dir: &std::path::Path, model: &Opt, kind: tch::Kind) -> Result<mezo_model::Tuning> {
-    let c = &model.config;
+fn load_adapter(dir: &std::path::Path, model: &Model, kind: tch::Kind) -> Result<mezo_model::Tuning> {
+    let config = model.config();
     Ok(if mezo_model::prefix::peft_type(dir)? == "PREFIX_TUNING" {
+        let mezo_model::ModelConfig::Opt(c) = &config else {
+            anyhow::bail!(
+                "{} is a prefix-tuning adapter; prefix-tuning supports OPT models, this one is {}",
+                dir.display(),
+                config.model_type()
+            );
+        };
         let a = mezo_model::PrefixAdapter::load(dir, c)?;
-        let flat = a.flat.to_device(model.device).unsqueeze(0);
+        let flat = a.flat.to_device(model.device()).unsqueeze(0);
         mezo_model::Tuning::Prefix(mezo_model::PrefixBatch::from_flat(&flat, &a.config, c, kind)?)
     } else {
-        let a = mezo_model::Adapter::load(dir, c)?;
-        let flat = a.flat.to_device(model.device).unsqueeze(0);
+        let a = mezo_model::Adapter::load(dir, &config)?;
+        let flat = a.flat.to_device(model.device()).unsqueeze(0);
         mezo_model::Tuning::Lora(mezo_model::LoraBatch::from_flat(
             &flat,
             &a.config,
-            &a.config.tensors(c),
+            &a.config.tensors(&config)?,
             kind,
         )?)
     })

@@ -775,7 +775,7 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
             let p = run.state.borrow();
             (p.version, p.bytes.clone())
         };
-        let mc = mezo_model::OptConfig::from_dir(&cfg.model).map_err(internal)?;
+        let mc = mezo_model::ModelConfig::from_dir(&cfg.model).map_err(internal)?;
         let flat = tch::Tensor::from_slice(&f32_from_le_bytes(&bytes));
         let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));
         save_adapter(cfg, &mc, flat, &dir).map_err(internal)?;

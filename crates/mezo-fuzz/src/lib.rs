@@ -50,11 +50,20 @@ fn write(dir: &Path, name: &str, data: &[u8]) {
 /// model whose LoRA matrices can be laid out.
 pub fn config_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(c) = mezo_model::OptConfig::from_json(text, Path::new("config.json")) {
-        assert!(c.hidden_size > 0 && c.num_attention_heads > 0, "accepted {c:?}");
-        assert_eq!(c.head_dim() * c.num_attention_heads, c.hidden_size, "accepted {c:?}");
+    if let Ok(c) = mezo_model::ModelConfig::from_json(text, Path::new("config.json")) {
+        match &c {
+            mezo_model::ModelConfig::Opt(o) => {
+                assert!(o.hidden_size > 0 && o.num_attention_heads > 0, "accepted {o:?}");
+                assert_eq!(o.head_dim() * o.num_attention_heads, o.hidden_size, "accepted {o:?}");
+            }
+            mezo_model::ModelConfig::Llama(l) => {
+                assert!(l.hidden_size > 0 && l.head_dim > 0 && l.head_dim % 2 == 0, "accepted {l:?}");
+                assert_eq!(l.num_attention_heads % l.num_key_value_heads, 0, "accepted {l:?}");
+                assert_eq!(l.layer_windows.len() as i64, l.num_hidden_layers, "accepted {l:?}");
+            }
+        }
         let lora = mezo_model::LoraConfig { r: 2, alpha: 4.0, targets: vec![mezo_model::Target::Q] };
-        for t in lora.tensors(&c) {
+        for t in lora.tensors(&c).expect("every architecture has q_proj") {
             assert!(t.numel() > 0, "{t:?}");
         }
     }

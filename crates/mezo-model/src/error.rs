@@ -13,8 +13,11 @@ pub enum ModelError {
     #[error("{path}: field `{field}`: {message}")]
     Config { path: PathBuf, field: String, message: String },
 
-    #[error("{path}: model_type `{model_type}` is not supported (supported: opt)")]
+    #[error("{path}: model_type `{model_type}` is not supported (supported: opt, llama, qwen2, mistral)")]
     UnsupportedModelType { path: PathBuf, model_type: String },
+
+    #[error("LoRA target `{target}` is not a module of {model_type} models (they have {expected})")]
+    UnsupportedTarget { target: String, model_type: String, expected: String },
 
     #[error("{dir}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)")]
     NoWeights { dir: PathBuf },

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::opt::pad_right;
-use crate::{Opt, Padding, TextTokenizer, Tuning};
+use crate::{Model, Opt, Padding, TextTokenizer, Tuning};
 
 /// What greedy decoding needs from a causal language model.
 pub trait CausalLm {
@@ -46,6 +46,32 @@ impl CausalLm for Opt {
 
     fn max_positions(&self) -> usize {
         self.config.max_position_embeddings as usize
+    }
+}
+
+impl CausalLm for Model {
+    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, tuning: Option<&Tuning>) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, mask, Padding::Right, tuning)?;
+        let last = mask.sum_dim_intlist(1, false, Kind::Int64) - 1;
+        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, self.device()));
+        let picked = hidden.index(&[Some(&rows), Some(&last)]);
+        Ok(self.logits(&picked).to_kind(Kind::Float))
+    }
+
+    fn pad_token_id(&self) -> i64 {
+        Model::pad_token_id(self)
+    }
+
+    fn eos_token_id(&self) -> i64 {
+        Model::eos_token_id(self)
+    }
+
+    fn device(&self) -> Device {
+        Model::device(self)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config().max_position_embeddings() as usize
     }
 }
 

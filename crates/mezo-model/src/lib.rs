@@ -1,11 +1,14 @@
 //! Language models for MeZO in libtorch: HF checkpoints and tokenizers loaded as users have
-//! them, OPT first.
+//! them. OPT and the Llama family (Llama 2/3, Qwen2/2.5, Mistral), behind [`Model`].
 
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod llama;
+pub mod llama_config;
 pub mod lora;
+pub mod model;
 pub mod opt;
 pub mod prefix;
 pub mod scoring;
@@ -15,7 +18,10 @@ pub mod torch_bin;
 pub use config::OptConfig;
 pub use error::{ModelError, Result};
 pub use generate::{CausalLm, Decoding};
+pub use llama::Llama;
+pub use llama_config::{LlamaConfig, LlamaFamily};
 pub use lora::{Adapter, LoraBatch, LoraConfig, LoraTensor, Target};
+pub use model::{LoraModule, Model, ModelConfig, SUPPORTED_MODEL_TYPES};
 pub use opt::{Opt, Padding, ScoreBatch};
 pub use prefix::{PrefixAdapter, PrefixBatch, PrefixConfig};
 pub use tokenizer::TextTokenizer;

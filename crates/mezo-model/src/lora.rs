@@ -8,9 +8,12 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use crate::error::{io_err, ModelError, Result};
-use crate::OptConfig;
+use crate::model::ModelConfig;
 
-/// The linear layers of an OPT block LoRA can adapt, by PEFT's `target_modules` names.
+/// The linear layers of a decoder block LoRA can adapt, by PEFT's `target_modules` names: OPT's
+/// (q/k/v/out_proj, fc1, fc2) and the Llama family's (q/k/v/o_proj, gate/up/down_proj). Which
+/// ones a model has is [`ModelConfig::lora_targets`]. The order (derived `Ord`) is the order of
+/// the matrices in PEFT files and in the flat LoRA state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
     Q,
@@ -19,10 +22,25 @@ pub enum Target {
     Out,
     Fc1,
     Fc2,
+    O,
+    Gate,
+    Up,
+    Down,
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [Target::Q, Target::K, Target::V, Target::Out, Target::Fc1, Target::Fc2];
+    pub const ALL: [Target; 10] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::Out,
+        Target::Fc1,
+        Target::Fc2,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,33 +50,21 @@ impl Target {
             Target::Out => "out_proj",
             Target::Fc1 => "fc1",
             Target::Fc2 => "fc2",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
         }
     }
 
+    /// A module name of any supported architecture; whether the model at hand has it is
+    /// checked against its configuration ([`ModelConfig::lora_module`]).
     pub fn parse(s: &str) -> Result<Self> {
         Target::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| ModelError::InvalidArgument {
             what: "LoRA target module",
             value: s.into(),
-            expected: "q_proj, k_proj, v_proj, out_proj, fc1 or fc2",
+            expected: "q_proj, k_proj, v_proj, out_proj, fc1 or fc2 (OPT); q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj (Llama, Qwen2, Mistral)",
         })
-    }
-
-    /// The module's path inside a decoder layer, as in HF's parameter names.
-    pub fn path(self, layer: usize) -> String {
-        let p = format!("model.decoder.layers.{layer}");
-        match self {
-            Target::Fc1 | Target::Fc2 => format!("{p}.{}", self.name()),
-            _ => format!("{p}.self_attn.{}", self.name()),
-        }
-    }
-
-    /// `(in_features, out_features)` of the adapted linear layer.
-    pub fn dims(self, c: &OptConfig) -> (i64, i64) {
-        match self {
-            Target::Fc1 => (c.hidden_size, c.ffn_dim),
-            Target::Fc2 => (c.ffn_dim, c.hidden_size),
-            _ => (c.hidden_size, c.hidden_size),
-        }
     }
 }
 
@@ -75,16 +81,18 @@ impl LoraConfig {
     }
 
     /// Every LoRA matrix in a fixed order with its PEFT key and shape: for each layer, each
-    /// target (in `Target` order), `lora_A` `[r, in]` then `lora_B` `[out, r]`.
-    pub fn tensors(&self, c: &OptConfig) -> Vec<LoraTensor> {
+    /// target (in `Target` order), `lora_A` `[r, in]` then `lora_B` `[out, r]`. An error names
+    /// a target the model does not have.
+    pub fn tensors(&self, c: &ModelConfig) -> Result<Vec<LoraTensor>> {
         let mut targets = self.targets.clone();
         targets.sort();
         targets.dedup();
         let mut out = Vec::new();
-        for layer in 0..c.num_hidden_layers as usize {
+        for layer in 0..c.num_hidden_layers() as usize {
             for &t in &targets {
-                let (inp, outp) = t.dims(c);
-                let base = format!("base_model.model.{}", t.path(layer));
+                let m = c.lora_module(layer, t)?;
+                let (inp, outp) = (m.in_features, m.out_features);
+                let base = format!("base_model.model.{}", m.path);
                 out.push(LoraTensor {
                     key: format!("{base}.lora_A.weight"),
                     layer,
@@ -101,7 +109,7 @@ impl LoraConfig {
                 });
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -183,7 +191,7 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    pub fn load(dir: &Path, model: &OptConfig) -> Result<Self> {
+    pub fn load(dir: &Path, model: &ModelConfig) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
         let json: serde_json::Value = serde_json::from_str(&text)
@@ -217,6 +225,8 @@ impl Adapter {
             _ => return Err(field("target_modules", "missing or not a list of module names".into())),
         };
         let config = LoraConfig { r, alpha, targets };
+        // Modules the model lacks are named before any weights are read.
+        let tensors = config.tensors(model).map_err(|e| field("target_modules", e.to_string()))?;
         let st_path = dir.join("adapter_model.safetensors");
         if !st_path.is_file() {
             return Err(ModelError::Io {
@@ -229,7 +239,7 @@ impl Adapter {
             .into_iter()
             .collect();
         let mut parts = Vec::new();
-        for t in config.tensors(model) {
+        for t in tensors {
             // PEFT saves without the adapter name; some tools keep `.default`.
             let alt = t.key.replace(".weight", ".default.weight");
             let w = loaded
@@ -250,7 +260,7 @@ impl Adapter {
     }
 
     /// Writes PEFT's format: `adapter_config.json` and `adapter_model.safetensors` (float32).
-    pub fn save(&self, dir: &Path, model: &OptConfig, base_model: &str) -> Result<()> {
+    pub fn save(&self, dir: &Path, model: &ModelConfig, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let mut targets: Vec<&str> = self.config.targets.iter().map(|t| t.name()).collect();
         targets.sort();
@@ -269,7 +279,7 @@ impl Adapter {
         let flat = self.flat.to_device(tch::Device::Cpu).to_kind(Kind::Float);
         let mut off = 0;
         let mut named = Vec::new();
-        for t in self.config.tensors(model) {
+        for t in self.config.tensors(model)? {
             named.push((t.key.clone(), flat.narrow(0, off, t.numel()).view(t.shape).contiguous()));
             off += t.numel();
         }

@@ -82,21 +82,21 @@ pub struct Opt {
 }
 
 /// Where the model's tensors come from: a checkpoint, or fresh random values.
-trait Source {
+pub(crate) trait Source {
     fn tensor(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Tensor>;
 }
 
 #[derive(Clone, Copy)]
-enum Init {
+pub(crate) enum Init {
     Normal,
     Zeros,
     Ones,
 }
 
-struct FromCheckpoint<'a> {
-    ckpt: &'a mut Checkpoint,
-    device: Device,
-    kind: Kind,
+pub(crate) struct FromCheckpoint<'a> {
+    pub(crate) ckpt: &'a mut Checkpoint,
+    pub(crate) device: Device,
+    pub(crate) kind: Kind,
 }
 
 impl Source for FromCheckpoint<'_> {
@@ -107,10 +107,10 @@ impl Source for FromCheckpoint<'_> {
 }
 
 /// HF's `_init_weights` for OPT: normal(0, init_std=0.02) matrices, zero biases, unit norms.
-struct Random {
-    device: Device,
-    kind: Kind,
-    std: f64,
+pub(crate) struct Random {
+    pub(crate) device: Device,
+    pub(crate) kind: Kind,
+    pub(crate) std: f64,
 }
 
 impl Source for Random {
@@ -505,7 +505,7 @@ impl Opt {
 }
 
 /// Applies a linear layer plus its LoRA delta, if any.
-fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
+pub(crate) fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
     let y = lin.forward(x);
     match lora.and_then(|l| l.delta(i, t, x)) {
         Some(d) => y + d,

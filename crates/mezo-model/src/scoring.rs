@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::generate::{answer_text, greedy, CausalLm, Decoding};
-use crate::{Opt, ScoreBatch, TextTokenizer, Tuning};
+use crate::{Model, ScoreBatch, TextTokenizer, Tuning};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScore {
@@ -80,7 +80,7 @@ pub fn prompt_tokens(tok: &TextTokenizer, examples: &[TaskExample]) -> Result<Ve
 
 /// Evaluates a task's examples with `tuning` (one variant of a LoRA or prefix adapter) applied if given.
 pub fn evaluate(
-    model: &Opt,
+    model: &Model,
     tok: &TextTokenizer,
     task: &Task,
     examples: &[TaskExample],
@@ -95,7 +95,7 @@ pub fn evaluate(
         }
         Metric::F1 => {
             let prompts = prompt_tokens(tok, examples)?;
-            let d = Decoding::new(tok, model.config.eos_token_id, max_new_tokens);
+            let d = Decoding::new(tok, model.eos_token_id(), max_new_tokens);
             evaluate_generation(model, tok, &d, examples, &prompts, batch_size, tuning)
         }
     }
@@ -105,7 +105,7 @@ pub fn evaluate(
 /// forward. Examples are grouped by length so a batch carries little padding; the report keeps
 /// the input order.
 pub fn evaluate_rows(
-    model: &Opt,
+    model: &Model,
     examples: &[TaskExample],
     rows: &[Vec<ScoringRow>],
     batch_size: usize,
@@ -119,7 +119,7 @@ pub fn evaluate_rows(
         let flat: Vec<&ScoringRow> = chunk.iter().flat_map(|&i| rows[i].iter()).collect();
         let tokens: Vec<Vec<i64>> = flat.iter().map(|r| r.tokens.clone()).collect();
         let starts: Vec<usize> = flat.iter().map(|r| r.answer_start).collect();
-        let b = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, model.device)?;
+        let b = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), model.device())?;
         let lp = model.answer_logprob_sums(&b, tuning)?.squeeze_dim(0) / &b.counts;
         let values: Vec<f64> = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))
             .map_err(crate::ModelError::Torch)?

@@ -15,8 +15,8 @@ use mezo_data::ScoringRow;
 use mezo_model::generate::{answer_text, greedy};
 use mezo_model::prefix::PREFIX_KEY;
 use mezo_model::{
-    Decoding, LoraBatch, LoraConfig, LoraTensor, Opt, OptConfig, PrefixBatch, PrefixConfig, ScoreBatch,
-    TextTokenizer, Tuning,
+    Decoding, LoraBatch, LoraConfig, LoraTensor, Model, ModelConfig, Opt, OptConfig, PrefixBatch,
+    PrefixConfig, ScoreBatch, TextTokenizer, Tuning,
 };
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -119,7 +119,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// A batch of candidate examples with one gold candidate each.
-    pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Opt) -> Result<Self> {
+    pub fn new(rows: &[&[ScoringRow]], labels: &[usize], kind: LossKind, model: &Model) -> Result<Self> {
         let golds: Vec<[usize; 1]> = labels.iter().map(|&l| [l]).collect();
         let items: Vec<Item> = rows
             .iter()
@@ -133,10 +133,10 @@ impl Prepared {
     pub fn from_items(
         items: &[Item],
         kind: LossKind,
-        model: &Opt,
+        model: &Model,
         gen: Option<&Arc<GenContext>>,
     ) -> Result<Self> {
-        let dev = model.device;
+        let dev = model.device();
         let examples = items.len() as i64;
         if items.is_empty() || items.iter().any(|it| it.rows.is_empty() || it.gold.is_empty()) {
             return Err(TrainError::Config(
@@ -208,7 +208,7 @@ impl Prepared {
             LossKind::AnswerCe => picked.iter().map(|r| (r.tokens.len() - r.answer_start) as f64).sum(),
             _ => examples as f64,
         };
-        let score = ScoreBatch::new(&tokens, &starts, model.config.pad_token_id, dev)?;
+        let score = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), dev)?;
         Ok(Prepared {
             score: Some(score),
             cands,
@@ -231,7 +231,7 @@ impl Prepared {
     }
 
     /// The summed loss of each variant of `tuning`, `[variants]` float32 (divide by `weight`).
-    pub fn loss_sums(&self, model: &Opt, tuning: Option<&Tuning>) -> Result<Tensor> {
+    pub fn loss_sums(&self, model: &Model, tuning: Option<&Tuning>) -> Result<Tensor> {
         if let Some(g) = &self.gen {
             // Greedy generations under every variant, scored on the host: -sum of F1.
             let outs = greedy(model, &g.prompts, tuning, &g.ctx.decoding)?;
@@ -243,7 +243,7 @@ impl Prepared {
                 }
                 sums.push(-s as f32);
             }
-            return Ok(Tensor::from_slice(&sums).to_device(model.device));
+            return Ok(Tensor::from_slice(&sums).to_device(model.device()));
         }
         let score = self.score.as_ref().expect("scoring batches carry rows");
         let sums = model.answer_logprob_sums(score, tuning)?;
@@ -400,11 +400,11 @@ impl LoraState {
     /// PEFT's initialisation: A Kaiming-uniform (bound 1/sqrt(in_features)), B zeros; the uniform
     /// draws come from the same seeded generator as Z, so every process builds the same A.
     /// Needs only the model's configuration, so a coordinator can hold the state without weights.
-    pub fn init(config: LoraConfig, model: &OptConfig, dev: Device, seed: u64) -> Result<Self> {
+    pub fn init(config: LoraConfig, model: &ModelConfig, dev: Device, seed: u64) -> Result<Self> {
         if config.r < 1 || config.targets.is_empty() {
             return Err(TrainError::Config("LoRA needs --lora-r >= 1 and at least one target module".into()));
         }
-        let tensors = config.tensors(model);
+        let tensors = config.tensors(model)?;
         let mut parts = Vec::with_capacity(tensors.len());
         for t in &tensors {
             if t.is_a {
@@ -485,7 +485,7 @@ pub fn prefix_init_tokens(config: &PrefixConfig, model: &OptConfig, seed: u64) -
 
 /// Full-parameter training: the model's own tensors, selected by name pattern, perturbed in place.
 pub struct FullState {
-    /// Indices into `Opt::named_parameters()`, with their names and whether weight decay applies.
+    /// Indices into `Model::named_parameters()`, with their names and whether weight decay applies.
     pub selected: Vec<(usize, String, bool)>,
     slots: Vec<Slot>,
 }
@@ -493,7 +493,7 @@ pub struct FullState {
 impl FullState {
     /// `patterns`: empty = every parameter; else a name matches when it contains a pattern, or
     /// matches it as a glob with `*`.
-    pub fn new(model: &Opt, patterns: &[String]) -> Result<Self> {
+    pub fn new(model: &Model, patterns: &[String]) -> Result<Self> {
         let selected: Vec<(usize, String, bool)> = model
             .named_parameters()
             .into_iter()
@@ -510,7 +510,7 @@ impl FullState {
         Ok(FullState { selected, slots })
     }
 
-    pub fn numel(&self, model: &Opt) -> i64 {
+    pub fn numel(&self, model: &Model) -> i64 {
         let params = model.named_parameters();
         self.selected.iter().map(|(i, _, _)| params[*i].1.numel() as i64).sum()
     }
@@ -565,7 +565,7 @@ impl Engine {
     /// share every z: gradient accumulation). One host synchronisation at the end.
     pub fn direction_losses(
         &self,
-        model: &Opt,
+        model: &Model,
         micro: &[Prepared],
         seeds: &[u64],
     ) -> Result<Vec<(f64, f64)>> {
@@ -579,7 +579,7 @@ impl Engine {
                 // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
                 let variants =
                     Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
-                let batch = self.trainable.tuning_of(&variants, model.kind)?;
+                let batch = self.trainable.tuning_of(&variants, model.kind())?;
                 let mut total: Option<Tensor> = None;
                 for p in micro {
                     let s = p.loss_sums(model, batch.as_ref())?;
@@ -603,7 +603,7 @@ impl Engine {
     /// `leave_last`) the last direction's restore, which the caller owes.
     fn full_losses(
         &self,
-        model: &Opt,
+        model: &Model,
         f: &FullState,
         micro: &[Prepared],
         seeds: &[u64],
@@ -639,7 +639,7 @@ impl Engine {
     /// a step instead of four).
     pub fn step(
         &mut self,
-        model: &Opt,
+        model: &Model,
         micro: &[Prepared],
         seeds: &[u64],
         lr: f64,
@@ -681,7 +681,7 @@ impl Engine {
 
     /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
     /// model's dtype: a fused kernel where the tensor allows, else chunked tensor ops.
-    fn perturb(&self, model: &Opt, f: &FullState, seed: u64, scale: f64) -> Result<()> {
+    fn perturb(&self, model: &Model, f: &FullState, seed: u64, scale: f64) -> Result<()> {
         let params = model.named_parameters();
         let dist = self.settings.dist;
         for (i, name, _) in &f.selected {
@@ -702,7 +702,13 @@ impl Engine {
 
     /// Applies one step's update: `grads[i]` is the projected gradient of `seeds[i]`.
     /// `model` is needed for full-parameter state only (LoRA state lives here).
-    pub fn apply_update(&mut self, model: Option<&Opt>, seeds: &[u64], grads: &[f64], lr: f64) -> Result<()> {
+    pub fn apply_update(
+        &mut self,
+        model: Option<&Model>,
+        seeds: &[u64],
+        grads: &[f64],
+        lr: f64,
+    ) -> Result<()> {
         self.update(model, seeds, grads, lr, None)
     }
 
@@ -710,7 +716,7 @@ impl Engine {
     /// full-parameter weights, undone in the update's sweep.
     fn update(
         &mut self,
-        model: Option<&Opt>,
+        model: Option<&Model>,
         seeds: &[u64],
         grads: &[f64],
         lr: f64,
@@ -877,7 +883,7 @@ mod tests {
             "model_type": "opt", "vocab_size": 96, "hidden_size": 24, "num_hidden_layers": 2,
             "ffn_dim": 48, "num_attention_heads": 2, "max_position_embeddings": 32,
         });
-        let mc = OptConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
+        let mc = ModelConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
         let lc = LoraConfig { r: 4, alpha: 8.0, targets: vec![mezo_model::Target::Q, mezo_model::Target::V] };
         let table = GaussTable::new(Device::Cpu);
         for dist in [Distribution::Gaussian, Distribution::Rademacher] {

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use mezo_data::{ScoringRow, Task, TaskExample, UserTemplate};
 use mezo_model::scoring::{evaluate_generation, evaluate_rows, example_rows, prompt_tokens, EvalReport};
 use mezo_model::{
-    parse_device, parse_dtype, Adapter, Decoding, LoraConfig, Opt, OptConfig, PrefixAdapter, PrefixConfig,
-    Target, TextTokenizer,
+    parse_device, parse_dtype, Adapter, Decoding, LoraConfig, Model, ModelConfig, Opt, PrefixAdapter,
+    PrefixConfig, Target, TextTokenizer,
 };
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -297,23 +297,34 @@ pub fn prefix_init_seed(run_seed: u64) -> u64 {
 
 /// A run's initial trainable state on `model`: LoRA (PEFT's init), prefix (real activations of
 /// `model`) or full-parameter (the model's own weights).
-pub fn init_trainable(cfg: &TrainConfig, model: &Opt) -> Result<Trainable> {
+pub fn init_trainable(cfg: &TrainConfig, model: &Model) -> Result<Trainable> {
     if let Some(lc) = cfg.lora_config()? {
         return Ok(Trainable::Lora(LoraState::init(
             lc,
-            &model.config,
-            model.device,
+            &model.config(),
+            model.device(),
             lora_init_seed(cfg.seed),
         )?));
     }
     match &cfg.mode {
         ModeSpec::Prefix { num_prefix } => Ok(Trainable::Prefix(PrefixState::init(
             PrefixConfig { num_prefix: *num_prefix },
-            model,
+            prefix_model(model)?,
             prefix_init_seed(cfg.seed),
         )?)),
         ModeSpec::Full { patterns } => Ok(Trainable::Full(FullState::new(model, patterns)?)),
         ModeSpec::Lora { .. } => unreachable!("handled above"),
+    }
+}
+
+/// The OPT model a prefix run needs: the Llama family has no prefix-tuning yet.
+fn prefix_model(model: &Model) -> Result<&Opt> {
+    match model {
+        Model::Opt(m) => Ok(m),
+        Model::Llama(_) => Err(TrainError::Config(format!(
+            "--mode prefix supports OPT models; this one is {} (use --mode lora or full)",
+            model.config().model_type()
+        ))),
     }
 }
 
@@ -323,7 +334,7 @@ pub fn init_trainable(cfg: &TrainConfig, model: &Opt) -> Result<Trainable> {
 /// the state).
 pub fn coordinator_state(cfg: &TrainConfig) -> Result<Option<Trainable>> {
     if let Some(lc) = cfg.lora_config()? {
-        let mc = OptConfig::from_dir(&cfg.model)?;
+        let mc = ModelConfig::from_dir(&cfg.model)?;
         return Ok(Some(Trainable::Lora(LoraState::init(
             lc,
             &mc,
@@ -332,7 +343,15 @@ pub fn coordinator_state(cfg: &TrainConfig) -> Result<Option<Trainable>> {
         )?)));
     }
     if cfg.prefix_config().is_some() {
-        let model = Opt::load(&cfg.model, tch::Device::Cpu, parse_dtype(&cfg.dtype)?)?;
+        let mc = ModelConfig::from_dir(&cfg.model)?;
+        if !matches!(mc, ModelConfig::Opt(_)) {
+            return Err(TrainError::Config(format!(
+                "--mode prefix supports OPT models; {} is {} (use --mode lora or full)",
+                cfg.model.display(),
+                mc.model_type()
+            )));
+        }
+        let model = Model::load(&cfg.model, tch::Device::Cpu, parse_dtype(&cfg.dtype)?)?;
         return Ok(Some(init_trainable(cfg, &model)?));
     }
     Ok(None)
@@ -340,12 +359,15 @@ pub fn coordinator_state(cfg: &TrainConfig) -> Result<Option<Trainable>> {
 
 /// Writes a LoRA or prefix state (`flat`, float32) as a PEFT adapter directory; `Ok(false)` for
 /// full-parameter runs, which have none.
-pub fn save_adapter(cfg: &TrainConfig, model: &OptConfig, flat: Tensor, dir: &Path) -> Result<bool> {
+pub fn save_adapter(cfg: &TrainConfig, model: &ModelConfig, flat: Tensor, dir: &Path) -> Result<bool> {
     let base = cfg.model.to_string_lossy();
     if let Some(config) = cfg.lora_config()? {
         Adapter { config, flat }.save(dir, model, &base)?;
     } else if let Some(config) = cfg.prefix_config() {
-        PrefixAdapter { config, flat }.save(dir, model, &base)?;
+        let ModelConfig::Opt(opt) = model else {
+            return Err(TrainError::Config("a prefix adapter needs an OPT model".into()));
+        };
+        PrefixAdapter { config, flat }.save(dir, opt, &base)?;
     } else {
         return Ok(false);
     }
@@ -415,7 +437,7 @@ pub struct Session {
     pub task: Task,
     /// Tokenizer and stop tokens of generation tasks.
     gen: Option<Arc<GenContext>>,
-    pub model: Opt,
+    pub model: Model,
     kind: Kind,
     train: Tokenised,
     dev: Tokenised,
@@ -432,14 +454,14 @@ impl Session {
         let kind = parse_dtype(&cfg.dtype)?;
         let task = cfg.task()?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
-        let model = Opt::load(&cfg.model, device, kind)?;
+        let model = Model::load(&cfg.model, device, kind)?;
         let splits = cfg.splits()?;
         let test = splits.test;
         let train = tokenise(&tok, splits.train, &task)?;
         let dev = tokenise(&tok, splits.dev, &task)?;
         let test = tokenise(&tok, test, &task)?;
         let gen = task.is_generation().then(|| {
-            let decoding = Decoding::new(&tok, model.config.eos_token_id, cfg.max_new_tokens);
+            let decoding = Decoding::new(&tok, model.eos_token_id(), cfg.max_new_tokens);
             Arc::new(GenContext { tokenizer: Arc::new(tok), decoding })
         });
         let trainable = init_trainable(&cfg, &model)?;
@@ -630,7 +652,7 @@ impl Session {
     /// for full-parameter runs.
     pub fn save_adapter(&self, dir: &Path) -> Result<bool> {
         match self.engine.trainable.flat_state() {
-            Some(s) => save_adapter(&self.cfg, &self.model.config, s.flat.copy(), dir),
+            Some(s) => save_adapter(&self.cfg, &self.model.config(), s.flat.copy(), dir),
             None => Ok(false),
         }
     }
@@ -770,8 +792,12 @@ impl DataPlan {
         cfg.validate()?;
         let task = cfg.task()?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
-        // A bad config.json fails here, before any worker loads it.
-        mezo_model::OptConfig::from_dir(&cfg.model)?;
+        // A bad config.json, or LoRA targets the architecture lacks, fail here, before any
+        // worker loads the model.
+        let mc = ModelConfig::from_dir(&cfg.model)?;
+        if let Some(lc) = cfg.lora_config()? {
+            lc.tensors(&mc)?;
+        }
         let splits = cfg.splits()?;
         let n_test = splits.test.len();
         let train = tokenise(&tok, splits.train, &task)?;
@@ -913,6 +939,8 @@ fn save_full_model(s: &Session, dir: &Path) -> Result<PathBuf> {
         "merges.txt",
         "tokenizer_config.json",
         "special_tokens_map.json",
+        "tokenizer.model",
+        "generation_config.json",
     ] {
         let src = s.cfg.model.join(f);
         if src.is_file() {

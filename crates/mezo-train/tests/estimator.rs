@@ -3,19 +3,19 @@
 
 use mezo_core::Distribution;
 use mezo_data::ScoringRow;
-use mezo_model::{LoraConfig, Opt, OptConfig, Target};
+use mezo_model::{LoraConfig, Model, ModelConfig, Target};
 use mezo_train::engine::LoraState;
 use mezo_train::optim::Rule;
 use mezo_train::{Engine, LossKind, Prepared, StepSettings, Trainable};
 use tch::{Device, Kind, Tensor};
 
-fn tiny_model() -> Opt {
+fn tiny_model() -> Model {
     let json = serde_json::json!({
         "model_type": "opt", "vocab_size": 96, "hidden_size": 16, "num_hidden_layers": 2,
         "ffn_dim": 32, "num_attention_heads": 2, "max_position_embeddings": 32,
     });
-    let cfg = OptConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
-    let mut m = Opt::random(cfg, Device::Cpu, Kind::Float, 11).unwrap();
+    let cfg = ModelConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
+    let mut m = Model::random(cfg, Device::Cpu, Kind::Float, 11).unwrap();
     // Larger weights than HF's init, so the loss has a gradient worth measuring.
     let _g = tch::no_grad_guard();
     for (_, t) in m.named_parameters() {
@@ -23,11 +23,11 @@ fn tiny_model() -> Opt {
             let _ = t.shallow_clone().g_mul_scalar_(10.0);
         }
     }
-    m.kind = Kind::Float;
+    m.set_kind(Kind::Float);
     m
 }
 
-fn batch(model: &Opt) -> Prepared {
+fn batch(model: &Model) -> Prepared {
     // Four examples, two candidates each, prompts of different lengths.
     let mut rows = Vec::new();
     let mut labels = Vec::new();
@@ -53,7 +53,7 @@ fn averaged_spsa_estimates_align_with_autograd() {
     let model = tiny_model();
     let prepared = batch(&model);
     let cfg = LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-    let mut state = LoraState::init(cfg.clone(), &model.config, model.device, 5).unwrap();
+    let mut state = LoraState::init(cfg.clone(), &model.config(), model.device(), 5).unwrap();
     // B = 0 at PEFT's init makes A's gradient vanish; start from a point with both non-zero.
     state.state.flat = Tensor::randn([state.state.flat.numel() as i64], (Kind::Float, Device::Cpu)) * 0.3;
     let theta = state.state.flat.copy();
@@ -105,7 +105,7 @@ fn averaged_spsa_estimates_align_with_autograd() {
 /// weights bit-identical to `direction_losses` followed by `apply_update`, in fp32 and in fp16.
 #[test]
 fn fused_step_equals_losses_then_update() {
-    // Both runs start from the same weights, copied: `Opt::random` draws from libtorch's global
+    // Both runs start from the same weights, copied: `Model::random` draws from libtorch's global
     // generator, which the other test of this file may draw from at the same time.
     let init: Vec<Tensor> = tiny_model().named_parameters().into_iter().map(|(_, t)| t.copy()).collect();
     for kind in [Kind::Float, Kind::Half] {
@@ -123,7 +123,7 @@ fn fused_step_equals_losses_then_update() {
                     let h = t.to_kind(kind);
                     t.shallow_clone().set_data(&h);
                 }
-                model.kind = kind;
+                model.set_kind(kind);
             }
             let prepared = batch(&model);
             let settings =

@@ -7,12 +7,12 @@ use std::collections::HashSet;
 
 use mezo_data::ScoringRow;
 use mezo_model::generate::greedy;
-use mezo_model::{Decoding, LoraBatch, LoraConfig, Opt, OptConfig, Target, Tuning};
+use mezo_model::{Decoding, LoraBatch, LoraConfig, Model, Opt, OptConfig, Target, Tuning};
 use mezo_train::engine::{Item, LoraState};
 use mezo_train::{LossKind, Prepared};
 use tch::{Device, Kind, Tensor};
 
-fn tiny_model() -> Opt {
+fn tiny_model() -> Model {
     let json = serde_json::json!({
         "model_type": "opt", "vocab_size": 96, "hidden_size": 16, "num_hidden_layers": 2,
         "ffn_dim": 32, "num_attention_heads": 2, "max_position_embeddings": 48,
@@ -26,7 +26,7 @@ fn tiny_model() -> Opt {
             let _ = t.shallow_clone().g_mul_scalar_(8.0);
         }
     }
-    m
+    Model::Opt(m)
 }
 
 /// Examples with 2, 3, 2 and 4 candidates; golds (the first is the target) include a set of two.
@@ -49,7 +49,7 @@ fn examples() -> (Vec<Vec<ScoringRow>>, Vec<Vec<usize>>) {
     (rows, golds)
 }
 
-fn prepared(model: &Opt, kind: LossKind) -> Prepared {
+fn prepared(model: &Model, kind: LossKind) -> Prepared {
     let (rows, golds) = examples();
     let items: Vec<Item> =
         rows.iter().zip(&golds).map(|(r, g)| Item { rows: r, gold: g, prompt: &[], answers: &[] }).collect();
@@ -57,7 +57,7 @@ fn prepared(model: &Opt, kind: LossKind) -> Prepared {
 }
 
 /// Each example's candidates' mean log-probabilities, scored one example at a time.
-fn per_example_scores(model: &Opt) -> Vec<Vec<f64>> {
+fn per_example_scores(model: &Model) -> Vec<Vec<f64>> {
     let (rows, _) = examples();
     rows.iter()
         .map(|r| {
@@ -109,7 +109,7 @@ fn accuracy_loss_is_minus_the_correct_predictions() {
     assert_eq!(got, -(correct as f64), "accuracy loss counts predictions in the gold sets");
     // Under adapter variants (θ+εz, θ−εz) each variant's value is a count too.
     let lc = LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-    let mut st = LoraState::init(lc.clone(), &model.config, Device::Cpu, 1).unwrap();
+    let mut st = LoraState::init(lc.clone(), &model.config(), Device::Cpu, 1).unwrap();
     st.state.flat = Tensor::randn([st.state.flat.numel() as i64], (Kind::Float, Device::Cpu));
     let variants = Tensor::stack(&[&st.state.flat, &(-&st.state.flat)], 0);
     let batch = Tuning::Lora(LoraBatch::from_flat(&variants, &lc, &st.tensors, Kind::Float).unwrap());
@@ -142,7 +142,7 @@ fn greedy_decoding_is_per_prompt_in_padded_batches_and_variants() {
     assert!(greedy(&model, &prompts[..1], None, &stop).unwrap()[0][0].is_empty());
     // Two adapter variants at B = 0 (PEFT's init) decode as the base model does.
     let lc = LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-    let st = LoraState::init(lc.clone(), &model.config, Device::Cpu, 1).unwrap();
+    let st = LoraState::init(lc.clone(), &model.config(), Device::Cpu, 1).unwrap();
     let variants = Tensor::stack(&[&st.state.flat, &st.state.flat], 0);
     let batch = Tuning::Lora(LoraBatch::from_flat(&variants, &lc, &st.tensors, Kind::Float).unwrap());
     let v = greedy(&model, &prompts, Some(&batch), &d).unwrap();

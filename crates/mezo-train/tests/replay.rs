@@ -4,7 +4,7 @@
 //! and replaying the rest, and reading the records back through the store's encoding all agree.
 
 use mezo_core::Distribution;
-use mezo_model::{LoraConfig, OptConfig, Target};
+use mezo_model::{LoraConfig, ModelConfig, Target};
 use mezo_store::StepRecord;
 use mezo_train::engine::LoraState;
 use mezo_train::optim::Rule;
@@ -13,12 +13,12 @@ use mezo_train::{Engine, StepSettings, Trainable};
 use proptest::prelude::*;
 use tch::{Device, Tensor};
 
-fn config() -> OptConfig {
+fn config() -> ModelConfig {
     let json = serde_json::json!({
         "model_type": "opt", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
         "ffn_dim": 32, "num_attention_heads": 2, "max_position_embeddings": 32,
     });
-    OptConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap()
+    ModelConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap()
 }
 
 fn lora() -> LoraConfig {

@@ -1,0 +1,406 @@
+//! The model the rest of the system uses: one of the supported architectures, chosen by
+//! config.json's `model_type` (`opt`, `llama`, `qwen2`, `mistral`). Everything outside this
+//! crate (the engine, the trainer, the CLI, the worker) goes through [`Model`] and
+//! [`ModelConfig`], so adding an architecture touches this file and its own module.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{io_err, ModelError, Result};
+use crate::llama::Llama;
+use crate::llama_config::{LlamaConfig, LlamaFamily};
+use crate::lora::{LoraBatch, Target};
+use crate::opt::{Opt, Padding, ScoreBatch};
+use crate::{OptConfig, Tuning};
+
+/// The `model_type`s `mezo` loads, for messages.
+pub const SUPPORTED_MODEL_TYPES: &str = "opt, llama, qwen2, mistral";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    Opt(OptConfig),
+    Llama(LlamaConfig),
+}
+
+/// Where a LoRA target sits in a decoder layer, and its linear layer's sizes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    /// HF's module path within the model, e.g. `model.layers.3.self_attn.q_proj`.
+    pub path: String,
+    pub in_features: i64,
+    pub out_features: i64,
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses a config.json by its `model_type`; `path` is named in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let json: serde_json::Value = serde_json::from_str(text)
+            .map_err(|source| ModelError::Json { path: path.to_path_buf(), source })?;
+        match json.get("model_type").and_then(|v| v.as_str()) {
+            Some("opt") => Ok(ModelConfig::Opt(OptConfig::from_json(text, path)?)),
+            Some(t) => match LlamaFamily::from_model_type(t) {
+                Some(f) => Ok(ModelConfig::Llama(LlamaConfig::from_json(text, path, f)?)),
+                None => {
+                    Err(ModelError::UnsupportedModelType { path: path.to_path_buf(), model_type: t.into() })
+                }
+            },
+            None => Err(ModelError::Config {
+                path: path.to_path_buf(),
+                field: "model_type".into(),
+                message: format!("missing or not a string (expected one of {SUPPORTED_MODEL_TYPES})"),
+            }),
+        }
+    }
+
+    /// A published shape by name, for benchmarks: OPT's (`125m` … `66b`) and the Llama family's
+    /// (`llama2-7b`, `llama2-13b`, `llama3-8b`, `llama3.2-1b`, `qwen2.5-0.5b`, `qwen2.5-7b`,
+    /// `mistral-7b`).
+    pub fn shape(name: &str) -> Option<Self> {
+        OptConfig::shape(name)
+            .map(ModelConfig::Opt)
+            .or_else(|| LlamaConfig::shape(name).map(ModelConfig::Llama))
+    }
+
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            ModelConfig::Opt(_) => "opt",
+            ModelConfig::Llama(c) => c.family.model_type(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            ModelConfig::Opt(c) => c.vocab_size,
+            ModelConfig::Llama(c) => c.vocab_size,
+        }
+    }
+
+    pub fn num_hidden_layers(&self) -> i64 {
+        match self {
+            ModelConfig::Opt(c) => c.num_hidden_layers,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// The longest sequence the model takes: OPT's learned positions end there; RoPE models
+    /// run past it (HF does too), so this is only the length they were trained for.
+    pub fn max_position_embeddings(&self) -> i64 {
+        match self {
+            ModelConfig::Opt(c) => c.max_position_embeddings,
+            ModelConfig::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// The id that fills padded positions.
+    pub fn pad_token_id(&self) -> i64 {
+        match self {
+            ModelConfig::Opt(c) => c.pad_token_id,
+            ModelConfig::Llama(c) => c.pad_token_id,
+        }
+    }
+
+    /// The LoRA targets this architecture has, in [`Target`] order.
+    pub fn lora_targets(&self) -> &'static [Target] {
+        use Target::*;
+        match self {
+            ModelConfig::Opt(_) => &[Q, K, V, Out, Fc1, Fc2],
+            ModelConfig::Llama(_) => &[Q, K, V, O, Gate, Up, Down],
+        }
+    }
+
+    /// Where `target` sits in decoder layer `layer` and its sizes; an error naming the
+    /// architecture's modules when it has no such module.
+    pub fn lora_module(&self, layer: usize, target: Target) -> Result<LoraModule> {
+        let unsupported = || ModelError::UnsupportedTarget {
+            target: target.name().into(),
+            model_type: self.model_type().into(),
+            expected: self.lora_targets().iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+        };
+        if !self.lora_targets().contains(&target) {
+            return Err(unsupported());
+        }
+        let (path, inp, out) = match self {
+            ModelConfig::Opt(c) => {
+                let p = format!("model.decoder.layers.{layer}");
+                let h = c.hidden_size;
+                match target {
+                    Target::Fc1 => (format!("{p}.fc1"), h, c.ffn_dim),
+                    Target::Fc2 => (format!("{p}.fc2"), c.ffn_dim, h),
+                    t => (format!("{p}.self_attn.{}", t.name()), h, h),
+                }
+            }
+            ModelConfig::Llama(c) => {
+                let p = format!("model.layers.{layer}");
+                let (h, f) = (c.hidden_size, c.intermediate_size);
+                let (attn, mlp) =
+                    (format!("{p}.self_attn.{}", target.name()), format!("{p}.mlp.{}", target.name()));
+                match target {
+                    Target::Q => (attn, h, c.q_out()),
+                    Target::K | Target::V => (attn, h, c.kv_out()),
+                    Target::O => (attn, c.q_out(), h),
+                    Target::Gate | Target::Up => (mlp, h, f),
+                    Target::Down => (mlp, f, h),
+                    _ => return Err(unsupported()),
+                }
+            }
+        };
+        Ok(LoraModule { path, in_features: inp, out_features: out })
+    }
+}
+
+/// A loaded model of any supported architecture.
+pub enum Model {
+    Opt(Opt),
+    Llama(Llama),
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the weights beside it onto `device` as `kind`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Ok(match ModelConfig::from_dir(dir)? {
+            ModelConfig::Opt(_) => Model::Opt(Opt::load(dir, device, kind)?),
+            ModelConfig::Llama(c) => Model::Llama(Llama::load(c, dir, device, kind)?),
+        })
+    }
+
+    /// Random weights of `config`'s shape (HF's initialisation), seeded.
+    pub fn random(config: ModelConfig, device: Device, kind: Kind, seed: i64) -> Result<Self> {
+        Ok(match config {
+            ModelConfig::Opt(c) => Model::Opt(Opt::random(c, device, kind, seed)?),
+            ModelConfig::Llama(c) => Model::Llama(Llama::random(c, device, kind, seed)?),
+        })
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Model::Opt(m) => ModelConfig::Opt(m.config.clone()),
+            Model::Llama(m) => ModelConfig::Llama(m.config.clone()),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Model::Opt(m) => m.device,
+            Model::Llama(m) => m.device,
+        }
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Model::Opt(m) => m.kind,
+            Model::Llama(m) => m.kind,
+        }
+    }
+
+    /// Records that the weights were cast to `kind` (by code that walks `named_parameters`).
+    pub fn set_kind(&mut self, kind: Kind) {
+        match self {
+            Model::Opt(m) => m.kind = kind,
+            Model::Llama(m) => m.kind = kind,
+        }
+    }
+
+    pub fn pad_token_id(&self) -> i64 {
+        match self {
+            Model::Opt(m) => m.config.pad_token_id,
+            Model::Llama(m) => m.config.pad_token_id,
+        }
+    }
+
+    pub fn eos_token_id(&self) -> i64 {
+        match self {
+            Model::Opt(m) => m.config.eos_token_id,
+            Model::Llama(m) => m.config.eos_token_id,
+        }
+    }
+
+    /// The LoRA batch of `tuning` for the Llama family, which has no prefix-tuning yet.
+    fn llama_lora(tuning: Option<&Tuning>) -> Result<Option<&LoraBatch>> {
+        match tuning {
+            Some(Tuning::Prefix(_)) => Err(ModelError::InvalidArgument {
+                what: "trainable mode",
+                value: "prefix on a Llama-family model".into(),
+                expected: "lora or full (prefix-tuning supports OPT models)",
+            }),
+            other => Ok(other.and_then(Tuning::lora)),
+        }
+    }
+
+    /// The last hidden states, `[batch, seq, width]`, ready for [`Self::logits`]. `ids` and
+    /// `mask` are `[batch, seq]` int64, `mask` 1 on tokens and 0 on padding.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        padding: Padding,
+        tuning: Option<&Tuning>,
+    ) -> Result<Tensor> {
+        match self {
+            Model::Opt(m) => m.hidden_states(ids, mask, padding, tuning),
+            Model::Llama(m) => m.hidden_states(ids, mask, padding, Self::llama_lora(tuning)?),
+        }
+    }
+
+    /// The LM head over any leading shape of hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match self {
+            Model::Opt(m) => m.logits(hidden),
+            Model::Llama(m) => m.logits(hidden),
+        }
+    }
+
+    /// Sum of each row's answer-token log-probabilities for `variants` copies of the batch (one
+    /// per adapter variant of `lora`; 1 without): `[variants, rows]` float32 on the model's
+    /// device. The LM head runs only at the scored positions.
+    pub fn answer_logprob_sums(&self, b: &ScoreBatch, tuning: Option<&Tuning>) -> Result<Tensor> {
+        match self {
+            Model::Opt(m) => m.answer_logprob_sums(b, tuning),
+            Model::Llama(_) => {
+                let v = tuning.map_or(1, |t| t.variants());
+                let (ids, mask) = if v == 1 {
+                    (b.ids.shallow_clone(), b.mask.shallow_clone())
+                } else {
+                    (b.ids.repeat([v, 1]), b.mask.repeat([v, 1]))
+                };
+                let hidden = self.hidden_states(&ids, &mask, Padding::Right, tuning)?;
+                let device = self.device();
+                let offsets = Tensor::arange(v, (Kind::Int64, device)) * b.rows;
+                let row_idx = (b.row_idx.unsqueeze(0) + offsets.unsqueeze(1)).flatten(0, 1);
+                let picked = hidden.index(&[Some(&row_idx), Some(&b.pos_idx.repeat([v]))]);
+                let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+                let token_lp = logp.gather(1, &b.targets.repeat([v]).unsqueeze(1), false).squeeze_dim(1);
+                let sums =
+                    Tensor::zeros([v * b.rows], (Kind::Float, device)).index_add(0, &row_idx, &token_lp);
+                Ok(sums.view([v, b.rows]))
+            }
+        }
+    }
+
+    /// Mean log-probability of each row's answer tokens (rows from `answer_start[i]` on, given
+    /// everything before): `[rows]` float32.
+    pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
+        let b = ScoreBatch::new(rows, answer_start, self.pad_token_id(), self.device())?;
+        Ok(self.answer_logprob_sums(&b, None)?.squeeze_dim(0) / &b.counts)
+    }
+
+    /// Every parameter by its HF name, for code that walks the weights (full-parameter MeZO,
+    /// checksums, saving). Tied weights appear once.
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        match self {
+            Model::Opt(m) => m.named_parameters(),
+            Model::Llama(m) => m.named_parameters(),
+        }
+    }
+}
+
+impl From<Opt> for Model {
+    fn from(m: Opt) -> Self {
+        Model::Opt(m)
+    }
+}
+
+impl From<Llama> for Model {
+    fn from(m: Llama) -> Self {
+        Model::Llama(m)
+    }
+}
+
+impl From<OptConfig> for ModelConfig {
+    fn from(c: OptConfig) -> Self {
+        ModelConfig::Opt(c)
+    }
+}
+
+impl From<LlamaConfig> for ModelConfig {
+    fn from(c: LlamaConfig) -> Self {
+        ModelConfig::Llama(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(json, Path::new("m/config.json"))
+    }
+
+    #[test]
+    fn model_type_picks_the_architecture() {
+        assert_eq!(parse(r#"{"model_type": "opt"}"#).unwrap().model_type(), "opt");
+        for t in ["llama", "qwen2", "mistral"] {
+            assert_eq!(parse(&format!(r#"{{"model_type": "{t}"}}"#)).unwrap().model_type(), t);
+        }
+        let e = parse(r#"{"model_type": "gpt_neox"}"#).unwrap_err().to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains("gpt_neox") && e.contains(SUPPORTED_MODEL_TYPES),
+            "{e}"
+        );
+        let e = parse(r#"{"hidden_size": 8}"#).unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains(SUPPORTED_MODEL_TYPES), "{e}");
+    }
+
+    #[test]
+    fn lora_modules_follow_each_architecture() {
+        let l = parse(
+            r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
+                "intermediate_size": 96}"#,
+        )
+        .unwrap();
+        let v = l.lora_module(3, Target::V).unwrap();
+        assert_eq!(
+            (v.path.as_str(), v.in_features, v.out_features),
+            ("model.layers.3.self_attn.v_proj", 64, 16)
+        );
+        let d = l.lora_module(0, Target::Down).unwrap();
+        assert_eq!(
+            (d.path.as_str(), d.in_features, d.out_features),
+            ("model.layers.0.mlp.down_proj", 96, 64)
+        );
+        let e = l.lora_module(0, Target::Fc1).unwrap_err().to_string();
+        assert!(e.contains("fc1") && e.contains("llama") && e.contains("o_proj"), "{e}");
+        let o = parse(r#"{"model_type": "opt"}"#).unwrap();
+        assert_eq!(o.lora_module(1, Target::Out).unwrap().path, "model.decoder.layers.1.self_attn.out_proj");
+        let e = o.lora_module(0, Target::Gate).unwrap_err().to_string();
+        assert!(e.contains("gate_proj") && e.contains("fc2"), "{e}");
+    }
+
+    /// Llama through the shared interface: scores from `answer_logprobs` equal a hand-made
+    /// log-softmax over full logits.
+    #[test]
+    fn answer_logprobs_match_full_logits() {
+        let _g = tch::no_grad_guard();
+        let cfg = parse(
+            r#"{"model_type": "qwen2", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 1}"#,
+        )
+        .unwrap();
+        let m = Model::random(cfg, Device::Cpu, Kind::Double, 1).unwrap();
+        let rows = vec![vec![3i64, 7, 9, 11], vec![4i64, 5, 6]];
+        let got = m.answer_logprobs(&rows, &[2, 1]).unwrap();
+        for (r, (row, start)) in rows.iter().zip([2usize, 1]).enumerate() {
+            let ids = Tensor::from_slice(row).view([1, -1]);
+            let h = m.hidden_states(&ids, &ids.ones_like(), Padding::Right, None).unwrap();
+            let logp = m.logits(&h).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+            let mut want = 0.0;
+            for (p, &token) in row.iter().enumerate().skip(start) {
+                want += logp.double_value(&[0, p as i64 - 1, token]);
+            }
+            want /= (row.len() - start) as f64;
+            let g = got.double_value(&[r as i64]);
+            assert!((g - want).abs() < 1e-5, "row {r}: {g} vs {want}");
+        }
+    }
+}
