@@ -23,6 +23,19 @@ put("config_json", "opt", json.dumps(opt, indent=2))
 post = dict(opt, do_layer_norm_before=False, word_embed_proj_dim=8, activation_function="gelu")
 put("config_json", "opt350m", json.dumps(post))
 put("config_json", "untied", json.dumps(dict(opt, tie_word_embeddings=False, _remove_final_layer_norm=True)))
+llama = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32}}
+put("config_json", "llama3", json.dumps(llama))
+put("config_json", "llama_old_rope", json.dumps(dict({k: v for k, v in llama.items() if k != "rope_parameters"},
+    rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 2.0})))
+put("config_json", "qwen2", json.dumps(dict(llama, model_type="qwen2", use_sliding_window=True, sliding_window=8,
+    max_window_layers=1, tie_word_embeddings=True, eos_token_id=[2, 3])))
+put("config_json", "mistral", json.dumps(dict(llama, model_type="mistral", sliding_window=16, head_dim=8)))
 
 vocab = {"h": 0, "e": 1, "l": 2, "o": 3, "Ġ": 4, "w": 5, "r": 6, "d": 7, "he": 8, "ll": 9, "hell": 10,
          "hello": 11, "Ġw": 12, "</s>": 13, "<pad>": 14}

@@ -109,6 +109,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
     let model = Model::load(&args.model, device, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
+    tokenizer.check_fits(model.config().vocab_size())?;
     let adapter = match &args.adapter {
         Some(dir) => Some(
             load_adapter(dir, &model, kind)

@@ -71,7 +71,8 @@ pub fn config_json(data: &[u8]) {
 
 /// Tokenizer files: the first byte picks the form (`tokenizer.json`, or `vocab.json` +
 /// `merges.txt` split at the first 0xFF), an optional `tokenizer_config.json` follows a 0xFE.
-/// A tokenizer that loads must encode text to ids inside its vocabulary.
+/// A tokenizer that loads must encode text to ids of its own vocabulary (ids may be sparse, so
+/// the bound is its largest id, which models are checked against: `TextTokenizer::check_fits`).
 pub fn tokenizer(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let (files, config) = match rest.iter().position(|&b| b == 0xFE) {
@@ -92,8 +93,10 @@ pub fn tokenizer(data: &[u8]) {
     if let Ok(t) = mezo_model::TextTokenizer::from_dir(&dir) {
         for text in ["hello world", " It was great", "ünïcödé \n\t 😀", ""] {
             if let Ok(ids) = t.encode(text) {
-                let n = t.vocab_size() as i64;
-                assert!(ids.iter().all(|&i| i >= 0 && i < n.max(1) + 1), "{text:?} -> {ids:?} (vocab {n})");
+                let max = t.max_id();
+                assert!(ids.iter().all(|&i| (0..=max).contains(&i)), "{text:?} -> {ids:?} (largest id {max})");
+                // A model with room for every id takes this tokenizer; one with less does not.
+                assert!(t.check_fits(max + 1).is_ok() && t.check_fits(max).is_err());
             }
         }
     }

@@ -15,7 +15,8 @@ fn every_corpus_and_regression_input_passes_its_harness() {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for entry in entries {
                 let path = entry.unwrap().path();
-                let data = std::fs::read(&path).unwrap();
+                // A file a running fuzzer just minimised away is not a failure.
+                let Ok(data) = std::fs::read(&path) else { continue };
                 seen += 1;
                 if std::panic::catch_unwind(|| harness(&data)).is_err() {
                     failures.push(path.display().to_string());

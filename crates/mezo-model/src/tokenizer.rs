@@ -136,11 +136,36 @@ impl TextTokenizer {
 
     /// Every token whose text holds a newline: where MeZO's generation stops (`--eos_token "\n"`).
     pub fn newline_ids(&self) -> Vec<i64> {
-        let n = self.inner.get_vocab_size(true) as u32;
-        (0..n)
+        // Over the vocabulary's own ids: they may be sparse (not 0..vocab_size).
+        let mut ids: Vec<u32> = self.inner.get_vocab(true).into_values().collect();
+        ids.sort_unstable();
+        ids.into_iter()
             .filter(|&i| self.inner.decode(&[i], false).is_ok_and(|t| t.contains('\n')))
             .map(i64::from)
             .collect()
+    }
+
+    /// The largest id this tokenizer can produce (-1 for an empty vocabulary). Ids may be sparse,
+    /// so it can exceed `vocab_size() - 1`.
+    pub fn max_id(&self) -> i64 {
+        self.inner.get_vocab(true).into_values().max().map_or(-1, i64::from)
+    }
+
+    /// Refuses a tokenizer that can produce ids the model has no embedding row for (a tokenizer
+    /// from another model): otherwise the first such token would fail deep in the forward pass.
+    /// Found by fuzzing the tokenizer files.
+    pub fn check_fits(&self, model_vocab_size: i64) -> Result<()> {
+        let max = self.max_id();
+        if max >= model_vocab_size {
+            return Err(ModelError::Tokenizer {
+                path: self.source.clone(),
+                message: format!(
+                    "token ids go up to {max}, but the model's config.json has vocab_size \
+                     {model_vocab_size}: the tokenizer and the model do not match"
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -455,6 +455,7 @@ impl Session {
         let task = cfg.task()?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
         let model = Model::load(&cfg.model, device, kind)?;
+        tok.check_fits(model.config().vocab_size())?;
         let splits = cfg.splits()?;
         let test = splits.test;
         let train = tokenise(&tok, splits.train, &task)?;
@@ -795,6 +796,7 @@ impl DataPlan {
         // A bad config.json, or LoRA targets the architecture lacks, fail here, before any
         // worker loads the model.
         let mc = ModelConfig::from_dir(&cfg.model)?;
+        tok.check_fits(mc.vocab_size())?;
         if let Some(lc) = cfg.lora_config()? {
             lc.tensors(&mc)?;
         }
