@@ -70,10 +70,12 @@ impl TextTokenizer {
         };
         let (inner, source) = if json.is_file() {
             let bytes = std::fs::read(&json).map_err(io_err(&json))?;
-            // Syntax first, with line and column: the tokenizers crate panics on some malformed
-            // documents (a syntax error inside `decoder`: `expect("Helper")` in 0.22), where a
-            // user's corrupt file must get an error. Found by fuzzing (crates/mezo-fuzz).
-            serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            // The whole document as JSON values first, with line and column: the tokenizers
+            // crate panics (`expect("Helper")` in 0.22) when its `decoder` object is not valid JSON
+            // (a syntax error, an invalid \u escape), where a user's corrupt file must get an
+            // error. Parsed into values, not skipped, since skipping does not check escapes.
+            // Found by fuzzing (crates/mezo-fuzz).
+            serde_json::from_slice::<serde_json::Value>(&bytes)
                 .map_err(|e| tok_err(&json, format!("not valid JSON: {e}").into()))?;
             (Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&json, e))?, json)
         } else if vocab.is_file() && merges.is_file() {
