@@ -44,6 +44,10 @@ pub struct BenchArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
+    /// train: every forward eager, no CUDA graphs (for comparison; the same as
+    /// MEZO_CUDA_GRAPHS=0).
+    #[arg(long)]
+    pub eager: bool,
     /// Also run the peer on the same device and print the ratio. forward: `--peer` alone runs
     /// the built-in HF transformers forward; train: `--peer PATH` runs that MeZO script
     /// (../shared/bench/baseline_mezo_hf.py's interface: --model --batch --seq --steps --modes
@@ -245,6 +249,10 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
         weight_decay: 0.0,
     };
     let mut engine = mezo_train::Engine::new(trainable, settings, device);
+    if args.eager {
+        engine.set_cuda_graphs(false);
+    }
+    let graphs = engine.cuda_graphs();
     let mut step = |t: u64| -> Result<()> {
         let seeds: Vec<u64> =
             (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
@@ -270,7 +278,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
     };
     Ok(json!({
         "bench": "train", "impl": "mezo", "device_bytes": device_bytes, "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
-        "device": args.device, "batch": args.batch, "seq": args.seq, "directions": args.directions,
+        "device": args.device, "cuda_graphs": graphs, "batch": args.batch, "seq": args.seq, "directions": args.directions,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     }))

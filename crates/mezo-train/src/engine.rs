@@ -8,7 +8,7 @@
 use mezo_core::fused::{self, SgdUpdate};
 use mezo_core::HostRng;
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mezo_data::metrics::f1_score;
 use mezo_data::ScoringRow;
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
+use crate::graphs::StepGraphs;
 use crate::optim::{self, Rule, Slot};
 
 /// What a forward pass measures: the number the zeroth-order estimator differentiates.
@@ -221,6 +222,81 @@ impl Prepared {
         })
     }
 
+    /// The shape of every tensor the loss reads, or `None` for a batch whose loss runs on the
+    /// host (the F1 objective's decoding), which no CUDA graph can capture.
+    pub(crate) fn graph_shapes(&self) -> Option<Vec<i64>> {
+        if self.gen.is_some() {
+            return None;
+        }
+        let mut out = vec![self.kind as i64, self.examples];
+        let mut push = |t: &Tensor| {
+            out.push(t.dim() as i64);
+            out.extend(t.size());
+        };
+        push(&self.labels);
+        if let Some(s) = &self.score {
+            for t in [&s.ids, &s.mask, &s.row_idx, &s.pos_idx, &s.targets, &s.counts] {
+                push(t);
+            }
+        }
+        if let Some(c) = &self.cands {
+            for t in [&c.idx, &c.real, &c.gold] {
+                push(t);
+            }
+        }
+        Some(out)
+    }
+
+    /// A copy with tensors of its own (a CUDA graph's inputs, refilled by [`Self::copy_inputs_from`]).
+    pub(crate) fn deep_copy(&self) -> Prepared {
+        Prepared {
+            score: self.score.as_ref().map(|s| ScoreBatch {
+                ids: s.ids.copy(),
+                mask: s.mask.copy(),
+                row_idx: s.row_idx.copy(),
+                pos_idx: s.pos_idx.copy(),
+                targets: s.targets.copy(),
+                counts: s.counts.copy(),
+                rows: s.rows,
+            }),
+            cands: self.cands.as_ref().map(|c| Candidates {
+                idx: c.idx.copy(),
+                real: c.real.copy(),
+                gold: c.gold.copy(),
+                max: c.max,
+            }),
+            gen: None,
+            labels: self.labels.copy(),
+            examples: self.examples,
+            weight: self.weight,
+            tokens: self.tokens,
+            kind: self.kind,
+        }
+    }
+
+    /// Copies `src`'s tensors into this batch's (same shapes: [`Self::graph_shapes`] equal).
+    pub(crate) fn copy_inputs_from(&self, src: &Prepared) {
+        let copy = |dst: &Tensor, src: &Tensor| dst.shallow_clone().copy_(src);
+        copy(&self.labels, &src.labels);
+        if let (Some(d), Some(s)) = (&self.score, &src.score) {
+            for (a, b) in [
+                (&d.ids, &s.ids),
+                (&d.mask, &s.mask),
+                (&d.row_idx, &s.row_idx),
+                (&d.pos_idx, &s.pos_idx),
+                (&d.targets, &s.targets),
+                (&d.counts, &s.counts),
+            ] {
+                copy(a, b);
+            }
+        }
+        if let (Some(d), Some(s)) = (&self.cands, &src.cands) {
+            for (a, b) in [(&d.idx, &s.idx), (&d.real, &s.real), (&d.gold, &s.gold)] {
+                copy(a, b);
+            }
+        }
+    }
+
     /// Mean candidate log-probabilities `[variants, examples, max_candidates]`, padding at -inf.
     fn candidate_scores(&self, sums: Tensor, score: &ScoreBatch) -> Tensor {
         let c = self.cands.as_ref().expect("candidate batches carry their layout");
@@ -354,6 +430,13 @@ impl FlatState {
 
     /// `[seeds, P]` float32: row i is Z(seed_i) for every element.
     fn z(&self, seeds: &[u64], dist: Distribution, table: &GaussTable) -> Tensor {
+        let (a, b) = self.keys(seeds);
+        self.z_of_keys(&a, &b, dist, table)
+    }
+
+    /// Every segment's stream key under each seed: `a` and `b`, int64 `[seeds, segments]` on
+    /// the state's device (one small host-to-device copy each).
+    fn keys(&self, seeds: &[u64]) -> (Tensor, Tensor) {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for &s in seeds {
             for (name, _) in &self.segments {
@@ -364,8 +447,14 @@ impl FlatState {
         }
         let shape = [seeds.len() as i64, self.segments.len() as i64];
         let dev = self.flat.device();
-        let a = Tensor::from_slice(&a).view(shape).to_device(dev).index_select(1, &self.owner);
-        let b = Tensor::from_slice(&b).view(shape).to_device(dev).index_select(1, &self.owner);
+        (Tensor::from_slice(&a).view(shape).to_device(dev), Tensor::from_slice(&b).view(shape).to_device(dev))
+    }
+
+    /// Z from keys already on the device ([`Self::keys`]): no host data, so a CUDA graph can
+    /// capture it with the keys as an input.
+    fn z_of_keys(&self, a: &Tensor, b: &Tensor, dist: Distribution, table: &GaussTable) -> Tensor {
+        let a = a.index_select(1, &self.owner);
+        let b = b.index_select(1, &self.owner);
         z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
     }
 
@@ -550,15 +639,34 @@ pub struct StepSettings {
     pub weight_decay: f64,
 }
 
+type KeyCache = Mutex<Option<(Vec<u64>, Tensor, Tensor)>>;
+
 pub struct Engine {
     pub trainable: Trainable,
     pub settings: StepSettings,
     table: GaussTable,
+    /// The forwards' CUDA graphs by batch shape (a mutex only to lend `&self` methods mutable
+    /// access; one thread drives an engine).
+    graphs: Mutex<StepGraphs>,
+    /// The last direction seeds' stream keys on the device (a flat state's update reuses the
+    /// forward's instead of copying them from the host again).
+    keys: KeyCache,
 }
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: GaussTable::new(device) }
+        Engine { trainable, settings, table: GaussTable::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None) }
+    }
+
+    /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
+    /// `MEZO_CUDA_GRAPHS` not `0`).
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs.lock().expect("graph cache").enabled()
+    }
+
+    /// Turns CUDA graphs off (every forward eager) or back on where supported.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.get_mut().expect("graph cache").set_enabled(on);
     }
 
     /// `(L+, L-)` of each direction seed, each the loss over all of `micro` (micro-batches
@@ -574,21 +682,23 @@ impl Engine {
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
         let losses = match self.trainable.flat_state() {
             Some(l) => {
-                let z = l.z(seeds, self.settings.dist, &self.table) * eps;
-                let theta = l.flat.unsqueeze(0);
-                // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
-                let variants =
-                    Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
-                let batch = self.trainable.tuning_of(&variants, model.kind())?;
-                let mut total: Option<Tensor> = None;
-                for p in micro {
-                    let s = p.loss_sums(model, batch.as_ref())?;
-                    total = Some(match total {
-                        Some(t) => t + s,
-                        None => s,
-                    });
-                }
-                total.expect("at least one micro-batch") / weight
+                let (a, b) = keys_of(&self.keys, l, seeds);
+                let dist = self.settings.dist;
+                // One forward of every variant: a pure function of the keys, the batch, the
+                // state and the weights (read in place), so it can be a CUDA graph.
+                let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Tensor> {
+                    let z = l.z_of_keys(&keys[0], &keys[1], dist, &self.table) * eps;
+                    let theta = l.flat.unsqueeze(0);
+                    // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
+                    let variants =
+                        Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * keys[0].size()[0], -1]);
+                    let batch = self.trainable.tuning_of(&variants, model.kind())?;
+                    summed_losses(micro, model, batch.as_ref())
+                };
+                let anchors = vec![l.flat.data_ptr() as usize, model_anchor(model)];
+                let total =
+                    self.graphs.lock().expect("graph cache").run("adapter", micro, &[a, b], anchors, forward)?;
+                total / weight
             }
             None => {
                 let Trainable::Full(f) = &self.trainable else { unreachable!("no flat state") };
@@ -615,15 +725,16 @@ impl Engine {
         for (k, &seed) in seeds.iter().enumerate() {
             for scale in [1.0, -2.0] {
                 self.perturb(model, f, seed, scale * eps)?;
-                let mut total: Option<Tensor> = None;
-                for p in micro {
-                    let s = p.loss_sums(model, None)?;
-                    total = Some(match total {
-                        Some(t) => t + s,
-                        None => s,
-                    });
-                }
-                out.push(total.expect("at least one micro-batch") / weight);
+                // The weights are perturbed in place, so one captured forward serves every sign
+                // and direction.
+                let total = self.graphs.lock().expect("graph cache").run(
+                    "full-parameter",
+                    micro,
+                    &[],
+                    vec![model_anchor(model)],
+                    |micro: &[Prepared], _: &[Tensor]| summed_losses(micro, model, None),
+                )?;
+                out.push(total / weight);
             }
             if !(leave_last && k + 1 == seeds.len()) {
                 self.perturb(model, f, seed, eps)?;
@@ -737,6 +848,34 @@ impl Engine {
                 let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
                 let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
                 fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
+            } else if rule == Rule::Sgd && self.graphs.get_mut().expect("graph cache").enabled() {
+                // The tensor ops below with the gradients and the rate read from the device, so
+                // one CUDA graph serves every step (the same bits: a float32 tensor operand is
+                // what a scalar operand becomes; tested against the eager engine).
+                l.slot.count_step();
+                let (a, b) = keys_of(&self.keys, l, seeds);
+                let mut g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
+                g.push(lr as f32);
+                let g = Tensor::from_slice(&g).to_device(l.flat.device());
+                let table = &self.table;
+                let l = &*l;
+                let body = |_: &[Prepared], x: &[Tensor]| -> Result<Tensor> {
+                    let n = x[0].size()[0];
+                    let z = l.z_of_keys(&x[0], &x[1], dist, table);
+                    let mut ghat = z.get(0) * x[2].get(0);
+                    for i in 1..n {
+                        ghat = ghat + z.get(i) * x[2].get(i);
+                    }
+                    if n > 1 {
+                        ghat = ghat * inv_n;
+                    }
+                    let u = if weight_decay != 0.0 { ghat + (&l.flat * weight_decay) } else { ghat };
+                    Ok(&l.flat - (u * x[2].get(n)))
+                };
+                let anchors = vec![l.flat.data_ptr() as usize];
+                let graphs = self.graphs.get_mut().expect("graph cache");
+                let new = graphs.run("adapter update", &[], &[a, b, g], anchors, body)?;
+                l.flat.shallow_clone().copy_(&new);
             } else {
                 flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
             }
@@ -821,7 +960,42 @@ fn flat_update_tensor(
     if seeds.len() > 1 {
         ghat = ghat * inv_n;
     }
-    l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+    let new = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+    // In place: the state's address is what a captured forward reads.
+    l.flat.copy_(&new);
+}
+
+/// `seeds`' stream keys for a flat state's segments, on its device: from the cache when
+/// they are the last ones asked for.
+fn keys_of(cache: &KeyCache, l: &FlatState, seeds: &[u64]) -> (Tensor, Tensor) {
+    let mut cache = cache.lock().expect("key cache");
+    if let Some((s, a, b)) = cache.as_ref() {
+        if s == seeds {
+            return (a.shallow_clone(), b.shallow_clone());
+        }
+    }
+    let (a, b) = l.keys(seeds);
+    *cache = Some((seeds.to_vec(), a.shallow_clone(), b.shallow_clone()));
+    (a, b)
+}
+
+/// The summed losses of every micro-batch under `tuning` (divide by the batches' weight).
+fn summed_losses(micro: &[Prepared], model: &Model, tuning: Option<&Tuning>) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for p in micro {
+        let s = p.loss_sums(model, tuning)?;
+        total = Some(match total {
+            Some(t) => t + s,
+            None => s,
+        });
+    }
+    total.ok_or_else(|| TrainError::Config("a step needs at least one micro-batch".into()))
+}
+
+/// Where the model's first weight lives: a captured forward reads the weights in place, so a
+/// graph belongs to one model.
+fn model_anchor(model: &Model) -> usize {
+    model.named_parameters().first().map_or(0, |(_, t)| t.data_ptr() as usize)
 }
 
 /// Elements a generic (unfused) chunk handles at once: bounds the int64 temporaries of Z.
