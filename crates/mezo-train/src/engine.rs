@@ -651,11 +651,13 @@ pub struct Engine {
     /// The last direction seeds' stream keys on the device (a flat state's update reuses the
     /// forward's instead of copying them from the host again).
     keys: KeyCache,
+    /// The z of the last flat-state forward, by its seeds (its update reuses it).
+    z: Mutex<Option<(Vec<u64>, Tensor)>>,
 }
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: GaussTable::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None) }
+        Engine { trainable, settings, table: GaussTable::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None), z: Mutex::new(None) }
     }
 
     /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
@@ -686,18 +688,22 @@ impl Engine {
                 let dist = self.settings.dist;
                 // One forward of every variant: a pure function of the keys, the batch, the
                 // state and the weights (read in place), so it can be a CUDA graph.
-                let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Tensor> {
-                    let z = l.z_of_keys(&keys[0], &keys[1], dist, &self.table) * eps;
+                let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Vec<Tensor>> {
+                    let z = l.z_of_keys(&keys[0], &keys[1], dist, &self.table);
+                    let ze = &z * eps;
                     let theta = l.flat.unsqueeze(0);
                     // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
                     let variants =
-                        Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * keys[0].size()[0], -1]);
+                        Tensor::stack(&[&theta + &ze, &theta - &ze], 1).view([2 * keys[0].size()[0], -1]);
                     let batch = self.trainable.tuning_of(&variants, model.kind())?;
-                    summed_losses(micro, model, batch.as_ref())
+                    Ok(vec![summed_losses(micro, model, batch.as_ref())?, z])
                 };
                 let anchors = vec![l.flat.data_ptr() as usize, model_anchor(model)];
-                let total =
+                let out =
                     self.graphs.lock().expect("graph cache").run("adapter", micro, &[a, b], anchors, forward)?;
+                // The update of these directions reads the same z: kept, not drawn again.
+                *self.z.lock().expect("z cache") = Some((seeds.to_vec(), out[1].shallow_clone()));
+                let total = &out[0];
                 total / weight
             }
             None => {
@@ -732,9 +738,9 @@ impl Engine {
                     micro,
                     &[],
                     vec![model_anchor(model)],
-                    |micro: &[Prepared], _: &[Tensor]| summed_losses(micro, model, None),
+                    |micro: &[Prepared], _: &[Tensor]| Ok(vec![summed_losses(micro, model, None)?]),
                 )?;
-                out.push(total / weight);
+                out.push(&total[0] / weight);
             }
             if !(leave_last && k + 1 == seeds.len()) {
                 self.perturb(model, f, seed, eps)?;
@@ -853,28 +859,30 @@ impl Engine {
                 // one CUDA graph serves every step (the same bits: a float32 tensor operand is
                 // what a scalar operand becomes; tested against the eager engine).
                 l.slot.count_step();
-                let (a, b) = keys_of(&self.keys, l, seeds);
+                let z = match self.z.lock().expect("z cache").take() {
+                    Some((s, z)) if s == seeds => z,
+                    _ => l.z(seeds, dist, &self.table),
+                };
                 let mut g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
                 g.push(lr as f32);
                 let g = Tensor::from_slice(&g).to_device(l.flat.device());
-                let table = &self.table;
                 let l = &*l;
-                let body = |_: &[Prepared], x: &[Tensor]| -> Result<Tensor> {
-                    let n = x[0].size()[0];
-                    let z = l.z_of_keys(&x[0], &x[1], dist, table);
-                    let mut ghat = z.get(0) * x[2].get(0);
+                let body = |_: &[Prepared], x: &[Tensor]| -> Result<Vec<Tensor>> {
+                    let (z, g) = (&x[0], &x[1]);
+                    let n = z.size()[0];
+                    let mut ghat = z.get(0) * g.get(0);
                     for i in 1..n {
-                        ghat = ghat + z.get(i) * x[2].get(i);
+                        ghat = ghat + z.get(i) * g.get(i);
                     }
                     if n > 1 {
                         ghat = ghat * inv_n;
                     }
                     let u = if weight_decay != 0.0 { ghat + (&l.flat * weight_decay) } else { ghat };
-                    Ok(&l.flat - (u * x[2].get(n)))
+                    Ok(vec![&l.flat - (u * g.get(n))])
                 };
                 let anchors = vec![l.flat.data_ptr() as usize];
                 let graphs = self.graphs.get_mut().expect("graph cache");
-                let new = graphs.run("adapter update", &[], &[a, b, g], anchors, body)?;
+                let new = graphs.run("adapter update", &[], &[z, g], anchors, body)?.remove(0);
                 l.flat.shallow_clone().copy_(&new);
             } else {
                 flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
