@@ -503,13 +503,13 @@ mod tests {
         let theta = p.to_kind(Kind::Float);
         let mut acc = reference_z(&p, u.keys[0], dist) * u.grads[0] as f64;
         for (k, g) in u.keys.iter().zip(&u.grads).skip(1) {
-            acc = acc + reference_z(&p, *k, dist) * *g as f64;
+            acc += reference_z(&p, *k, dist) * *g as f64;
         }
         if let Some(s) = u.inv_n() {
-            acc = acc * s as f64;
+            acc *= s as f64;
         }
         if let Some(wd) = u.weight_decay {
-            acc = acc + &theta * wd as f64;
+            acc += &theta * wd as f64;
         }
         (&theta - acc * u.lr as f64).to_kind(p.kind())
     }
