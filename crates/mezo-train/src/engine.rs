@@ -796,16 +796,19 @@ impl Engine {
         Ok((losses, grads))
     }
 
-    /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
-    /// model's dtype: a fused kernel where the tensor allows, else chunked tensor ops.
+    /// θ ← θ + scale·z(seed) for every selected parameter, in float32 with one rounding to the
+    /// model's dtype: one fused sweep over all the tensors the kernels take (one launch per CUDA
+    /// device), chunked tensor ops for the rest.
     fn perturb(&self, model: &Model, f: &FullState, seed: u64, scale: f64) -> Result<()> {
         let params = model.named_parameters();
         let dist = self.settings.dist;
+        let (mut fused_ps, mut fused_keys) = (Vec::new(), Vec::new());
         for (i, name, _) in &f.selected {
             let p = params[*i].1;
             let key = StreamKey::new(seed, name);
             if fused::supported(p) {
-                fused::perturb_(p, key, scale as f32, dist, &self.table)?;
+                fused_ps.push(p);
+                fused_keys.push(key);
             } else {
                 for_chunks(p, |chunk, off| {
                     let z = z_range(key, off, chunk.numel() as i64, dist, &self.table, p.device());
@@ -814,6 +817,7 @@ impl Engine {
                 });
             }
         }
+        fused::perturb_many_(&fused_ps, &fused_keys, scale as f32, dist)?;
         Ok(())
     }
 
@@ -896,19 +900,21 @@ impl Engine {
                     TrainError::Config("a full-parameter update needs the model's weights".into())
                 })?;
                 let params = model.named_parameters();
+                // ZO-SGD on the tensors the kernels take: one fused sweep for all of them.
+                let (mut fused_ps, mut fused_us) = (Vec::new(), Vec::new());
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
                     debug_assert!(restore.is_none() || (rule == Rule::Sgd && fused::supported(params[*i].1)));
                     let p = params[*i].1;
                     let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
                     if rule == Rule::Sgd && fused::supported(p) {
-                        let u = SgdUpdate {
+                        fused_ps.push(p);
+                        fused_us.push(SgdUpdate {
                             keys,
                             grads: grads.iter().map(|&g| g as f32).collect(),
                             lr: lr as f32,
                             weight_decay: (*decay && weight_decay != 0.0).then_some(weight_decay as f32),
                             restore: restore.map(|r| (StreamKey::new(r, name), eps as f32)),
-                        };
-                        fused::sgd_update_(p, &u, dist, &self.table)?;
+                        });
                         continue;
                     }
                     // Stateful rules: chunk by chunk, so no temporary is larger than a chunk
@@ -931,6 +937,7 @@ impl Engine {
                         optim::apply(rule, slot, &p.to_kind(Kind::Float), &ghat, lr, weight_decay, *decay);
                     p.shallow_clone().copy_(&new);
                 }
+                fused::sgd_update_many_(&fused_ps, &fused_us, dist)?;
             }
         }
         Ok(())
