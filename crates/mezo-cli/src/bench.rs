@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// MEZO_CUDA_GRAPHS=0).
     #[arg(long)]
     pub eager: bool,
+    /// train: also time the step's forwards and its update separately.
+    #[arg(long)]
+    pub phases: bool,
     /// Also run the peer on the same device and print the ratio. forward: `--peer` alone runs
     /// the built-in HF transformers forward; train: `--peer PATH` runs that MeZO script
     /// (../shared/bench/baseline_mezo_hf.py's interface: --model --batch --seq --steps --modes
@@ -270,6 +273,26 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
     }
     sync(device);
     let dt = start.elapsed().as_secs_f64() / args.iters as f64;
+    // Where a step's time goes: its forwards alone (each ends reading the losses back), then
+    // its update alone (synchronised once at the end).
+    let phases = if args.phases {
+        let seeds: Vec<u64> = (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, 1, i)).collect();
+        let t0 = Instant::now();
+        for _ in 0..args.iters {
+            engine.direction_losses(&model, &micro, &seeds)?;
+        }
+        let losses_ms = t0.elapsed().as_secs_f64() * 1e3 / args.iters as f64;
+        let grads = vec![0.0; seeds.len()];
+        let t1 = Instant::now();
+        for _ in 0..args.iters {
+            engine.apply_update(Some(&model), &seeds, &grads, 0.0)?;
+        }
+        sync(device);
+        let update_ms = t1.elapsed().as_secs_f64() * 1e3 / args.iters as f64;
+        json!({"losses_ms": (losses_ms * 1e3).round() / 1e3, "update_ms": (update_ms * 1e3).round() / 1e3})
+    } else {
+        Value::Null
+    };
     // What this process took on the device (weights, LoRA state, the caching allocator's reserve
     // for activations): an upper bound on its peak allocation.
     let device_bytes = match before {
@@ -278,7 +301,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
     };
     Ok(json!({
         "bench": "train", "impl": "mezo", "device_bytes": device_bytes, "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
-        "device": args.device, "cuda_graphs": graphs, "batch": args.batch, "seq": args.seq, "directions": args.directions,
+        "device": args.device, "cuda_graphs": graphs, "phases": phases, "batch": args.batch, "seq": args.seq, "directions": args.directions,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     }))

@@ -15,7 +15,7 @@ use crate::dispatch::{Completion, Dispatcher, TaskKind, TaskResult, TaskSpec, Wo
 use crate::metrics::{Metrics, WorkerMemory};
 
 type Group = (String, u64, TaskKind);
-type StepResults = Vec<(TaskSpec, TaskResult)>;
+pub(crate) type StepResults = Vec<(TaskSpec, TaskResult)>;
 
 /// What every task of a step carries besides its seeds and examples (see `Task` in worker.proto).
 #[derive(Debug, Clone, Default)]

@@ -278,6 +278,16 @@ impl Inner {
 /// that anyone outside heard of), which the restarted coordinator recomputes.
 const MAX_UNDURABLE: usize = 16;
 
+/// A step's tasks out on the fleet. Dropping it (a failed run) stops waiting for them; the
+/// run's end cancels them in the fleet.
+struct InFlight(tokio::task::JoinHandle<Result<crate::fleet::StepResults, Status>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A logged step waiting for the committer: published once it is durable.
 struct Pending {
     /// Its sequence number in the committer.
@@ -404,6 +414,24 @@ impl RunActor {
         Ok(if t == 0 { 0.0 } else { c / t as f64 })
     }
 
+    /// Sends step `step`'s tasks (the batcher's next batch, the step's direction seeds) to the
+    /// fleet; its results come from the returned task.
+    fn dispatch_step(
+        &self,
+        cfg: &TrainConfig,
+        step: u64,
+        batcher: &mut Batcher,
+        previous: Option<pb::StepUpdate>,
+        expected_checksum: String,
+    ) -> InFlight {
+        let batch: Vec<u32> = batcher.next_batch().into_iter().map(|i| i as u32).collect();
+        let seeds: Vec<u64> = (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
+        let parts = plan_train(&seeds, &batch, self.stored.data_parallel, cfg.grad_accum.max(2));
+        let context = StepContext { previous, expected_checksum };
+        let (fleet, id) = (self.inner.fleet.clone(), self.id.clone());
+        InFlight(tokio::spawn(async move { fleet.run_step(&id, step, TaskKind::Train, step, context, parts).await }))
+    }
+
     /// Trains the run to its end (or a stop); the test accuracy when it completed.
     async fn drive(&mut self) -> Result<(RunStatus, Option<f64>), String> {
         let cfg = self.stored.config.clone();
@@ -483,24 +511,24 @@ impl RunActor {
         };
         self.snapshot_every = snapshot_every;
         let mut bytes = bytes;
-        while step < cfg.steps && !self.stop {
-            let started = Instant::now();
-            let batch: Vec<u32> = batcher.next_batch().into_iter().map(|i| i as u32).collect();
-            let seeds: Vec<u64> =
-                (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
-            let parts = plan_train(&seeds, &batch, self.stored.data_parallel, cfg.grad_accum.max(2));
-            // At snapshot steps the workers check their replica against this state.
-            let verify = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
-            let context = StepContext {
-                previous: last.as_ref().map(step_update),
-                expected_checksum: if verify { state_checksum(&bytes) } else { String::new() },
+        // The next step, dispatched before this one's bookkeeping (see below).
+        let mut next: Option<(Instant, InFlight)> = None;
+        // A step in flight always completes and is logged, as a step that was waited for does.
+        while step < cfg.steps && (next.is_some() || !self.stop) {
+            let (started, mut in_flight) = match next.take() {
+                Some(n) => n,
+                None => {
+                    // At snapshot steps the workers check their replica against this state.
+                    let verify = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
+                    let checksum = if verify { state_checksum(&bytes) } else { String::new() };
+                    let previous = last.as_ref().map(step_update);
+                    (Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum))
+                }
             };
-            let (fleet, id) = (self.inner.fleet.clone(), self.id.clone());
             let results = self
-                .serving(
-                    async move { fleet.run_step(&id, step, TaskKind::Train, step, context, parts).await },
-                )
+                .serving(&mut in_flight.0)
                 .await
+                .map_err(|e| format!("step {step}'s dispatch: {e}"))?
                 .map_err(|e| e.message().to_string())?;
             let agg = aggregate(&results)?;
             let lr = cfg.schedule.lr(cfg.lr, step, cfg.steps);
@@ -513,13 +541,23 @@ impl RunActor {
                 losses: agg.losses.clone(),
                 skipped: grads.is_none(),
             };
+            self.inner.store.log_step(&self.id, &rec).map_err(|e| e.to_string())?;
+            let seq = self.inner.commit.logged();
+            step += 1;
+            // The next step needs only this step's logged scalars (the workers replay them), so
+            // it goes out now and the coordinator's own copy of the state catches up while the
+            // workers compute. Not before an evaluation or a snapshot check, which read this
+            // state, nor after a stop.
+            let eval_due = cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps);
+            let verify_due = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
+            if step < cfg.steps && !eval_due && !verify_due && !self.stop {
+                let previous = Some(step_update(&rec));
+                next = Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, String::new())));
+            }
             if let (Some(e), Some(g)) = (engine.as_mut(), &grads) {
                 e.apply_update(None, &agg.seeds, g, lr).map_err(|e| e.to_string())?;
             }
-            self.inner.store.log_step(&self.id, &rec).map_err(|e| e.to_string())?;
-            let seq = self.inner.commit.logged();
             let duration = started.elapsed();
-            step += 1;
             bytes = Arc::new(engine.as_ref().map_or_else(Vec::new, |e| flat_state_bytes(&e.trainable)));
             let context = StepContext { previous: Some(step_update(&rec)), expected_checksum: String::new() };
             last = Some(rec.clone());

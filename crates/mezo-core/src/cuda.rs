@@ -239,6 +239,24 @@ mezo_sgd_update_many(const Desc* __restrict__ D, const u64* __restrict__ S, cons
   UpdateOp op{sT, dist, K, K, 0, 0, 0, 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0};
   sweep_many(D, sS, nt, U, op);
 }
+// A flat state's perturbed variants for n directions (the adapter forward's input): with
+// z_r[j] = z(local[j]; key a[r, owner[j]], b[r, owner[j]]), out[2r] = th + eps z_r and
+// out[2r+1] = th - eps z_r, float32, the same operations as the tensor code. The table is read
+// from global memory (L2): a few hundred thousand elements do not repay loading it on chip.
+extern "C" __global__ void mezo_flat_variants(float* __restrict__ out, const float* __restrict__ th,
+    const long long* __restrict__ a, const long long* __restrict__ b, const long long* __restrict__ owner,
+    const long long* __restrict__ local, int segs, u64 P, int n, float eps, const float* __restrict__ T,
+    int dist) {
+  u64 stride = (u64)gridDim.x * blockDim.x;
+  for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < (u64)n * P; e += stride) {
+    u64 r = e / P, j = e - r * P;
+    long long s = owner[j];
+    float ze = __fmul_rn(zval((u32)local[j], (u32)a[r * segs + s], (u32)b[r * segs + s], T, dist), eps);
+    float t = th[j];
+    out[2 * r * P + j] = __fadd_rn(t, ze);
+    out[(2 * r + 1) * P + j] = __fsub_rn(t, ze);
+  }
+}
 "#;
 
 type CuResult = c_int;
@@ -517,6 +535,7 @@ struct DeviceKernels {
     ctx: usize,
     perturb: usize,
     update: usize,
+    variants: usize,
     /// One block each (the shared table takes most of an SM's shared memory, and fewer blocks
     /// load it fewer times).
     sms: u32,
@@ -622,6 +641,7 @@ impl Kernels {
             ctx: ctx as usize,
             perturb: get("mezo_perturb_many")?,
             update: get("mezo_sgd_update_many")?,
+            variants: get("mezo_flat_variants")?,
             sms: sms.max(1) as u32,
             table,
             staging: Mutex::new(Staging { slots: [StagingSlot::default(); STAGING_SLOTS], next: 0 }),
@@ -843,6 +863,87 @@ fn launch_many(
         drop(dev_buf);
     }
     Ok(())
+}
+
+/// A flat state's `2n` perturbed variants into `out` (`[2n, P]` float32, contiguous), one
+/// launch on libtorch's current stream, so a CUDA graph captures it: `theta` `[P]` float32, `a`
+/// and `b` the direction keys `[n, segments]` int64, `owner` and `local` each element's segment
+/// and index in it, int64 `[P]`; all contiguous on one CUDA device. Reads only device memory.
+#[allow(clippy::too_many_arguments)]
+pub fn flat_variants(
+    out: &Tensor,
+    theta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    owner: &Tensor,
+    local: &Tensor,
+    eps: f32,
+    dist: Distribution,
+) -> Result<()> {
+    let index = cuda_index(theta.device())?;
+    let p = theta.numel() as u64;
+    let (n, segs) = a.size2().map_err(|e| CoreError::Cuda(format!("direction keys: {e}")))?;
+    let ok = theta.kind() == Kind::Float
+        && out.kind() == Kind::Float
+        && out.size() == [2 * n, p as i64]
+        && b.size() == a.size()
+        && [a, b, owner, local].iter().all(|t| t.kind() == Kind::Int64)
+        && owner.numel() as u64 == p
+        && local.numel() as u64 == p
+        && [out, theta, a, b, owner, local].iter().all(|t| t.is_contiguous() && t.device() == theta.device());
+    if !ok {
+        return Err(CoreError::InvalidArgument {
+            what: "flat variants",
+            value: format!("out {:?}, theta {:?}, keys {:?}", out.size(), theta.size(), a.size()),
+            expected: "contiguous f32 out [2n, P] and theta [P], int64 keys [n, segments] and indices [P], one CUDA device",
+        });
+    }
+    if n == 0 || p == 0 {
+        return Ok(());
+    }
+    let stream = crate::graph::current_stream(theta.device())?;
+    let ks = kernels()?;
+    let k = ks.device(index)?;
+    let ptr = |t: &Tensor| t.data_ptr() as u64;
+    let (mut o, mut t, mut pa, mut pb, mut po, mut pl) = (ptr(out), ptr(theta), ptr(a), ptr(b), ptr(owner), ptr(local));
+    let (mut segs, mut pp, mut nn, mut e) = (segs as c_int, p, n as c_int, eps);
+    let (mut table, mut di): (u64, c_int) = (k.table, matches!(dist, Distribution::Rademacher).into());
+    let mut args: Vec<*mut c_void> = vec![
+        &mut o as *mut _ as *mut c_void,
+        &mut t as *mut _ as *mut c_void,
+        &mut pa as *mut _ as *mut c_void,
+        &mut pb as *mut _ as *mut c_void,
+        &mut po as *mut _ as *mut c_void,
+        &mut pl as *mut _ as *mut c_void,
+        &mut segs as *mut _ as *mut c_void,
+        &mut pp as *mut _ as *mut c_void,
+        &mut nn as *mut _ as *mut c_void,
+        &mut e as *mut _ as *mut c_void,
+        &mut table as *mut _ as *mut c_void,
+        &mut di as *mut _ as *mut c_void,
+    ];
+    let threads = 256u32;
+    let blocks = (n as u64 * p).div_ceil(u64::from(threads)).clamp(1, u64::from(k.sms) * 8) as u32;
+    let drv = &ks.driver;
+    let _guard = drv.enter(k.ctx)?;
+    // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the tensors
+    // outlive the launch (the caller holds them until the stream has run it).
+    let r = unsafe {
+        (drv.launch_kernel)(
+            k.variants as *mut c_void,
+            blocks,
+            1,
+            1,
+            threads,
+            1,
+            1,
+            0,
+            stream,
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    drv.check(r, "cuLaunchKernel (flat variants)")
 }
 
 /// Whether the kernels may move four elements at a time: 16 bytes (f32) or 8 (f16/bf16) aligned.

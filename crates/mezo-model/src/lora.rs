@@ -170,6 +170,11 @@ impl LoraBatch {
         Ok(LoraBatch { scaling: cfg.scaling(), variants, mats })
     }
 
+    /// Whether this module of `layer` carries an adapter.
+    pub fn adapts(&self, layer: usize, target: Target) -> bool {
+        self.mats.contains_key(&(layer, target))
+    }
+
     /// `y + scaling * B(A x)` for this module (`y` itself when it is not adapted). `x` is
     /// `[rows, seq, in]` and `y` the base projection `[rows, seq, out]`, rows grouped by variant.
     /// The up-projection, the scaling and the sum are one batched GEMM (`baddbmm`), which

@@ -458,6 +458,24 @@ impl FlatState {
         z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
     }
 
+    /// `[2n, P]` float32: rows 2i and 2i+1 are θ+εz_i and θ-εz_i for the n directions whose
+    /// keys are `a`, `b` ([`Self::keys`]). One fused kernel on CUDA (capturable), tensor ops
+    /// elsewhere; the same bits (tested on the GPU).
+    fn variants(&self, a: &Tensor, b: &Tensor, eps: f64, dist: Distribution, table: &GaussTable) -> Result<Tensor> {
+        if !self.flat.device().is_cuda() {
+            return Ok(self.variants_tensor(a, b, eps, dist, table));
+        }
+        let out = Tensor::empty([2 * a.size()[0], self.flat.numel() as i64], (Kind::Float, self.flat.device()));
+        mezo_core::cuda::flat_variants(&out, &self.flat, a, b, &self.owner, &self.local_idx, eps as f32, dist)?;
+        Ok(out)
+    }
+
+    fn variants_tensor(&self, a: &Tensor, b: &Tensor, eps: f64, dist: Distribution, table: &GaussTable) -> Tensor {
+        let ze = self.z_of_keys(a, b, dist, table) * eps;
+        let theta = self.flat.unsqueeze(0);
+        Tensor::stack(&[&theta + &ze, &theta - &ze], 1).view([2 * a.size()[0], -1])
+    }
+
     /// Each segment's stretch of `flat` with its stream key per direction.
     fn fused_segments(&self, seeds: &[u64]) -> Vec<fused::Segment> {
         let mut offset = 0;
@@ -651,13 +669,11 @@ pub struct Engine {
     /// The last direction seeds' stream keys on the device (a flat state's update reuses the
     /// forward's instead of copying them from the host again).
     keys: KeyCache,
-    /// The z of the last flat-state forward, by its seeds (its update reuses it).
-    z: Mutex<Option<(Vec<u64>, Tensor)>>,
 }
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: GaussTable::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None), z: Mutex::new(None) }
+        Engine { trainable, settings, table: GaussTable::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None) }
     }
 
     /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
@@ -689,20 +705,13 @@ impl Engine {
                 // One forward of every variant: a pure function of the keys, the batch, the
                 // state and the weights (read in place), so it can be a CUDA graph.
                 let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Vec<Tensor>> {
-                    let z = l.z_of_keys(&keys[0], &keys[1], dist, &self.table);
-                    let ze = &z * eps;
-                    let theta = l.flat.unsqueeze(0);
-                    // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
-                    let variants =
-                        Tensor::stack(&[&theta + &ze, &theta - &ze], 1).view([2 * keys[0].size()[0], -1]);
+                    let variants = l.variants(&keys[0], &keys[1], eps, dist, &self.table)?;
                     let batch = self.trainable.tuning_of(&variants, model.kind())?;
-                    Ok(vec![summed_losses(micro, model, batch.as_ref())?, z])
+                    Ok(vec![summed_losses(micro, model, batch.as_ref())?])
                 };
                 let anchors = vec![l.flat.data_ptr() as usize, model_anchor(model)];
                 let out =
                     self.graphs.lock().expect("graph cache").run("adapter", micro, &[a, b], anchors, forward)?;
-                // The update of these directions reads the same z: kept, not drawn again.
-                *self.z.lock().expect("z cache") = Some((seeds.to_vec(), out[1].shallow_clone()));
                 let total = &out[0];
                 total / weight
             }
@@ -858,36 +867,21 @@ impl Engine {
                 let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
                 let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
                 fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
-            } else if rule == Rule::Sgd && self.graphs.get_mut().expect("graph cache").enabled() {
-                // The tensor ops below with the gradients and the rate read from the device, so
-                // one CUDA graph serves every step (the same bits: a float32 tensor operand is
-                // what a scalar operand becomes; tested against the eager engine).
+            } else if rule == Rule::Sgd && l.flat.device().is_cuda() && fused::supported(&l.flat) {
+                // One fused launch over every segment (a view each), z drawn on the fly: the same
+                // bits as the CPU pass above (the kernels are tested against it).
                 l.slot.count_step();
-                let z = match self.z.lock().expect("z cache").take() {
-                    Some((s, z)) if s == seeds => z,
-                    _ => l.z(seeds, dist, &self.table),
-                };
-                let mut g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
-                g.push(lr as f32);
-                let g = Tensor::from_slice(&g).to_device(l.flat.device());
-                let l = &*l;
-                let body = |_: &[Prepared], x: &[Tensor]| -> Result<Vec<Tensor>> {
-                    let (z, g) = (&x[0], &x[1]);
-                    let n = z.size()[0];
-                    let mut ghat = z.get(0) * g.get(0);
-                    for i in 1..n {
-                        ghat = ghat + z.get(i) * g.get(i);
-                    }
-                    if n > 1 {
-                        ghat = ghat * inv_n;
-                    }
-                    let u = if weight_decay != 0.0 { ghat + (&l.flat * weight_decay) } else { ghat };
-                    Ok(vec![&l.flat - (u * g.get(n))])
-                };
-                let anchors = vec![l.flat.data_ptr() as usize];
-                let graphs = self.graphs.get_mut().expect("graph cache");
-                let new = graphs.run("adapter update", &[], &[z, g], anchors, body)?.remove(0);
-                l.flat.shallow_clone().copy_(&new);
+                let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
+                let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
+                let segs = l.fused_segments(seeds);
+                let views: Vec<Tensor> =
+                    segs.iter().map(|s| l.flat.narrow(0, s.offset as i64, s.len as i64)).collect();
+                let refs: Vec<&Tensor> = views.iter().collect();
+                let us: Vec<SgdUpdate> = segs
+                    .into_iter()
+                    .map(|s| SgdUpdate { keys: s.keys, grads: g.clone(), lr: lr as f32, weight_decay: wd, restore: None })
+                    .collect();
+                fused::sgd_update_many_(&refs, &us, dist)?;
             } else {
                 flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
             }
@@ -1055,6 +1049,33 @@ pub fn projected_grads(losses: &[(f64, f64)], eps: f64) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_variants_kernel_equals_tensor_ops() {
+        let dev = Device::Cuda(0);
+        let segments: Vec<(String, i64)> =
+            [("x.lora_A", 300), ("x.lora_B", 1), ("y.lora_A", 4097), ("y.lora_B", 77)]
+                .iter()
+                .map(|(n, k)| (n.to_string(), *k))
+                .collect();
+        let total = segments.iter().map(|(_, k)| k).sum::<i64>();
+        let flat = Tensor::randn([total], (Kind::Float, Device::Cpu));
+        let l = FlatState::new(segments, flat, dev).unwrap();
+        let table = GaussTable::new(dev);
+        for dist in [Distribution::Gaussian, Distribution::Rademacher] {
+            for seeds in [vec![7u64], vec![1, 2, 3]] {
+                let (a, b) = l.keys(&seeds);
+                let k = l.variants(&a, &b, 1e-3, dist, &table).unwrap().to_device(Device::Cpu);
+                let t = l.variants_tensor(&a, &b, 1e-3, dist, &table).to_device(Device::Cpu);
+                let (k, t) = (Vec::<f32>::try_from(&k.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap());
+                assert_eq!(k.len(), t.len());
+                for (i, (x, y)) in k.iter().zip(&t).enumerate() {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{dist:?} {seeds:?}: element {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn globs_and_substrings() {
