@@ -170,6 +170,20 @@ impl LoraBatch {
         Ok(LoraBatch { scaling: cfg.scaling(), variants, mats })
     }
 
+    /// A copy whose matrices sit on their layers' devices (shallow where they already do): for
+    /// a model split over devices, while the trained state stays on one.
+    pub fn placed(&self, p: &crate::Placement) -> Self {
+        let mats = self
+            .mats
+            .iter()
+            .map(|(&(layer, t), (a, b))| {
+                let d = p.layer(layer);
+                ((layer, t), (a.to_device(d), b.to_device(d)))
+            })
+            .collect();
+        LoraBatch { scaling: self.scaling, variants: self.variants, mats }
+    }
+
     /// `scaling * B(A x)` for this module, or `None` when it is not adapted. `x` is
     /// `[rows, seq, in]` with rows grouped by variant.
     pub fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Option<Tensor> {
