@@ -131,3 +131,29 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_parse_or_name_what_is_wrong() {
+        assert_eq!(parse_devices("cpu").unwrap(), [Device::Cpu]);
+        assert_eq!(parse_devices("cpu, cpu").unwrap(), [Device::Cpu, Device::Cpu]);
+        for bad in ["", "cpu,", ",cpu", "cpu,,cpu"] {
+            let e = parse_devices(bad).unwrap_err().to_string();
+            assert!(e.contains("without empty entries"), "{bad:?}: {e}");
+        }
+        let e = parse_devices("cpu,gpu1").unwrap_err().to_string();
+        assert!(e.contains("gpu1") && e.contains("cuda:N"), "{e}");
+        // More CUDA devices than the machine has: the count is named.
+        let n = tch::Cuda::device_count();
+        let list = (0..=n).map(|i| format!("cuda:{i}")).collect::<Vec<_>>().join(",");
+        let e = parse_devices(&list).unwrap_err().to_string();
+        assert!(e.contains(&format!("cuda:{n}")) && e.contains(&format!("has {n} CUDA device(s)")), "{e}");
+        if n >= 1 {
+            let e = parse_devices("cuda:0,cuda:0").unwrap_err().to_string();
+            assert!(e.contains("cuda:0 twice"), "{e}");
+        }
+    }
+}
