@@ -550,15 +550,50 @@ pub struct StepSettings {
     pub weight_decay: f64,
 }
 
+/// The Gaussian table on every device that holds trained values: the engine's device's, made
+/// at once, and (a model split over devices) each other device's, made on first use. Derefs to
+/// the first.
+struct Tables {
+    first: GaussTable,
+    more: std::cell::RefCell<Vec<GaussTable>>,
+}
+
+impl Tables {
+    /// The table on `dev` (a handle sharing its storage), where the tensor that Z is drawn for
+    /// lives: the kernels and the tensor ops read it there.
+    fn on(&self, dev: Device) -> GaussTable {
+        let handle = |t: &GaussTable| GaussTable { t: t.t.shallow_clone(), d: t.d.shallow_clone() };
+        if self.first.device() == dev {
+            return handle(&self.first);
+        }
+        let mut more = self.more.borrow_mut();
+        if let Some(t) = more.iter().find(|t| t.device() == dev) {
+            return handle(t);
+        }
+        let t = GaussTable::new(dev);
+        let h = handle(&t);
+        more.push(t);
+        h
+    }
+}
+
+impl std::ops::Deref for Tables {
+    type Target = GaussTable;
+    fn deref(&self) -> &GaussTable {
+        &self.first
+    }
+}
+
 pub struct Engine {
     pub trainable: Trainable,
     pub settings: StepSettings,
-    table: GaussTable,
+    table: Tables,
 }
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: GaussTable::new(device) }
+        let table = Tables { first: GaussTable::new(device), more: Default::default() };
+        Engine { trainable, settings, table }
     }
 
     /// `(L+, L-)` of each direction seed, each the loss over all of `micro` (micro-batches
@@ -574,7 +609,7 @@ impl Engine {
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
         let losses = match self.trainable.flat_state() {
             Some(l) => {
-                let z = l.z(seeds, self.settings.dist, &self.table) * eps;
+                let z = l.z(seeds, self.settings.dist, &self.table.on(l.flat.device())) * eps;
                 let theta = l.flat.unsqueeze(0);
                 // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
                 let variants =
@@ -687,11 +722,12 @@ impl Engine {
         for (i, name, _) in &f.selected {
             let p = params[*i].1;
             let key = StreamKey::new(seed, name);
+            let table = self.table.on(p.device());
             if fused::supported(p) {
-                fused::perturb_(p, key, scale as f32, dist, &self.table)?;
+                fused::perturb_(p, key, scale as f32, dist, &table)?;
             } else {
                 for_chunks(p, |chunk, off| {
-                    let z = z_range(key, off, chunk.numel() as i64, dist, &self.table, p.device());
+                    let z = z_range(key, off, chunk.numel() as i64, dist, &table, p.device());
                     let new = chunk.to_kind(Kind::Float) + (z * scale as f32 as f64);
                     chunk.shallow_clone().copy_(&new);
                 });
@@ -738,7 +774,8 @@ impl Engine {
                 let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
                 fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
             } else {
-                flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
+                let table = self.table.on(l.flat.device());
+                flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &table)
             }
             return Ok(());
         }
@@ -752,6 +789,7 @@ impl Engine {
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
                     debug_assert!(restore.is_none() || (rule == Rule::Sgd && fused::supported(params[*i].1)));
                     let p = params[*i].1;
+                    let table = self.table.on(p.device());
                     let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
                     if rule == Rule::Sgd && fused::supported(p) {
                         let u = SgdUpdate {
@@ -761,7 +799,7 @@ impl Engine {
                             weight_decay: (*decay && weight_decay != 0.0).then_some(weight_decay as f32),
                             restore: restore.map(|r| (StreamKey::new(r, name), eps as f32)),
                         };
-                        fused::sgd_update_(p, &u, dist, &self.table)?;
+                        fused::sgd_update_(p, &u, dist, &table)?;
                         continue;
                     }
                     // Stateful rules: chunk by chunk, so no temporary is larger than a chunk
@@ -770,9 +808,9 @@ impl Engine {
                     let mut new_parts = Vec::new();
                     for_chunks(&flat_p, |chunk, off| {
                         let len = chunk.numel() as i64;
-                        let mut ghat = z_range(keys[0], off, len, dist, &self.table, p.device()) * grads[0];
+                        let mut ghat = z_range(keys[0], off, len, dist, &table, p.device()) * grads[0];
                         for (k, &g) in keys.iter().zip(grads).skip(1) {
-                            ghat = ghat + z_range(*k, off, len, dist, &self.table, p.device()) * g;
+                            ghat = ghat + z_range(*k, off, len, dist, &table, p.device()) * g;
                         }
                         if seeds.len() > 1 {
                             ghat = ghat * inv_n;
