@@ -36,7 +36,7 @@ pub enum Command {
     Demo(train::DemoArgs),
     /// Run the coordinator: gRPC for clients and workers, /metrics, a durable store.
     Coordinator(service::CoordinatorArgs),
-    /// Run a worker that serves a coordinator's forward passes on one device.
+    /// Run a worker that serves a coordinator's forward passes on one device (or a model split over several).
     Worker(service::WorkerArgs),
     /// Client commands for a coordinator's runs.
     #[command(subcommand)]

@@ -69,8 +69,8 @@ impl Placement {
         // at least one layer; cut[d][j]: where device d's block starts in that placement.
         let mut best = vec![vec![i64::MAX; n + 1]; k];
         let mut cut = vec![vec![0usize; n + 1]; k];
-        for j in 1..=n {
-            best[0][j] = load(0, 0, j);
+        for (j, b) in best[0].iter_mut().enumerate().skip(1) {
+            *b = load(0, 0, j);
         }
         for d in 1..k {
             for j in d + 1..=n {
