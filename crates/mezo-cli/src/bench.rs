@@ -40,7 +40,7 @@ pub struct BenchArgs {
     pub dtype: String,
     /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) to split the model's
     /// layers over those devices in contiguous blocks (a model larger than one GPU).
-    #[arg(long, alias = "devices", default_value = "cuda")]
+    #[arg(long, visible_alias = "devices", default_value = "cuda")]
     pub device: String,
     #[arg(long, default_value_t = 50)]
     pub iters: usize,

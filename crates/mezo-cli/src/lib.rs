@@ -60,7 +60,7 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
     /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) that splits the
     /// model's layers over those devices (a model larger than one GPU).
-    #[arg(long, alias = "devices", default_value = "cpu")]
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
     /// fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]

@@ -69,7 +69,7 @@ pub struct WorkerArgs {
     pub client: ClientArgs,
     /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) that splits the
     /// model's layers over those devices (a model larger than one GPU).
-    #[arg(long, alias = "devices", default_value = "cpu")]
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
     /// PEM certificate this worker presents (mutual TLS: a coordinator with --tls-client-ca).
     #[arg(long, value_name = "FILE", requires = "tls_key")]

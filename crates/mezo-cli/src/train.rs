@@ -169,7 +169,7 @@ pub struct TrainArgs {
     pub eval_batch_size: usize,
     /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) that splits the
     /// model's layers over those devices (a model larger than one GPU).
-    #[arg(long, alias = "devices", default_value = "cpu")]
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,
