@@ -46,6 +46,10 @@ pub struct BenchArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
+    /// train: every forward eager, no CUDA graphs (for comparison; the same as
+    /// MEZO_CUDA_GRAPHS=0).
+    #[arg(long)]
+    pub eager: bool,
     /// Also run the peer on the same device and print the ratio. forward: `--peer` alone runs
     /// the built-in HF transformers forward; train: `--peer PATH` runs that MeZO script
     /// (../shared/bench/baseline_mezo_hf.py's interface: --model --batch --seq --steps --modes
@@ -174,25 +178,14 @@ fn sync(devices: &[Device]) {
     }
 }
 
-/// Bytes in use on each CUDA device of `devices` (every process's, as the driver counts them),
-/// read per device ordinal by pushing that device's primary context; `None` on the CPU. Each
-/// device is touched first so libtorch has made its context (which the baseline then counts).
+/// Bytes in use on each CUDA device of `devices` (every process's, as the driver counts them, in
+/// that device's own context); `None` on the CPU.
 fn memory_in_use(devices: &[Device]) -> Result<Option<Vec<u64>>> {
     if !devices.iter().all(|d| d.is_cuda()) {
         return Ok(None);
     }
-    devices
-        .iter()
-        .map(|&d| {
-            let _ = Tensor::zeros([1], (Kind::Float, d));
-            sync(&[d]);
-            mezo_worker::memory::MemoryProbe::new(&device_name(d))
-                .report()
-                .map(|r| r.used_bytes)
-                .with_context(|| format!("reading the memory in use on {} (cuMemGetInfo)", device_name(d)))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    let used = devices.iter().map(|&d| mezo_core::cuda::memory_in_use(d)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(used))
 }
 
 /// The JSON fields of the model's devices: the list, the layer placement, and (CUDA) the bytes
@@ -303,6 +296,10 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
         weight_decay: 0.0,
     };
     let mut engine = mezo_train::Engine::new(trainable, settings, device);
+    if args.eager {
+        engine.set_cuda_graphs(false);
+    }
+    let graphs = engine.cuda_graphs();
     let mut step = |t: u64| -> Result<()> {
         let seeds: Vec<u64> =
             (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
@@ -322,7 +319,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     let dt = start.elapsed().as_secs_f64() / args.iters as f64;
     let mut v = json!({
         "bench": "train", "impl": "mezo", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
-        "device": args.device, "batch": args.batch, "seq": args.seq, "directions": args.directions,
+        "device": args.device, "cuda_graphs": graphs, "batch": args.batch, "seq": args.seq, "directions": args.directions,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     });

@@ -2,6 +2,16 @@
 //! where mezo is built) and launched through the driver API on the legacy default stream, the
 //! stream libtorch's own kernels use here, so they are ordered with them without any sync.
 //! libnvrtc and libcuda are opened with dlopen on first use, so a CPU-only machine never needs them.
+//!
+//! One launch sweeps a whole list of tensors (a model's ~400 parameters, most of them biases and
+//! norms of a few thousand elements): a small descriptor buffer, copied to the device once per
+//! sweep, says where each tensor is, and the grid strides over all their elements as one index
+//! space. Each block loads the shared half table once per sweep, not once per tensor, and the
+//! host pays one launch instead of hundreds.
+//!
+//! Tensors may live on any CUDA device: each launch runs in the primary context of the tensors'
+//! device (the one libtorch uses), pushed around the launch, with the module, the multiprocessor
+//! count and a copy of the table kept per device.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::{Mutex, OnceLock};
@@ -10,8 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::fused::SgdUpdate;
-use crate::rng::{Distribution, StreamKey};
-use crate::ztensor::GaussTable;
+use crate::rng::{host_gauss_table, Distribution, StreamKey};
 
 const SOURCE: &str = r#"
 typedef unsigned int u32;
@@ -28,27 +37,45 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 __device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
   u32 k = mix32(mix32(i ^ b) ^ a);
   if (dist) return (k >> 31) ? -1.0f : 1.0f;
-  u32 hi = k >> 16;
-  float frac = __fmul_rn((float)(k & 0xffffu), 1.52587890625e-05f);
-  float t, d;
-  if (hi < HALF) { t = sT[hi]; d = __fsub_rn(sT[hi + 1], t); }
-  else { u32 m = 2 * HALF - hi; float x = sT[m]; t = -x; d = __fsub_rn(x, sT[m - 1]); }
+  // lo 2^-16 as (128 + lo 2^-16) - 128: the first is lo under the exponent of 128, the
+  // subtraction is exact, so these are the bits of (float)lo * 2^-16 at the cost of one logic op
+  // and one add, without an int-to-float conversion (a quarter-rate instruction).
+  float frac = __fsub_rn(__uint_as_float((k & 0xffffu) | 0x43000000u), 128.0f);
+  // Lower half (k's top bit clear, hi < HALF): t = T[hi], d = T[hi+1] - T[hi]. Upper half, by the
+  // mirror with m = 65536 - hi: t = -T[m], d = T[m] - T[m-1]. Either way two adjacent knots
+  // T[j], T[j+1], j = hi or m - 1 = 65535 - hi (hi with its bits flipped, from the sign-extended
+  // shifts), d their difference, t the one or the other negated: no branch, two shared loads.
+  const float* q = sT + (u32)(((int)k >> 16) ^ ((int)k >> 31));
+  float lo = q[0], hi = q[1];
+  float t = (k >> 31) ? -hi : lo;
+  float d = __fsub_rn(hi, lo);
   return __fadd_rn(t, __fmul_rn(d, frac));
 }
-__device__ __forceinline__ void load_table(float* sT, const float* __restrict__ T) {
-  for (u32 j = threadIdx.x; j <= HALF; j += blockDim.x) sT[j] = T[j];
-  __syncthreads();
-}
 // 16-bit halves (f16 or bf16) to and from f32, round to nearest even.
+// (The host emulation in this file's tests defines these three itself: the rest of the source
+// compiles unchanged as C++ there.)
+#ifndef MEZO_HOST_EMULATION
+__device__ __forceinline__ float cvt_h2f(unsigned short s) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s)); return f; }
+__device__ __forceinline__ unsigned short cvt_f2h(float v) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+__device__ __forceinline__ unsigned short cvt_f2bf(float v) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); return h; }
+// Two values converted and packed (lo in the low half) by one instruction where the GPU has it.
+__device__ __forceinline__ u32 cvt2(float lo, float hi, int dt) {
+#if __CUDA_ARCH__ >= 800
+  u32 r;
+  if (dt == 1) asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return dt == 1 ? (u32)cvt_f2h(lo) | ((u32)cvt_f2h(hi) << 16) : (u32)cvt_f2bf(lo) | ((u32)cvt_f2bf(hi) << 16);
+#endif
+}
+#endif
 __device__ __forceinline__ float h2f(u32 h, int dt) {
-  if (dt == 1) { unsigned short s = (unsigned short)h; float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s)); return f; }
+  if (dt == 1) return cvt_h2f((unsigned short)h);
   return __uint_as_float(h << 16);
 }
 __device__ __forceinline__ u32 f2h(float v, int dt) {
-  unsigned short h;
-  if (dt == 1) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
-  else { asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); }
-  return (u32)h;
+  return (u32)(dt == 1 ? cvt_f2h(v) : cvt_f2bf(v));
 }
 __device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
   if (dt == 0) return ((const float*)p)[i];
@@ -64,75 +91,194 @@ __device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
 }
 // Four consecutive elements with one vector load and one store (16 bytes of f32, 8 of f16/bf16):
 // fewer, wider memory operations, and four independent table reads per thread in flight. The
-// conversions are the scalar ones, so the bits are too. Used where the pointer is aligned for it.
-__device__ __forceinline__ void ld4(const void* p, u64 q, int dt, float* v) {
-  if (dt == 0) { float4 x = ((const float4*)p)[q]; v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w; return; }
-  uint2 w = ((const uint2*)p)[q];
+// conversions round like the scalar ones, so the bits are the same. Used where the pointer is
+// aligned for it.
+__device__ __forceinline__ void ld4(const void* p, int dt, float* v) {
+  if (dt == 0) { float4 x = *(const float4*)p; v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w; return; }
+  uint2 w = *(const uint2*)p;
   v[0] = h2f(w.x & 0xffffu, dt); v[1] = h2f(w.x >> 16, dt); v[2] = h2f(w.y & 0xffffu, dt); v[3] = h2f(w.y >> 16, dt);
 }
-__device__ __forceinline__ void st4(void* p, u64 q, int dt, const float* v) {
-  if (dt == 0) { ((float4*)p)[q] = make_float4(v[0], v[1], v[2], v[3]); return; }
+__device__ __forceinline__ void st4(void* p, int dt, const float* v) {
+  if (dt == 0) { *(float4*)p = make_float4(v[0], v[1], v[2], v[3]); return; }
   uint2 w;
-  w.x = f2h(v[0], dt) | (f2h(v[1], dt) << 16);
-  w.y = f2h(v[2], dt) | (f2h(v[3], dt) << 16);
-  ((uint2*)p)[q] = w;
+  w.x = cvt2(v[0], v[1], dt);
+  w.y = cvt2(v[2], v[3], dt);
+  *(uint2*)p = w;
 }
+// One tensor of a multi-tensor sweep (64 bytes; the host writes the same layout, cuda.rs `Desc`).
+// Everything a step changes (keys, scales, gradients, the learning rate) is read from here, device
+// memory, not from kernel arguments, so a captured launch can be replayed with new values.
+struct Desc {
+  u64 ptr;                // the tensor's first element
+  u64 n;                  // its elements
+  u32 dt, vec, flags, m;  // dtype code, vector path allowed, F_* flags, directions (update)
+  u32 a, b;               // perturb: the stream key; update: the restore's key
+  float scale, inv_n, wd, lr;  // perturb: scale; update: restore scale, 1/n, weight decay, lr
+  u32 kofs, pad;          // update: this tensor's first Dir
+};
+struct Dir { u32 a, b; float g; };  // one direction of one tensor's update: its key and gradient
+#define F_INV 1u
+#define F_WD 2u
+#define F_RESTORE 4u
 extern __shared__ float sT[];
-// One sweep over p: th <- f(th, i) for every element, four consecutive elements per vector load
-// and store where `vec` says the pointer is aligned for it, the scalar path for the rest.
-template <class F>
-__device__ __forceinline__ void sweep(void* p, int dt, u64 n, int vec, F f) {
+// The table's lower half, then (8-byte aligned after it) the tensors' first units: S[j] is the
+// first unit of tensor j, S[nt] the total. A unit is four consecutive elements of one tensor.
+__device__ __forceinline__ const u64* load_shared(const float* __restrict__ T, const u64* __restrict__ S, int nt) {
+  u64* sS = (u64*)(sT + HALF + 2);
+  for (u32 j = threadIdx.x; j <= HALF; j += blockDim.x) sT[j] = T[j];
+  for (int j = threadIdx.x; j <= nt; j += blockDim.x) sS[j] = S[j];
+  __syncthreads();
+  return sS;
+}
+// One sweep over the concatenated units of nt tensors, grid-stride: th <- op(th, i) for every
+// element. A thread's units only grow, so after one binary search for its first unit it finds
+// each next unit's tensor by stepping forward (at most nt steps in all); a unit takes one vector
+// load and store where the tensor allows it, else (unaligned, or the 1-3 elements at the end) the
+// scalar path. Which thread does which element never changes an element's bits.
+template <class Op>
+__device__ __forceinline__ void sweep_many(const Desc* __restrict__ D, const u64* sS, int nt, u64 U, Op& op) {
   u64 stride = (u64)gridDim.x * blockDim.x;
-  u64 t = blockIdx.x * (u64)blockDim.x + threadIdx.x;
-  u64 tail = 0;
-  if (vec) {
-    u64 nq = n >> 2;
-    for (u64 q = t; q < nq; q += stride) {
-      u64 i = q << 2;
-      float v[4];
-      ld4(p, q, dt, v);
-#pragma unroll
-      for (int k = 0; k < 4; k++) v[k] = f(v[k], (u32)(i + k));
-      st4(p, q, dt, v);
+  u64 u = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+  if (u >= U) return;
+  int lo = 0, hi = nt;  // sS[lo] <= u < sS[hi]
+  while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (sS[mid] <= u) lo = mid; else hi = mid; }
+  int j = lo;
+  u64 start, end, n;
+  void* p;
+  int dt;
+  u32 full;  // the units the vector path takes: every complete one, none if unaligned
+  u32 ub;    // bytes in a unit
+  for (bool fresh = true;;) {
+    if (fresh) {
+      start = sS[j]; end = sS[j + 1];
+      p = (void*)D[j].ptr; n = D[j].n; dt = D[j].dt;
+      full = D[j].vec ? (u32)(n >> 2) : 0u;
+      ub = dt == 0 ? 16 : 8;
+      op.load(D[j]);
     }
-    tail = nq << 2;
+    u32 q = (u32)(u - start);  // < 2^30: a tensor has at most 2^32 elements
+    if (q < full) {
+      float v[4];
+      void* pq = (char*)p + (u64)q * ub;
+      ld4(pq, dt, v);
+      op.apply4(v, q << 2);
+      st4(pq, dt, v);
+    } else {
+      u64 i = (u64)q << 2, e = i + 4 < n ? i + 4 : n;
+      for (; i < e; i++) st(p, i, dt, op.apply(ld(p, i, dt), (u32)i));
+    }
+    u += stride;
+    fresh = u >= end;
+    if (fresh) {
+      if (u >= U) break;
+      do { j++; } while (u >= sS[j + 1]);
+    }
   }
-  for (u64 i = tail + t; i < n; i += stride) st(p, i, dt, f(ld(p, i, dt), (u32)i));
 }
-extern "C" __global__ void __launch_bounds__(1024, 1)
-mezo_perturb(void* p, int dt, u64 n, u32 a, u32 b, float scale, const float* __restrict__ T, int dist,
-             int vec) {
-  load_table(sT, T);
-  sweep(p, dt, n, vec, [=](float th, u32 i) { return __fadd_rn(th, __fmul_rn(zval(i, a, b, sT, dist), scale)); });
-}
-extern "C" __global__ void __launch_bounds__(1024, 1)
-mezo_sgd_update(void* p, int dt, u64 n, const u32* a, const u32* b, const float* g, int m, float inv_n,
-                int use_inv, float wd, int use_wd, float lr, const float* __restrict__ T, int dist,
-                u32 ra, u32 rb, float rscale, int use_r, int vec) {
-  load_table(sT, T);
-  sweep(p, dt, n, vec, [=](float th, u32 ii) {
-    float acc = __fmul_rn(zval(ii, a[0], b[0], sT, dist), g[0]);
-    for (int j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, a[j], b[j], sT, dist), g[j]));
-    if (use_inv) acc = __fmul_rn(acc, inv_n);
+struct PerturbOp {
+  const float* sT; int dist; u32 a, b; float s;
+  __device__ __forceinline__ void load(const Desc& d) { a = d.a; b = d.b; s = d.scale; }
+  __device__ __forceinline__ float apply(float th, u32 i) const {
+    return __fadd_rn(th, __fmul_rn(zval(i, a, b, sT, dist), s));
+  }
+  __device__ __forceinline__ void apply4(float* v, u32 i) const {
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = apply(v[k], i + k);
+  }
+};
+// The first direction's key and gradient sit in registers (one direction is the common case);
+// further ones are read once per four elements.
+struct UpdateOp {
+  const float* sT; int dist; const Dir* __restrict__ K;
+  const Dir* dir; u32 m, flags, a0, b0, ra, rb; float g0, rs, inv, wd, lr; int dt;
+  __device__ __forceinline__ void load(const Desc& d) {
+    dir = K + d.kofs; m = d.m; flags = d.flags; ra = d.a; rb = d.b;
+    rs = d.scale; inv = d.inv_n; wd = d.wd; lr = d.lr; dt = d.dt;
+    a0 = dir[0].a; b0 = dir[0].b; g0 = dir[0].g;
+  }
+  // th from the estimate acc = sum_j g_j z_j (direction order), as the per-tensor update does.
+  __device__ __forceinline__ float finish(float th, float acc, u32 ii) const {
+    if (flags & F_INV) acc = __fmul_rn(acc, inv);
     // A pending restore (the last direction's -eps z undone) fused into this sweep, rounded as
     // the separate perturb kernel's store would round it: the same bits, one sweep fewer.
-    if (use_r) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, sT, dist), rscale)), dt);
-    if (use_wd) acc = __fadd_rn(acc, __fmul_rn(th, wd));
+    if (flags & F_RESTORE) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, sT, dist), rs)), dt);
+    if (flags & F_WD) acc = __fadd_rn(acc, __fmul_rn(th, wd));
     return __fsub_rn(th, __fmul_rn(acc, lr));
-  });
+  }
+  __device__ __forceinline__ float apply(float th, u32 ii) const {
+    float acc = __fmul_rn(zval(ii, a0, b0, sT, dist), g0);
+    for (u32 j = 1; j < m; j++) acc = __fadd_rn(acc, __fmul_rn(zval(ii, dir[j].a, dir[j].b, sT, dist), dir[j].g));
+    return finish(th, acc, ii);
+  }
+  __device__ __forceinline__ void apply4(float* v, u32 i) const {
+    float acc[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) acc[k] = __fmul_rn(zval(i + k, a0, b0, sT, dist), g0);
+    for (u32 j = 1; j < m; j++) {
+      Dir e = dir[j];
+#pragma unroll
+      for (int k = 0; k < 4; k++) acc[k] = __fadd_rn(acc[k], __fmul_rn(zval(i + k, e.a, e.b, sT, dist), e.g));
+    }
+#pragma unroll
+    for (int k = 0; k < 4; k++) v[k] = finish(v[k], acc[k], i + k);
+  }
+};
+// th += scale z for every element of nt tensors.
+extern "C" __global__ void __launch_bounds__(1024, 1)
+mezo_perturb_many(const Desc* __restrict__ D, const u64* __restrict__ S, int nt, u64 U,
+                  const float* __restrict__ T, int dist) {
+  const u64* sS = load_shared(T, S, nt);
+  PerturbOp op{sT, dist, 0, 0, 0.0f};
+  sweep_many(D, sS, nt, U, op);
+}
+// The ZO-SGD update (with the optional fused restore) of every element of nt tensors.
+extern "C" __global__ void __launch_bounds__(1024, 1)
+mezo_sgd_update_many(const Desc* __restrict__ D, const u64* __restrict__ S, const Dir* __restrict__ K,
+                     int nt, u64 U, const float* __restrict__ T, int dist) {
+  const u64* sS = load_shared(T, S, nt);
+  UpdateOp op{sT, dist, K, K, 0, 0, 0, 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0};
+  sweep_many(D, sS, nt, U, op);
 }
 "#;
 
 type CuResult = c_int;
 
-struct Api {
-    _nvrtc: libloading::Library,
-    _cuda: libloading::Library,
-    cu_get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
-    cu_module_load_data: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> CuResult,
-    cu_module_get_function: unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> CuResult,
+/// NVRTC, opened on its own: compiling needs no driver (a CPU machine's tests compile the source).
+struct Nvrtc {
+    _lib: libloading::Library,
+    /// NVRTC's builtins library, opened beside it (see [`Nvrtc::load`]).
+    _builtins: Option<libloading::os::unix::Library>,
+    create_program: unsafe extern "C" fn(
+        *mut *mut c_void,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    compile_program: unsafe extern "C" fn(*mut c_void, c_int, *const *const c_char) -> c_int,
+    destroy_program: unsafe extern "C" fn(*mut *mut c_void) -> c_int,
+    get_ptx_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    get_ptx: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+    get_cubin_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    get_cubin: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+    get_program_log_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
+    get_program_log: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+}
+
+/// The driver API (libcuda), for loading modules and launching into a device's primary context.
+struct Driver {
+    _lib: libloading::Library,
+    get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    init: unsafe extern "C" fn(c_uint) -> CuResult,
+    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> CuResult,
+    primary_ctx_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult,
+    ctx_push: unsafe extern "C" fn(*mut c_void) -> CuResult,
+    ctx_pop: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
+    module_load_data: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> CuResult,
+    module_get_function: unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> CuResult,
     #[allow(clippy::type_complexity)]
-    cu_launch_kernel: unsafe extern "C" fn(
+    launch_kernel: unsafe extern "C" fn(
         *mut c_void,
         c_uint,
         c_uint,
@@ -145,32 +291,26 @@ struct Api {
         *mut *mut c_void,
         *mut *mut c_void,
     ) -> CuResult,
-    cu_ctx_get_current: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
-    cu_ctx_get_device: unsafe extern "C" fn(*mut c_int) -> CuResult,
-    cu_device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
-    cu_mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
-    cu_func_set_attribute: unsafe extern "C" fn(*mut c_void, c_int, c_int) -> CuResult,
-    nvrtc_create_program: unsafe extern "C" fn(
-        *mut *mut c_void,
-        *const c_char,
-        *const c_char,
-        c_int,
-        *const *const c_char,
-        *const *const c_char,
-    ) -> c_int,
-    nvrtc_compile_program: unsafe extern "C" fn(*mut c_void, c_int, *const *const c_char) -> c_int,
-    nvrtc_get_ptx_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
-    nvrtc_get_ptx: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
-    nvrtc_get_program_log_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> c_int,
-    nvrtc_get_program_log: unsafe extern "C" fn(*mut c_void, *mut c_char) -> c_int,
+    device_get_attribute: unsafe extern "C" fn(*mut c_int, c_int, c_int) -> CuResult,
+    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
+    mem_alloc: unsafe extern "C" fn(*mut u64, usize) -> CuResult,
+    memcpy_htod: unsafe extern "C" fn(u64, *const c_void, usize) -> CuResult,
+    memcpy_htod_async: unsafe extern "C" fn(u64, *const c_void, usize, *mut c_void) -> CuResult,
+    mem_host_alloc: unsafe extern "C" fn(*mut *mut c_void, usize, c_uint) -> CuResult,
+    mem_free_host: unsafe extern "C" fn(*mut c_void) -> CuResult,
+    event_create: unsafe extern "C" fn(*mut *mut c_void, c_uint) -> CuResult,
+    event_record: unsafe extern "C" fn(*mut c_void, *mut c_void) -> CuResult,
+    event_synchronize: unsafe extern "C" fn(*mut c_void) -> CuResult,
+    func_set_attribute: unsafe extern "C" fn(*mut c_void, c_int, c_int) -> CuResult,
 }
 
-fn open_first(names: &[String]) -> Result<libloading::Library> {
+/// The first of `names` that loads, and the name it loaded under.
+fn open_first(names: &[String]) -> Result<(libloading::Library, String)> {
     let mut errs = Vec::new();
     for n in names {
         // SAFETY: loading a vendor library whose initialisers are trusted (NVIDIA's).
         match unsafe { libloading::Library::new(n) } {
-            Ok(l) => return Ok(l),
+            Ok(l) => return Ok((l, n.clone())),
             Err(e) => errs.push(format!("{n}: {e}")),
         }
     }
@@ -193,136 +333,67 @@ fn nvrtc_names() -> Vec<String> {
     names
 }
 
-impl Api {
+macro_rules! sym {
+    ($lib:expr, $name:literal) => {
+        // SAFETY: the signature matches the documented C API of this symbol.
+        *unsafe { $lib.get($name) }
+            .map_err(|e| CoreError::Cuda(format!("{}: {e}", String::from_utf8_lossy($name))))?
+    };
+}
+
+impl Nvrtc {
     fn load() -> Result<Self> {
-        let nvrtc = open_first(&nvrtc_names())?;
-        let cuda = open_first(&["libcuda.so.1".to_string(), "libcuda.so".to_string()])?;
-        macro_rules! sym {
-            ($lib:expr, $name:literal) => {
-                // SAFETY: the signature matches the documented C API of this symbol.
-                *unsafe { $lib.get($name) }
-                    .map_err(|e| CoreError::Cuda(format!("{}: {e}", String::from_utf8_lossy($name))))?
-            };
-        }
-        Ok(Api {
-            cu_get_error_string: sym!(cuda, b"cuGetErrorString"),
-            cu_module_load_data: sym!(cuda, b"cuModuleLoadData"),
-            cu_module_get_function: sym!(cuda, b"cuModuleGetFunction"),
-            cu_launch_kernel: sym!(cuda, b"cuLaunchKernel"),
-            cu_ctx_get_current: sym!(cuda, b"cuCtxGetCurrent"),
-            cu_ctx_get_device: sym!(cuda, b"cuCtxGetDevice"),
-            cu_device_get_attribute: sym!(cuda, b"cuDeviceGetAttribute"),
-            cu_mem_get_info: sym!(cuda, b"cuMemGetInfo_v2"),
-            cu_func_set_attribute: sym!(cuda, b"cuFuncSetAttribute"),
-            nvrtc_create_program: sym!(nvrtc, b"nvrtcCreateProgram"),
-            nvrtc_compile_program: sym!(nvrtc, b"nvrtcCompileProgram"),
-            nvrtc_get_ptx_size: sym!(nvrtc, b"nvrtcGetPTXSize"),
-            nvrtc_get_ptx: sym!(nvrtc, b"nvrtcGetPTX"),
-            nvrtc_get_program_log_size: sym!(nvrtc, b"nvrtcGetProgramLogSize"),
-            nvrtc_get_program_log: sym!(nvrtc, b"nvrtcGetProgramLog"),
-            _nvrtc: nvrtc,
-            _cuda: cuda,
+        let (lib, name) = open_first(&nvrtc_names())?;
+        // NVRTC dlopens libnvrtc-builtins by bare name when it compiles, which fails where its
+        // folder (pip's site-packages/nvidia/cu13/lib) is on no search path. Loaded here first,
+        // from the folder libnvrtc came from, that lookup finds the library already loaded.
+        let builtins =
+            std::path::Path::new(&name).parent().filter(|d| !d.as_os_str().is_empty()).and_then(|dir| {
+                let mut found: Vec<_> = std::fs::read_dir(dir)
+                    .ok()?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|f| f.to_str())
+                            .is_some_and(|f| f.starts_with("libnvrtc-builtins.so.") && !f.contains(".alt"))
+                    })
+                    .collect();
+                found.sort();
+                found.into_iter().find_map(|p| {
+                    // SAFETY: NVIDIA's library, as above; global so NVRTC's own dlopen sees it.
+                    unsafe {
+                        libloading::os::unix::Library::open(
+                            Some(&p),
+                            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                        )
+                    }
+                    .ok()
+                })
+            });
+        Ok(Nvrtc {
+            _builtins: builtins,
+            create_program: sym!(lib, b"nvrtcCreateProgram"),
+            compile_program: sym!(lib, b"nvrtcCompileProgram"),
+            destroy_program: sym!(lib, b"nvrtcDestroyProgram"),
+            get_ptx_size: sym!(lib, b"nvrtcGetPTXSize"),
+            get_ptx: sym!(lib, b"nvrtcGetPTX"),
+            get_cubin_size: sym!(lib, b"nvrtcGetCUBINSize"),
+            get_cubin: sym!(lib, b"nvrtcGetCUBIN"),
+            get_program_log_size: sym!(lib, b"nvrtcGetProgramLogSize"),
+            get_program_log: sym!(lib, b"nvrtcGetProgramLog"),
+            _lib: lib,
         })
     }
 
-    fn check(&self, r: CuResult, what: &str) -> Result<()> {
-        if r == 0 {
-            return Ok(());
-        }
-        let mut s: *const c_char = std::ptr::null();
-        // SAFETY: cuGetErrorString writes a pointer to a static string.
-        unsafe { (self.cu_get_error_string)(r, &mut s) };
-        let msg = if s.is_null() {
-            format!("error {r}")
-        } else {
-            unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
-        };
-        Err(CoreError::Cuda(format!("{what}: {msg}")))
-    }
-}
-
-/// Kernels of one CUDA context (one per device that ran them).
-struct Module {
-    perturb: usize,
-    update: usize,
-    /// The device's multiprocessors: one block each (the shared table takes most of an SM's
-    /// shared memory, and fewer blocks load it fewer times).
-    sms: u32,
-}
-
-/// Shared memory a block takes: the lower half of the Gaussian table, knots 0..=32768.
-const TABLE_SHARED_BYTES: u32 = (32_769 * 4) as u32;
-const THREADS: u32 = 1024;
-
-struct Kernels {
-    api: Api,
-    modules: Mutex<Vec<(usize, Module)>>,
-}
-
-fn kernels() -> Result<&'static Kernels> {
-    static K: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
-    K.get_or_init(|| {
-        Api::load().map(|api| Kernels { api, modules: Mutex::new(Vec::new()) }).map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| CoreError::Cuda(e.clone()))
-}
-
-impl Kernels {
-    /// The functions for the current context, compiling for its device on first use.
-    fn functions(&self) -> Result<(usize, usize, u32)> {
-        let api = &self.api;
-        let mut ctx = std::ptr::null_mut();
-        api.check(unsafe { (api.cu_ctx_get_current)(&mut ctx) }, "cuCtxGetCurrent")?;
-        if ctx.is_null() {
-            return Err(CoreError::Cuda(
-                "no current CUDA context (libtorch has not touched this device yet)".into(),
-            ));
-        }
-        let mut modules = self.modules.lock().expect("kernel cache lock");
-        if let Some((_, m)) = modules.iter().find(|(c, _)| *c == ctx as usize) {
-            return Ok((m.perturb, m.update, m.sms));
-        }
-        let mut dev = 0;
-        api.check(unsafe { (api.cu_ctx_get_device)(&mut dev) }, "cuCtxGetDevice")?;
-        let (mut major, mut minor) = (0, 0);
-        // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76.
-        api.check(unsafe { (api.cu_device_get_attribute)(&mut major, 75, dev) }, "compute capability")?;
-        api.check(unsafe { (api.cu_device_get_attribute)(&mut minor, 76, dev) }, "compute capability")?;
-        let ptx = self.compile(&format!("--gpu-architecture=compute_{major}{minor}"))?;
-        let mut module = std::ptr::null_mut();
-        api.check(
-            unsafe { (api.cu_module_load_data)(&mut module, ptx.as_ptr() as *const c_void) },
-            "cuModuleLoadData",
-        )?;
-        let get = |name: &str| -> Result<usize> {
-            let mut f = std::ptr::null_mut();
-            let c = CString::new(name).expect("no NUL");
-            api.check(unsafe { (api.cu_module_get_function)(&mut f, module, c.as_ptr()) }, name)?;
-            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8: above the default 48 KB.
-            api.check(
-                unsafe { (api.cu_func_set_attribute)(f, 8, TABLE_SHARED_BYTES as c_int) },
-                "allowing the kernel 131 KB of shared memory",
-            )?;
-            Ok(f as usize)
-        };
-        let mut sms = 0;
-        // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16.
-        api.check(unsafe { (api.cu_device_get_attribute)(&mut sms, 16, dev) }, "multiprocessor count")?;
-        let m =
-            Module { perturb: get("mezo_perturb")?, update: get("mezo_sgd_update")?, sms: sms.max(1) as u32 };
-        let out = (m.perturb, m.update, m.sms);
-        modules.push((ctx as usize, m));
-        Ok(out)
-    }
-
-    fn compile(&self, arch: &str) -> Result<Vec<u8>> {
-        let api = &self.api;
+    /// Compiles [`SOURCE`]: PTX for a virtual architecture (`compute_90`), a CUBIN for a real one
+    /// (`sm_90`, which also runs ptxas). Returns the image and the compiler's log.
+    fn compile(&self, arch: &str, extra: &[&str]) -> Result<(Vec<u8>, String)> {
         let src = CString::new(SOURCE).expect("no NUL");
         let name = CString::new("mezo_fused.cu").expect("no NUL");
         let mut prog = std::ptr::null_mut();
+        // SAFETY: valid C strings; no headers.
         let r = unsafe {
-            (api.nvrtc_create_program)(
+            (self.create_program)(
                 &mut prog,
                 src.as_ptr(),
                 name.as_ptr(),
@@ -336,53 +407,451 @@ impl Kernels {
         }
         // --fmad=false: the arithmetic must round exactly like the CPU's (the intrinsics already
         // say so; this keeps any future edit honest).
-        let opts = [CString::new(arch).expect("no NUL"), CString::new("--fmad=false").expect("no NUL")];
+        let mut opts = vec![format!("--gpu-architecture={arch}"), "--fmad=false".to_string()];
+        opts.extend(extra.iter().map(|s| s.to_string()));
+        let opts: Vec<CString> = opts.into_iter().map(|o| CString::new(o).expect("no NUL")).collect();
         let ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
-        let r = unsafe { (api.nvrtc_compile_program)(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
-        if r != 0 {
-            let mut n = 0usize;
-            unsafe { (api.nvrtc_get_program_log_size)(prog, &mut n) };
-            let mut log = vec![0u8; n.max(1)];
-            unsafe { (api.nvrtc_get_program_log)(prog, log.as_mut_ptr() as *mut c_char) };
-            return Err(CoreError::Cuda(format!("NVRTC ({arch}): {}", String::from_utf8_lossy(&log))));
-        }
+        // SAFETY: `prog` was created above; the options outlive the call.
+        let r = unsafe { (self.compile_program)(prog, ptrs.len() as c_int, ptrs.as_ptr()) };
         let mut n = 0usize;
-        unsafe { (api.nvrtc_get_ptx_size)(prog, &mut n) };
-        let mut ptx = vec![0u8; n];
-        unsafe { (api.nvrtc_get_ptx)(prog, ptx.as_mut_ptr() as *mut c_char) };
-        Ok(ptx)
+        unsafe { (self.get_program_log_size)(prog, &mut n) };
+        let mut log = vec![0u8; n.max(1)];
+        unsafe { (self.get_program_log)(prog, log.as_mut_ptr() as *mut c_char) };
+        let log = String::from_utf8_lossy(&log).trim_end_matches('\0').trim().to_string();
+        let out = if r != 0 {
+            Err(CoreError::Cuda(format!("NVRTC ({arch}): {log}")))
+        } else {
+            let (size, get) = if arch.starts_with("sm_") {
+                (self.get_cubin_size, self.get_cubin)
+            } else {
+                (self.get_ptx_size, self.get_ptx)
+            };
+            let mut n = 0usize;
+            unsafe { size(prog, &mut n) };
+            let mut image = vec![0u8; n];
+            unsafe { get(prog, image.as_mut_ptr() as *mut c_char) };
+            Ok((image, log))
+        };
+        unsafe { (self.destroy_program)(&mut prog) };
+        out
+    }
+}
+
+fn nvrtc() -> Result<&'static Nvrtc> {
+    static N: OnceLock<std::result::Result<Nvrtc, String>> = OnceLock::new();
+    N.get_or_init(|| Nvrtc::load().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| CoreError::Cuda(e.clone()))
+}
+
+impl Driver {
+    fn load() -> Result<Self> {
+        let (lib, _) = open_first(&["libcuda.so.1".to_string(), "libcuda.so".to_string()])?;
+        let d = Driver {
+            get_error_string: sym!(lib, b"cuGetErrorString"),
+            init: sym!(lib, b"cuInit"),
+            device_get: sym!(lib, b"cuDeviceGet"),
+            primary_ctx_retain: sym!(lib, b"cuDevicePrimaryCtxRetain"),
+            ctx_push: sym!(lib, b"cuCtxPushCurrent_v2"),
+            ctx_pop: sym!(lib, b"cuCtxPopCurrent_v2"),
+            module_load_data: sym!(lib, b"cuModuleLoadData"),
+            module_get_function: sym!(lib, b"cuModuleGetFunction"),
+            launch_kernel: sym!(lib, b"cuLaunchKernel"),
+            device_get_attribute: sym!(lib, b"cuDeviceGetAttribute"),
+            mem_get_info: sym!(lib, b"cuMemGetInfo_v2"),
+            mem_alloc: sym!(lib, b"cuMemAlloc_v2"),
+            memcpy_htod: sym!(lib, b"cuMemcpyHtoD_v2"),
+            memcpy_htod_async: sym!(lib, b"cuMemcpyHtoDAsync_v2"),
+            mem_host_alloc: sym!(lib, b"cuMemHostAlloc"),
+            mem_free_host: sym!(lib, b"cuMemFreeHost"),
+            event_create: sym!(lib, b"cuEventCreate"),
+            event_record: sym!(lib, b"cuEventRecord"),
+            event_synchronize: sym!(lib, b"cuEventSynchronize"),
+            func_set_attribute: sym!(lib, b"cuFuncSetAttribute"),
+            _lib: lib,
+        };
+        // Idempotent; libtorch has normally called it already.
+        d.check(unsafe { (d.init)(0) }, "cuInit")?;
+        Ok(d)
     }
 
-    fn launch(&self, f: usize, sms: u32, n: u64, args: &mut [*mut c_void]) -> Result<()> {
-        let threads = THREADS;
-        let blocks = n.div_ceil(u64::from(threads)).clamp(1, u64::from(sms)) as u32;
-        let api = &self.api;
+    fn check(&self, r: CuResult, what: &str) -> Result<()> {
+        if r == 0 {
+            return Ok(());
+        }
+        let mut s: *const c_char = std::ptr::null();
+        // SAFETY: cuGetErrorString writes a pointer to a static string.
+        unsafe { (self.get_error_string)(r, &mut s) };
+        let msg = if s.is_null() {
+            format!("error {r}")
+        } else {
+            unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+        };
+        Err(CoreError::Cuda(format!("{what}: {msg}")))
+    }
+
+    /// Makes `ctx` current on this thread until the guard drops (then the previous context is
+    /// current again, so libtorch's view of the thread is untouched).
+    fn enter(&self, ctx: usize) -> Result<CtxGuard<'_>> {
+        self.check(unsafe { (self.ctx_push)(ctx as *mut c_void) }, "cuCtxPushCurrent")?;
+        Ok(CtxGuard { driver: self })
+    }
+}
+
+struct CtxGuard<'a> {
+    driver: &'a Driver,
+}
+
+impl Drop for CtxGuard<'_> {
+    fn drop(&mut self) {
+        let mut popped = std::ptr::null_mut();
+        // A failure here leaves our context current; nothing better to do in a destructor.
+        let _ = unsafe { (self.driver.ctx_pop)(&mut popped) };
+    }
+}
+
+/// What one device needs to run the kernels: its primary context (libtorch's), the module loaded
+/// there, its multiprocessor count and its own copy of the half table. Made on first use, kept for
+/// the process (a few hundred KB per device).
+struct DeviceKernels {
+    ctx: usize,
+    perturb: usize,
+    update: usize,
+    /// One block each (the shared table takes most of an SM's shared memory, and fewer blocks
+    /// load it fewer times).
+    sms: u32,
+    table: u64,
+    staging: Mutex<Staging>,
+}
+
+/// Page-locked host buffers the descriptor uploads go through, used in turn. A copy from pinned
+/// memory is truly asynchronous, where one from pageable memory may wait for the stream to drain
+/// (libtorch's blocking copy always does): a sweep must not stall the host behind the forward
+/// queued before it. A slot is written again only after the event recorded behind its last copy
+/// has passed (normally long before: the other slots were used in between).
+struct Staging {
+    slots: [StagingSlot; STAGING_SLOTS],
+    next: usize,
+}
+
+#[derive(Default, Clone, Copy)]
+struct StagingSlot {
+    host: usize,
+    capacity: usize,
+    event: usize,
+    in_flight: bool,
+}
+
+const STAGING_SLOTS: usize = 4;
+
+/// Shared memory for the table: knots 0..=32768 and one float of padding, so the tensors' first
+/// units that follow it are 8-byte aligned.
+const TABLE_SHARED_BYTES: u32 = (32_770 * 4) as u32;
+/// Tensors one launch sweeps at most (each takes 8 bytes of shared memory); longer lists take
+/// several launches.
+const MAX_TENSORS_PER_LAUNCH: usize = 2048;
+const MAX_SHARED_BYTES: u32 = TABLE_SHARED_BYTES + 8 * (MAX_TENSORS_PER_LAUNCH as u32 + 1);
+const THREADS: u32 = 1024;
+
+struct Kernels {
+    driver: Driver,
+    devices: Mutex<Vec<(usize, &'static DeviceKernels)>>,
+}
+
+fn kernels() -> Result<&'static Kernels> {
+    static K: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
+    K.get_or_init(|| {
+        Driver::load()
+            .map(|driver| Kernels { driver, devices: Mutex::new(Vec::new()) })
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| CoreError::Cuda(e.clone()))
+}
+
+impl Kernels {
+    /// The kernels on CUDA device `index`, compiled and loaded there on first use.
+    fn device(&self, index: usize) -> Result<&'static DeviceKernels> {
+        let mut devices = self.devices.lock().expect("kernel cache lock");
+        if let Some((_, k)) = devices.iter().find(|(i, _)| *i == index) {
+            return Ok(k);
+        }
+        let d = &self.driver;
+        let mut dev = 0;
+        d.check(unsafe { (d.device_get)(&mut dev, index as c_int) }, &format!("cuDeviceGet({index})"))?;
+        let mut ctx = std::ptr::null_mut();
+        // The primary context is the one the CUDA runtime, so libtorch, uses on this device.
+        d.check(unsafe { (d.primary_ctx_retain)(&mut ctx, dev) }, "cuDevicePrimaryCtxRetain")?;
+        let _g = d.enter(ctx as usize)?;
+        let attr = |a: c_int, what: &str| -> Result<c_int> {
+            let mut v = 0;
+            d.check(unsafe { (d.device_get_attribute)(&mut v, a, dev) }, what)?;
+            Ok(v)
+        };
+        // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76, MULTIPROCESSOR_COUNT = 16.
+        let (major, minor) = (attr(75, "compute capability")?, attr(76, "compute capability")?);
+        let sms = attr(16, "multiprocessor count")?;
+        let (ptx, _) = nvrtc()?.compile(&format!("compute_{major}{minor}"), &[])?;
+        let mut module = std::ptr::null_mut();
+        d.check(
+            unsafe { (d.module_load_data)(&mut module, ptx.as_ptr() as *const c_void) },
+            "cuModuleLoadData",
+        )?;
+        let get = |name: &str| -> Result<usize> {
+            let mut f = std::ptr::null_mut();
+            let c = CString::new(name).expect("no NUL");
+            d.check(unsafe { (d.module_get_function)(&mut f, module, c.as_ptr()) }, name)?;
+            // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8: above the default 48 KB.
+            d.check(
+                unsafe { (d.func_set_attribute)(f, 8, MAX_SHARED_BYTES as c_int) },
+                "allowing the kernel 147 KB of shared memory",
+            )?;
+            Ok(f as usize)
+        };
+        // This device's copy of the half table (knots 0..=32768), in memory of its own outside
+        // libtorch's allocator: callers need not hand the kernels a table on the right device.
+        let half = &host_gauss_table().t[..=32_768];
+        let bytes = std::mem::size_of_val(half);
+        let mut table = 0u64;
+        d.check(unsafe { (d.mem_alloc)(&mut table, bytes) }, "cuMemAlloc (Gaussian table)")?;
+        d.check(
+            unsafe { (d.memcpy_htod)(table, half.as_ptr() as *const c_void, bytes) },
+            "cuMemcpyHtoD (Gaussian table)",
+        )?;
+        let k = DeviceKernels {
+            ctx: ctx as usize,
+            perturb: get("mezo_perturb_many")?,
+            update: get("mezo_sgd_update_many")?,
+            sms: sms.max(1) as u32,
+            table,
+            staging: Mutex::new(Staging { slots: [StagingSlot::default(); STAGING_SLOTS], next: 0 }),
+        };
+        let k: &'static DeviceKernels = Box::leak(Box::new(k));
+        devices.push((index, k));
+        Ok(k)
+    }
+}
+
+impl Kernels {
+    /// Copies `buf` into `dev` (device memory of at least its size) on the legacy default stream
+    /// without blocking the host (see [`Staging`]). Call with `k`'s context current.
+    fn upload(&self, k: &DeviceKernels, buf: &[u8], dev: u64) -> Result<()> {
+        let d = &self.driver;
+        let mut st = k.staging.lock().expect("staging lock");
+        let at = st.next;
+        st.next = (at + 1) % STAGING_SLOTS;
+        let slot = &mut st.slots[at];
+        if slot.event == 0 {
+            let mut e = std::ptr::null_mut();
+            // CU_EVENT_DISABLE_TIMING = 2: the cheapest kind, only ever waited on.
+            d.check(unsafe { (d.event_create)(&mut e, 2) }, "cuEventCreate")?;
+            slot.event = e as usize;
+        }
+        if slot.in_flight {
+            d.check(unsafe { (d.event_synchronize)(slot.event as *mut c_void) }, "cuEventSynchronize")?;
+            slot.in_flight = false;
+        }
+        if slot.capacity < buf.len() {
+            if slot.host != 0 {
+                d.check(unsafe { (d.mem_free_host)(slot.host as *mut c_void) }, "cuMemFreeHost")?;
+                slot.host = 0;
+                slot.capacity = 0;
+            }
+            let capacity = buf.len().next_power_of_two().max(4096);
+            let mut h = std::ptr::null_mut();
+            d.check(
+                unsafe { (d.mem_host_alloc)(&mut h, capacity, 0) },
+                "cuMemHostAlloc (descriptor staging)",
+            )?;
+            slot.host = h as usize;
+            slot.capacity = capacity;
+        }
+        // SAFETY: the slot holds `capacity` >= buf.len() bytes and no copy reads it any more.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), slot.host as *mut u8, buf.len()) };
         let r = unsafe {
-            (api.cu_launch_kernel)(
+            (d.memcpy_htod_async)(dev, slot.host as *const c_void, buf.len(), std::ptr::null_mut())
+        };
+        d.check(r, "cuMemcpyHtoDAsync (descriptors)")?;
+        d.check(
+            unsafe { (d.event_record)(slot.event as *mut c_void, std::ptr::null_mut()) },
+            "cuEventRecord",
+        )?;
+        slot.in_flight = true;
+        Ok(())
+    }
+}
+
+/// One tensor of a launch, as the kernels' `struct Desc` lays it out (64 bytes, little endian).
+#[derive(Debug, Clone, Copy, Default)]
+struct Desc {
+    ptr: u64,
+    n: u64,
+    dt: u32,
+    vec: u32,
+    flags: u32,
+    m: u32,
+    a: u32,
+    b: u32,
+    scale: f32,
+    inv_n: f32,
+    wd: f32,
+    lr: f32,
+    kofs: u32,
+}
+
+const DESC_BYTES: usize = 64;
+const DIR_BYTES: usize = 12;
+const F_INV: u32 = 1;
+const F_WD: u32 = 2;
+const F_RESTORE: u32 = 4;
+
+impl Desc {
+    fn of(p: &Tensor) -> Self {
+        let ptr = p.data_ptr();
+        let dt = dtype_code(p);
+        Desc { ptr: ptr as u64, n: p.numel() as u64, dt, vec: vector_aligned(ptr, dt), ..Desc::default() }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend(self.ptr.to_le_bytes());
+        out.extend(self.n.to_le_bytes());
+        for w in [self.dt, self.vec, self.flags, self.m, self.a, self.b] {
+            out.extend(w.to_le_bytes());
+        }
+        for f in [self.scale, self.inv_n, self.wd, self.lr] {
+            out.extend(f.to_le_bytes());
+        }
+        out.extend(self.kofs.to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+    }
+}
+
+/// Which kernel a launch runs.
+#[derive(Clone, Copy)]
+enum Sweep {
+    Perturb,
+    Update,
+}
+
+/// One launch's input: the buffer the kernel reads (descriptors, the tensors' first units, the
+/// update's directions) and where its parts start.
+struct Plan {
+    buf: Vec<u8>,
+    tensors: usize,
+    units: u64,
+    starts_at: usize,
+    dirs_at: usize,
+}
+
+/// The launches that sweep `descs`: one per [`MAX_TENSORS_PER_LAUNCH`] tensors, none for tensors
+/// without elements. `dirs`: the update's (key, gradient) pairs that the descriptors' `kofs`
+/// point into (empty for a perturb).
+fn plan(descs: &[Desc], dirs: &[(StreamKey, f32)]) -> Vec<Plan> {
+    let mut plans = Vec::new();
+    for chunk in descs.chunks(MAX_TENSORS_PER_LAUNCH) {
+        let mut starts = Vec::with_capacity(chunk.len() + 1);
+        let mut total = 0u64;
+        for d in chunk {
+            starts.push(total);
+            total += d.n.div_ceil(4);
+        }
+        starts.push(total);
+        if total == 0 {
+            continue;
+        }
+        let nt = chunk.len();
+        let mut buf = Vec::with_capacity(nt * DESC_BYTES + 8 * (nt + 1) + dirs.len() * DIR_BYTES);
+        chunk.iter().for_each(|d| d.write(&mut buf));
+        let starts_at = buf.len();
+        starts.iter().for_each(|s| buf.extend(s.to_le_bytes()));
+        let dirs_at = buf.len();
+        for (key, g) in dirs {
+            buf.extend(key.a.to_le_bytes());
+            buf.extend(key.b.to_le_bytes());
+            buf.extend(g.to_le_bytes());
+        }
+        plans.push(Plan { buf, tensors: nt, units: total, starts_at, dirs_at });
+    }
+    plans
+}
+
+/// Sweeps the tensors of `descs` (all on CUDA device `index`): per launch, one asynchronous
+/// host-to-device copy of one small buffer, then the kernel, both on the legacy default stream.
+fn launch_many(
+    index: usize,
+    sweep: Sweep,
+    descs: &[Desc],
+    dirs: &[(StreamKey, f32)],
+    dist: Distribution,
+) -> Result<()> {
+    let ks = kernels()?;
+    let k = ks.device(index)?;
+    let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
+    let drv = &ks.driver;
+    for plan in plan(descs, dirs) {
+        // libtorch's allocator, stream-ordered: the memory is reused only by work queued after
+        // this sweep's kernel, so dropping the tensor after the launch is safe. Allocated before
+        // our context is pushed: libtorch may switch the thread's current device on the way,
+        // which would replace whatever context is current.
+        let dev_buf = Tensor::empty([plan.buf.len() as i64], (Kind::Uint8, Device::Cuda(index)));
+        let base = dev_buf.data_ptr() as u64;
+        let mut d_ptr = base;
+        let mut s_ptr = base + plan.starts_at as u64;
+        let mut k_ptr = base + plan.dirs_at as u64;
+        let mut nt = plan.tensors as c_int;
+        let mut units = plan.units;
+        let mut table = k.table;
+        let mut args: Vec<*mut c_void> =
+            vec![&mut d_ptr as *mut _ as *mut c_void, &mut s_ptr as *mut _ as *mut c_void];
+        let f = match sweep {
+            Sweep::Perturb => k.perturb,
+            Sweep::Update => {
+                args.push(&mut k_ptr as *mut _ as *mut c_void);
+                k.update
+            }
+        };
+        args.extend([
+            &mut nt as *mut _ as *mut c_void,
+            &mut units as *mut _ as *mut c_void,
+            &mut table as *mut _ as *mut c_void,
+            &mut di as *mut _ as *mut c_void,
+        ]);
+        let blocks = plan.units.div_ceil(u64::from(THREADS)).clamp(1, u64::from(k.sms)) as u32;
+        let shared = TABLE_SHARED_BYTES + 8 * (plan.tensors as u32 + 1);
+        let guard = drv.enter(k.ctx)?;
+        ks.upload(k, &plan.buf, base)?;
+        // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the
+        // buffer and every tensor stay allocated until the work queued on this stream has run.
+        let r = unsafe {
+            (drv.launch_kernel)(
                 f as *mut c_void,
                 blocks,
                 1,
                 1,
-                threads,
+                THREADS,
                 1,
                 1,
-                TABLE_SHARED_BYTES,
+                shared,
                 std::ptr::null_mut(),
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
         };
-        api.check(r, "cuLaunchKernel")
+        drv.check(r, "cuLaunchKernel")?;
+        // The thread's own context again before libtorch frees the buffer.
+        drop(guard);
+        drop(dev_buf);
     }
+    Ok(())
 }
 
 /// Whether the kernels may move four elements at a time: 16 bytes (f32) or 8 (f16/bf16) aligned.
-fn vector_aligned(ptr: *mut c_void, dt: c_int) -> c_int {
+fn vector_aligned(ptr: *mut c_void, dt: u32) -> u32 {
     let align = if dt == 0 { 16 } else { 8 };
-    ((ptr as usize) % align == 0).into()
+    (ptr as usize).is_multiple_of(align).into()
 }
 
-fn dtype_code(p: &Tensor) -> c_int {
+fn dtype_code(p: &Tensor) -> u32 {
     match p.kind() {
         Kind::Float => 0,
         Kind::Half => 1,
@@ -390,120 +859,352 @@ fn dtype_code(p: &Tensor) -> c_int {
     }
 }
 
-fn table_on(p: &Tensor, table: &GaussTable) -> Result<()> {
-    if table.device() != p.device() {
-        return Err(CoreError::InvalidArgument {
-            what: "Gaussian table device",
-            value: format!("{:?} for a tensor on {:?}", table.device(), p.device()),
-            expected: "the table made for the tensor's device",
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn perturb(
-    p: &Tensor,
-    key: StreamKey,
+/// `p += scale * z(key)` for every tensor, all on CUDA device `index`, in one launch.
+pub(crate) fn perturb_many(
+    index: usize,
+    ps: &[&Tensor],
+    keys: &[StreamKey],
     scale: f32,
     dist: Distribution,
-    table: &GaussTable,
 ) -> Result<()> {
-    table_on(p, table)?;
-    let k = kernels()?;
-    let (f, _, sms) = k.functions()?;
-    let mut ptr = p.data_ptr();
-    let mut dt = dtype_code(p);
-    let mut n = p.numel() as u64;
-    let (mut a, mut b, mut s) = (key.a, key.b, scale);
-    let mut tp = table.t.data_ptr();
-    let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
-    let mut vec = vector_aligned(ptr, dt);
-    let mut args: Vec<*mut c_void> = vec![
-        &mut ptr as *mut _ as *mut c_void,
-        &mut dt as *mut _ as *mut c_void,
-        &mut n as *mut _ as *mut c_void,
-        &mut a as *mut _ as *mut c_void,
-        &mut b as *mut _ as *mut c_void,
-        &mut s as *mut _ as *mut c_void,
-        &mut tp as *mut _ as *mut c_void,
-        &mut di as *mut _ as *mut c_void,
-        &mut vec as *mut _ as *mut c_void,
-    ];
-    k.launch(f, sms, n, &mut args)
+    launch_many(index, Sweep::Perturb, &perturb_descs(ps, keys, scale), &[], dist)
 }
 
-pub(crate) fn sgd_update(
-    p: &Tensor,
-    u: &SgdUpdate,
-    inv_n: Option<f32>,
+fn perturb_descs(ps: &[&Tensor], keys: &[StreamKey], scale: f32) -> Vec<Desc> {
+    ps.iter().zip(keys).map(|(p, k)| Desc { a: k.a, b: k.b, scale, ..Desc::of(p) }).collect()
+}
+
+/// The update of every tensor (all on CUDA device `index`) in one launch.
+pub(crate) fn sgd_update_many(
+    index: usize,
+    ps: &[&Tensor],
+    us: &[&SgdUpdate],
     dist: Distribution,
-    table: &GaussTable,
 ) -> Result<()> {
-    table_on(p, table)?;
-    let k = kernels()?;
-    let (_, f, sms) = k.functions()?;
-    let dev = p.device();
-    let to_dev = |v: Vec<i32>| Tensor::from_slice(&v).to_device(dev);
-    let a = to_dev(u.keys.iter().map(|k| k.a as i32).collect());
-    let b = to_dev(u.keys.iter().map(|k| k.b as i32).collect());
-    let g = Tensor::from_slice(&u.grads).to_device(dev);
-    let mut ptr = p.data_ptr();
-    let mut dt = dtype_code(p);
-    let mut n = p.numel() as u64;
-    let (mut ap, mut bp, mut gp) = (a.data_ptr(), b.data_ptr(), g.data_ptr());
-    let mut m = u.keys.len() as c_int;
-    let mut inv = inv_n.unwrap_or(1.0);
-    let mut use_inv: c_int = inv_n.is_some().into();
-    let mut wd = u.weight_decay.unwrap_or(0.0);
-    let mut use_wd: c_int = u.weight_decay.is_some().into();
-    let mut lr = u.lr;
-    let mut tp = table.t.data_ptr();
-    let mut di: c_int = matches!(dist, Distribution::Rademacher).into();
-    let (mut ra, mut rb, mut rs) = u.restore.map_or((0, 0, 0.0), |(k, s)| (k.a, k.b, s));
-    let mut use_r: c_int = u.restore.is_some().into();
-    let mut vec = vector_aligned(ptr, dt);
-    let mut args: Vec<*mut c_void> = vec![
-        &mut ptr as *mut _ as *mut c_void,
-        &mut dt as *mut _ as *mut c_void,
-        &mut n as *mut _ as *mut c_void,
-        &mut ap as *mut _ as *mut c_void,
-        &mut bp as *mut _ as *mut c_void,
-        &mut gp as *mut _ as *mut c_void,
-        &mut m as *mut _ as *mut c_void,
-        &mut inv as *mut _ as *mut c_void,
-        &mut use_inv as *mut _ as *mut c_void,
-        &mut wd as *mut _ as *mut c_void,
-        &mut use_wd as *mut _ as *mut c_void,
-        &mut lr as *mut _ as *mut c_void,
-        &mut tp as *mut _ as *mut c_void,
-        &mut di as *mut _ as *mut c_void,
-        &mut ra as *mut _ as *mut c_void,
-        &mut rb as *mut _ as *mut c_void,
-        &mut rs as *mut _ as *mut c_void,
-        &mut use_r as *mut _ as *mut c_void,
-        &mut vec as *mut _ as *mut c_void,
-    ];
-    k.launch(f, sms, n, &mut args)?;
-    // `a`, `b`, `g` must outlive the kernel: the caching allocator only recycles their memory
-    // for work queued after this point on the same stream, so dropping them here is safe.
-    drop((a, b, g));
-    Ok(())
+    let (descs, dirs) = update_descs(ps, us);
+    launch_many(index, Sweep::Update, &descs, &dirs, dist)
+}
+
+#[allow(clippy::type_complexity)]
+fn update_descs(ps: &[&Tensor], us: &[&SgdUpdate]) -> (Vec<Desc>, Vec<(StreamKey, f32)>) {
+    let mut dirs = Vec::new();
+    let mut descs = Vec::with_capacity(ps.len());
+    for (p, u) in ps.iter().zip(us) {
+        let inv_n = u.inv_n();
+        let (ra, rb, rs) = u.restore.map_or((0, 0, 0.0), |(k, s)| (k.a, k.b, s));
+        let flags = if inv_n.is_some() { F_INV } else { 0 }
+            | if u.weight_decay.is_some() { F_WD } else { 0 }
+            | if u.restore.is_some() { F_RESTORE } else { 0 };
+        descs.push(Desc {
+            flags,
+            m: u.keys.len() as u32,
+            a: ra,
+            b: rb,
+            scale: rs,
+            inv_n: inv_n.unwrap_or(1.0),
+            wd: u.weight_decay.unwrap_or(0.0),
+            lr: u.lr,
+            kofs: dirs.len() as u32,
+            ..Desc::of(p)
+        });
+        dirs.extend(u.keys.iter().copied().zip(u.grads.iter().copied()));
+    }
+    (descs, dirs)
 }
 
 /// Bytes in use on `device` (all processes: total minus free, as the driver reports it). tch
 /// exposes no allocator statistics; the benchmark takes the difference before and after its
 /// work, which counts what libtorch's caching allocator reserved (at least its peak allocation).
 pub fn memory_in_use(device: Device) -> Result<u64> {
-    let _ = Tensor::zeros([1], (Kind::Float, device)); // the context exists and is current
-    let api = &kernels()?.api;
+    let index = cuda_index(device)?;
+    let _ = Tensor::zeros([1], (Kind::Float, device)); // the context exists
+    let ks = kernels()?;
+    let k = ks.device(index)?;
+    let d = &ks.driver;
+    let _g = d.enter(k.ctx)?;
     let (mut free, mut total) = (0usize, 0usize);
     // SAFETY: two out-pointers to usize, as the driver API documents.
-    api.check(unsafe { (api.cu_mem_get_info)(&mut free, &mut total) }, "cuMemGetInfo")?;
+    d.check(unsafe { (d.mem_get_info)(&mut free, &mut total) }, "cuMemGetInfo")?;
     Ok((total - free) as u64)
+}
+
+fn cuda_index(device: Device) -> Result<usize> {
+    match device {
+        Device::Cuda(i) => Ok(i),
+        d => Err(CoreError::InvalidArgument {
+            what: "device",
+            value: format!("{d:?}"),
+            expected: "a CUDA device",
+        }),
+    }
 }
 
 /// For tests and diagnostics: whether the kernels load and compile on this device.
 pub fn available(device: Device) -> Result<()> {
+    let index = cuda_index(device)?;
     let _ = Tensor::zeros([1], (Kind::Float, device)); // make libtorch create the context
-    kernels()?.functions().map(|_| ())
+    kernels()?.device(index).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels compile with NVRTC, for the H100 (sm_90: NVRTC runs ptxas too, so register
+    /// or shared-memory limits would fail here) and as PTX as at run time. Needs only libnvrtc
+    /// (the venv's torch ships it), no GPU.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        let nv = nvrtc().expect("libnvrtc loads (from the venv's torch: nvidia/cu13/lib)");
+        let (ptx, _) = nv.compile("compute_90", &[]).expect("PTX for compute_90");
+        let ptx = String::from_utf8_lossy(&ptx);
+        for f in ["mezo_perturb_many", "mezo_sgd_update_many"] {
+            assert!(ptx.contains(&format!(".entry {f}")), "{f} missing from the PTX");
+        }
+        // --fmad=false must hold: no fused multiply-add anywhere in the arithmetic.
+        assert!(!ptx.contains("fma."), "the PTX contains an FMA");
+        let (cubin, log) = nv.compile("sm_90", &["--ptxas-options=-v"]).expect("CUBIN for sm_90");
+        println!("ptxas (sm_90): {log}");
+        assert!(cubin.len() > 1000, "a CUBIN of {} bytes", cubin.len());
+        // Both kernels fit the 64 registers a 1024-thread block allows without spilling.
+        let spills: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
+        assert_eq!(spills.len(), 2, "{log}");
+        assert!(spills.iter().all(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads")), "{log}");
+        // Before sm_80 the packed half conversions take the scalar path.
+        nv.compile("compute_75", &[]).expect("PTX for compute_75");
+    }
+
+    /// What the host emulation needs of CUDA C++: qualifiers as nothing, thread and block indices
+    /// per host thread, `__syncthreads` as a barrier of the block's threads, the exact f32
+    /// intrinsics as plain C++ arithmetic (IEEE, round to nearest even, no contraction), and the
+    /// three half conversions (those of `crate::fused`, ported).
+    const EMU_PRELUDE: &str = r#"
+#include <barrier>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+#define MEZO_HOST_EMULATION 1
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __shared__
+#define __launch_bounds__(a, b)
+struct Dim { unsigned x, y, z; };
+static thread_local Dim threadIdx, blockIdx;
+static Dim blockDim, gridDim;
+static thread_local std::barrier<>* block_barrier;
+static void __syncthreads() { block_barrier->arrive_and_wait(); }
+static float __fadd_rn(float a, float b) { return a + b; }
+static float __fsub_rn(float a, float b) { return a - b; }
+static float __fmul_rn(float a, float b) { return a * b; }
+static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+static float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+static float cvt_h2f(unsigned short h) { return (float)(*(const _Float16*)&h); }
+static unsigned short cvt_f2h(float v) { _Float16 h = (_Float16)v; unsigned short s; std::memcpy(&s, &h, 2); return s; }
+static unsigned short cvt_f2bf(float v) {
+  unsigned b = __float_as_uint(v);
+  if (v != v) return (unsigned short)((b >> 16) | 0x40);
+  return (unsigned short)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+static unsigned cvt2(float lo, float hi, int dt) {
+  return dt == 1 ? (unsigned)cvt_f2h(lo) | ((unsigned)cvt_f2h(hi) << 16) : (unsigned)cvt_f2bf(lo) | ((unsigned)cvt_f2bf(hi) << 16);
+}
+// One block runs at a time, so one array serves as every block's shared memory.
+float sT[32770 + 2 * 2049];
+"#;
+
+    const EMU_LAUNCH: &str = r#"
+// Runs a kernel on grid x block host threads: block after block, each block's threads at once.
+static void run(int grid, int block, const std::function<void()>& kernel) {
+  gridDim = Dim{(unsigned)grid, 1, 1};
+  blockDim = Dim{(unsigned)block, 1, 1};
+  for (int b = 0; b < grid; b++) {
+    std::barrier<> bar(block);
+    std::vector<std::thread> ts;
+    for (int t = 0; t < block; t++)
+      ts.emplace_back([&, b, t] { blockIdx = Dim{(unsigned)b, 0, 0}; threadIdx = Dim{(unsigned)t, 0, 0}; block_barrier = &bar; kernel(); });
+    for (auto& t : ts) t.join();
+  }
+}
+extern "C" void emu_perturb(int grid, int block, const Desc* D, const u64* S, int nt, u64 U, const float* T, int dist) {
+  run(grid, block, [&] { mezo_perturb_many(D, S, nt, U, T, dist); });
+}
+extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, const Dir* K, int nt, u64 U, const float* T, int dist) {
+  run(grid, block, [&] { mezo_sgd_update_many(D, S, K, nt, U, T, dist); });
+}
+"#;
+
+    type EmuPerturb = unsafe extern "C" fn(c_int, c_int, *const u8, *const u8, c_int, u64, *const f32, c_int);
+    type EmuUpdate =
+        unsafe extern "C" fn(c_int, c_int, *const u8, *const u8, *const u8, c_int, u64, *const f32, c_int);
+
+    /// [`SOURCE`] built as host C++ with the emulation around it (the C++ compiler that builds
+    /// tch's own C++ is there wherever mezo builds).
+    fn emulator() -> libloading::Library {
+        let dir = std::env::temp_dir().join(format!("mezo-kernel-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("emu.cpp");
+        let lib = dir.join("libemu.so");
+        std::fs::write(&src, format!("{EMU_PRELUDE}{SOURCE}{EMU_LAUNCH}")).unwrap();
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = std::process::Command::new(&cxx)
+            .args(["-std=c++20", "-O2", "-ffp-contract=off", "-fno-fast-math", "-Wno-unknown-pragmas"])
+            .args(["-fPIC", "-shared", "-pthread", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .output()
+            .unwrap_or_else(|e| panic!("running the C++ compiler `{cxx}`: {e}"));
+        assert!(
+            out.status.success(),
+            "the kernel source does not build as host C++:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // SAFETY: the library just built from this file's source.
+        let l = unsafe { libloading::Library::new(&lib) }.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        l
+    }
+
+    /// Runs the launches [`launch_many`] would make, on the host emulation with `grid` blocks of
+    /// `block` threads, against CPU tensors (the descriptors hold their host addresses).
+    fn emulate(
+        emu: &libloading::Library,
+        grid: i32,
+        block: i32,
+        sweep: Sweep,
+        descs: &[Desc],
+        dirs: &[(StreamKey, f32)],
+        dist: Distribution,
+    ) {
+        let table = &host_gauss_table().t;
+        let di = matches!(dist, Distribution::Rademacher) as c_int;
+        for p in plan(descs, dirs) {
+            let b = p.buf.as_ptr();
+            // SAFETY: the emulated kernels' signatures; the buffer and the tensors outlive the call.
+            unsafe {
+                match sweep {
+                    Sweep::Perturb => {
+                        let f: libloading::Symbol<EmuPerturb> = emu.get(b"emu_perturb").unwrap();
+                        f(grid, block, b, b.add(p.starts_at), p.tensors as c_int, p.units, table.as_ptr(), di)
+                    }
+                    Sweep::Update => {
+                        let f: libloading::Symbol<EmuUpdate> = emu.get(b"emu_update").unwrap();
+                        f(
+                            grid,
+                            block,
+                            b,
+                            b.add(p.starts_at),
+                            b.add(p.dirs_at),
+                            p.tensors as c_int,
+                            p.units,
+                            table.as_ptr(),
+                            di,
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kernels' own source, run on the host (C++ with emulated threads and blocks), gives the
+    /// CPU implementation's bits for multi-tensor perturbs and updates: every dtype, lengths from
+    /// 0 up, unaligned views, restore or not, with grids far smaller than the work (so threads
+    /// stride across many tensors) and larger than it, and lists longer than one launch takes.
+    /// What it cannot check is the GPU's own arithmetic; the `--ignored` CUDA tests do.
+    #[test]
+    fn kernel_source_emulated_on_host_equals_cpu() {
+        use crate::fused::{perturb_many_, sgd_update_many_, SgdUpdate};
+        let emu = emulator();
+        let kinds = [Kind::Float, Kind::Half, Kind::BFloat16];
+        let make =
+            |n: i64, j: usize| (Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.05).to_kind(kinds[j % 3]);
+        let lens = [0i64, 1, 3, 4, 5, 8, 2048, 4097, 70_001];
+        let mut lists: Vec<Vec<Tensor>> = vec![lens.iter().enumerate().map(|(j, &n)| make(n, j)).collect()];
+        let backing = make(50_000, 1);
+        lists[0].extend([
+            backing.narrow(0, 1, 20_001),
+            backing.narrow(0, 20_003, 29_990),
+            make(1234, 0).narrow(0, 3, 999),
+        ]);
+        // Longer than one launch takes: 2100 tiny tensors.
+        lists.push((0..MAX_TENSORS_PER_LAUNCH + 52).map(|j| make([1, 6, 9][j % 3], j)).collect());
+        for (li, list) in lists.iter().enumerate() {
+            for (grid, block) in [(1, 1), (3, 32), (2, 100), (40, 64)] {
+                if li == 1 && (grid, block) != (2, 100) {
+                    continue; // one grid is enough for the split; each emulated thread costs time
+                }
+                for dist in [Distribution::Gaussian, Distribution::Rademacher] {
+                    let ps: Vec<&Tensor> = list.iter().collect();
+                    let cpu_t: Vec<Tensor> = list.iter().map(|t| t.copy()).collect();
+                    let cpu: Vec<&Tensor> = cpu_t.iter().collect();
+                    let keys: Vec<StreamKey> =
+                        (0..ps.len()).map(|j| StreamKey::new(41, &format!("p{j}"))).collect();
+                    emulate(&emu, grid, block, Sweep::Perturb, &perturb_descs(&ps, &keys, 1e-3), &[], dist);
+                    perturb_many_(&cpu, &keys, 1e-3, dist).unwrap();
+                    let what = format!("list {li}, grid {grid}x{block}, {dist}");
+                    for (j, (e, c)) in ps.iter().zip(&cpu).enumerate() {
+                        assert!(
+                            e.equal(c),
+                            "{what}: perturb of tensor {j} ({:?} {:?}) differs",
+                            e.kind(),
+                            e.size()
+                        );
+                    }
+                    for restore in [false, true] {
+                        let us: Vec<SgdUpdate> = (0..ps.len())
+                            .map(|j| SgdUpdate {
+                                keys: (0..1 + j as u64 % 3)
+                                    .map(|s| StreamKey::new(s, &format!("p{j}")))
+                                    .collect(),
+                                grads: (0..1 + j % 3).map(|s| 1.25 - s as f32).collect(),
+                                lr: 1e-2,
+                                weight_decay: (j % 2 == 1).then_some(0.1),
+                                restore: restore.then(|| (StreamKey::new(41, &format!("p{j}")), -1e-3)),
+                            })
+                            .collect();
+                        let refs: Vec<&SgdUpdate> = us.iter().collect();
+                        let (descs, dirs) = update_descs(&ps, &refs);
+                        emulate(&emu, grid, block, Sweep::Update, &descs, &dirs, dist);
+                        sgd_update_many_(&cpu, &us, dist).unwrap();
+                        for (j, (e, c)) in ps.iter().zip(&cpu).enumerate() {
+                            assert!(
+                                e.equal(c),
+                                "{what}, restore {restore}: update of tensor {j} ({:?} {:?}) differs",
+                                e.kind(),
+                                e.size()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn descriptors_have_the_kernels_layout() {
+        let mut buf = Vec::new();
+        let d = Desc {
+            ptr: 1,
+            n: 2,
+            dt: 3,
+            vec: 4,
+            flags: 5,
+            m: 6,
+            a: 7,
+            b: 8,
+            kofs: 9,
+            lr: 0.5,
+            ..Desc::default()
+        };
+        d.write(&mut buf);
+        assert_eq!(buf.len(), DESC_BYTES);
+        assert_eq!(&buf[16..20], &3u32.to_le_bytes());
+        assert_eq!(&buf[52..56], &0.5f32.to_le_bytes());
+        assert_eq!(&buf[56..60], &9u32.to_le_bytes());
+    }
 }

@@ -30,7 +30,7 @@ pub struct SgdUpdate {
 }
 
 impl SgdUpdate {
-    fn inv_n(&self) -> Option<f32> {
+    pub(crate) fn inv_n(&self) -> Option<f32> {
         (self.keys.len() > 1).then(|| (1.0 / self.keys.len() as f64) as f32)
     }
 }
@@ -43,60 +43,166 @@ pub fn supported(p: &Tensor) -> bool {
         && (p.numel() as u64) <= 1 << 32
 }
 
-/// `p += scale * z(key)` in place.
+/// `p += scale * z(key)` in place. `_table` is not read: the CPU uses the host table and CUDA a
+/// copy the kernels keep on each device; the argument remains so existing callers compile.
 pub fn perturb_(
     p: &Tensor,
     key: StreamKey,
     scale: f32,
     dist: Distribution,
-    table: &GaussTable,
+    _table: &GaussTable,
 ) -> Result<()> {
-    check(p)?;
-    match p.device() {
-        Device::Cpu => {
-            let t = host_gauss_table();
-            for_each_chunk(p, |i, v| v + z_of(key, i, dist, t) * scale);
-            Ok(())
-        }
-        Device::Cuda(_) => crate::cuda::perturb(p, key, scale, dist, table),
-        d => Err(unsupported(p, &format!("device {d:?}"))),
-    }
+    perturb_many_(&[p], &[key], scale, dist)
 }
 
-/// `p -= lr * ((1/n) Σ g_i z_i + wd * p)` in place (the sum in direction order).
-pub fn sgd_update_(p: &Tensor, u: &SgdUpdate, dist: Distribution, table: &GaussTable) -> Result<()> {
-    check(p)?;
-    if u.keys.is_empty() || u.keys.len() != u.grads.len() {
+/// `p -= lr * ((1/n) Σ g_i z_i + wd * p)` in place (the sum in direction order). `_table` as in
+/// [`perturb_`].
+pub fn sgd_update_(p: &Tensor, u: &SgdUpdate, dist: Distribution, _table: &GaussTable) -> Result<()> {
+    sgd_update_many_(&[p], std::slice::from_ref(u), dist)
+}
+
+/// [`perturb_`] of every tensor `ps[j]` with its key `keys[j]`: the same bits as one call per
+/// tensor, but on CUDA one kernel launch per device for the whole list (tensors on any CUDA
+/// device and on the CPU may be mixed). The tensors must not overlap in memory. Everything is
+/// checked before anything is written.
+pub fn perturb_many_(ps: &[&Tensor], keys: &[StreamKey], scale: f32, dist: Distribution) -> Result<()> {
+    if ps.len() != keys.len() {
         return Err(CoreError::InvalidArgument {
-            what: "update directions",
-            value: format!("{} keys, {} gradients", u.keys.len(), u.grads.len()),
-            expected: "one projected gradient per direction, at least one",
+            what: "perturbation keys",
+            value: format!("{} tensors, {} keys", ps.len(), keys.len()),
+            expected: "one stream key per tensor",
         });
     }
-    match p.device() {
-        Device::Cpu => {
-            if let Some((key, scale)) = u.restore {
-                perturb_(p, key, scale, dist, table)?;
+    check_many(ps)?;
+    for (device, idx) in by_device(ps) {
+        match device {
+            Device::Cpu => {
+                let t = host_gauss_table();
+                for j in idx {
+                    let key = keys[j];
+                    for_each_chunk(ps[j], |i, v| v + z_of(key, i, dist, t) * scale);
+                }
             }
-            let t = host_gauss_table();
-            let inv_n = u.inv_n();
-            for_each_chunk(p, |i, theta| {
-                let mut acc = z_of(u.keys[0], i, dist, t) * u.grads[0];
-                for (k, g) in u.keys.iter().zip(&u.grads).skip(1) {
-                    acc += z_of(*k, i, dist, t) * g;
-                }
-                if let Some(s) = inv_n {
-                    acc *= s;
-                }
-                if let Some(wd) = u.weight_decay {
-                    acc += theta * wd;
-                }
-                theta - acc * u.lr
-            });
-            Ok(())
+            Device::Cuda(d) => {
+                let ts: Vec<&Tensor> = idx.iter().map(|&j| ps[j]).collect();
+                let ks: Vec<StreamKey> = idx.iter().map(|&j| keys[j]).collect();
+                crate::cuda::perturb_many(d, &ts, &ks, scale, dist)?;
+            }
+            d => return Err(unsupported(ps[idx[0]], &format!("device {d:?}"))),
         }
-        Device::Cuda(_) => crate::cuda::sgd_update(p, u, u.inv_n(), dist, table),
-        d => Err(unsupported(p, &format!("device {d:?}"))),
+    }
+    Ok(())
+}
+
+/// [`sgd_update_`] of every tensor `ps[j]` with its update `us[j]` (restore included): the same
+/// bits as one call per tensor, on CUDA one launch per device. The tensors must not overlap.
+/// Everything is checked before anything is written.
+pub fn sgd_update_many_(ps: &[&Tensor], us: &[SgdUpdate], dist: Distribution) -> Result<()> {
+    if ps.len() != us.len() {
+        return Err(CoreError::InvalidArgument {
+            what: "updates",
+            value: format!("{} tensors, {} updates", ps.len(), us.len()),
+            expected: "one update per tensor",
+        });
+    }
+    check_many(ps)?;
+    for u in us {
+        if u.keys.is_empty() || u.keys.len() != u.grads.len() {
+            return Err(CoreError::InvalidArgument {
+                what: "update directions",
+                value: format!("{} keys, {} gradients", u.keys.len(), u.grads.len()),
+                expected: "one projected gradient per direction, at least one",
+            });
+        }
+    }
+    for (device, idx) in by_device(ps) {
+        match device {
+            Device::Cpu => {
+                let t = host_gauss_table();
+                for j in idx {
+                    update_cpu(ps[j], &us[j], dist, t);
+                }
+            }
+            Device::Cuda(d) => {
+                let ts: Vec<&Tensor> = idx.iter().map(|&j| ps[j]).collect();
+                let vs: Vec<&SgdUpdate> = idx.iter().map(|&j| &us[j]).collect();
+                crate::cuda::sgd_update_many(d, &ts, &vs, dist)?;
+            }
+            d => return Err(unsupported(ps[idx[0]], &format!("device {d:?}"))),
+        }
+    }
+    Ok(())
+}
+
+/// The CPU update of one tensor: the restore as its own pass (rounded to the dtype like a
+/// perturb), then the update pass.
+fn update_cpu(p: &Tensor, u: &SgdUpdate, dist: Distribution, t: &HostGaussTable) {
+    if let Some((key, scale)) = u.restore {
+        for_each_chunk(p, |i, v| v + z_of(key, i, dist, t) * scale);
+    }
+    let inv_n = u.inv_n();
+    for_each_chunk(p, |i, theta| {
+        let mut acc = z_of(u.keys[0], i, dist, t) * u.grads[0];
+        for (k, g) in u.keys.iter().zip(&u.grads).skip(1) {
+            acc += z_of(*k, i, dist, t) * g;
+        }
+        if let Some(s) = inv_n {
+            acc *= s;
+        }
+        if let Some(wd) = u.weight_decay {
+            acc += theta * wd;
+        }
+        theta - acc * u.lr
+    });
+}
+
+/// The indices of `ps` grouped by device, devices in order of first appearance.
+fn by_device(ps: &[&Tensor]) -> Vec<(Device, Vec<usize>)> {
+    let mut groups: Vec<(Device, Vec<usize>)> = Vec::new();
+    for (j, p) in ps.iter().enumerate() {
+        let d = p.device();
+        match groups.iter_mut().find(|(g, _)| *g == d) {
+            Some((_, v)) => v.push(j),
+            None => groups.push((d, vec![j])),
+        }
+    }
+    groups
+}
+
+/// Every tensor supported, and no two sharing memory: one launch updates them all at once, so
+/// an overlap would race where one call per tensor would apply both in turn.
+fn check_many(ps: &[&Tensor]) -> Result<()> {
+    for p in ps {
+        check(p)?;
+    }
+    let mut spans: Vec<(Device, usize, usize, usize)> = ps
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.numel() > 0)
+        .map(|(j, p)| {
+            let start = p.data_ptr() as usize;
+            (p.device(), start, start + p.numel() * p.kind().elt_size_in_bytes(), j)
+        })
+        .collect();
+    spans.sort_by_key(|&(d, start, _, _)| (device_order(d), start));
+    for w in spans.windows(2) {
+        let ((d0, _, end0, j0), (d1, start1, _, j1)) = (w[0], w[1]);
+        if d0 == d1 && start1 < end0 {
+            return Err(CoreError::InvalidArgument {
+                what: "tensors of one fused sweep",
+                value: format!("tensors {j0} and {j1} share memory on {d0:?}"),
+                expected: "distinct, non-overlapping tensors",
+            });
+        }
+    }
+    Ok(())
+}
+
+fn device_order(d: Device) -> i64 {
+    match d {
+        Device::Cpu => -1,
+        Device::Cuda(i) => i as i64,
+        _ => -2,
     }
 }
 
@@ -371,6 +477,147 @@ mod tests {
         }
     }
 
+    /// `p + scale z(key)` by tensor ops, rounded once to p's dtype: the reference for one tensor.
+    pub(super) fn reference_perturb(p: &Tensor, key: StreamKey, scale: f32, dist: Distribution) -> Tensor {
+        let z = reference_z(p, key, dist);
+        (p.to_kind(Kind::Float) + z * scale as f64).to_kind(p.kind()).view(p.size().as_slice())
+    }
+
+    fn reference_z(p: &Tensor, key: StreamKey, dist: Distribution) -> Tensor {
+        let table = GaussTable::new(Device::Cpu);
+        let idx = Tensor::arange(p.numel() as i64, (Kind::Int64, Device::Cpu));
+        let bits = crate::ztensor::bits_tensor(
+            &idx,
+            &Tensor::from(i64::from(key.a)),
+            &Tensor::from(i64::from(key.b)),
+        );
+        crate::ztensor::z_from_bits(&bits, dist, &table).view(p.size().as_slice())
+    }
+
+    /// The update of one tensor by tensor ops (restore rounded to the dtype first).
+    pub(super) fn reference_update(p: &Tensor, u: &SgdUpdate, dist: Distribution) -> Tensor {
+        let p = match u.restore {
+            Some((key, s)) => reference_perturb(p, key, s, dist),
+            None => p.shallow_clone(),
+        };
+        let theta = p.to_kind(Kind::Float);
+        let mut acc = reference_z(&p, u.keys[0], dist) * u.grads[0] as f64;
+        for (k, g) in u.keys.iter().zip(&u.grads).skip(1) {
+            acc += reference_z(&p, *k, dist) * *g as f64;
+        }
+        if let Some(s) = u.inv_n() {
+            acc *= s as f64;
+        }
+        if let Some(wd) = u.weight_decay {
+            acc += &theta * wd as f64;
+        }
+        (&theta - acc * u.lr as f64).to_kind(p.kind())
+    }
+
+    /// Tensors of every dtype and very different lengths (0, 1, odd, a table-load's worth, large),
+    /// plus unaligned views into a larger tensor, as one list.
+    pub(super) fn mixed_tensors(device: Device) -> (Vec<Tensor>, Tensor) {
+        let kinds = [Kind::Float, Kind::Half, Kind::BFloat16];
+        let lens = [0i64, 1, 3, 5, 2048, 4097, 65_539, 300_001];
+        let mut ts = Vec::new();
+        for (j, &n) in lens.iter().enumerate() {
+            for (k, &kind) in kinds.iter().enumerate() {
+                if (j + k) % 2 == 0 || n < 5000 {
+                    ts.push(
+                        (Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.05)
+                            .to_kind(kind)
+                            .to_device(device),
+                    );
+                }
+            }
+        }
+        ts.push((Tensor::randn([3, 7, 11], (Kind::Float, Device::Cpu)) * 0.05).to_device(device));
+        // One backing tensor, viewed at element offsets 1 and 10_003 (not vector-aligned).
+        let backing = (Tensor::randn([30_000], (Kind::Float, Device::Cpu)) * 0.05)
+            .to_kind(Kind::Half)
+            .to_device(device);
+        (ts, backing)
+    }
+
+    pub(super) fn views(backing: &Tensor) -> [Tensor; 2] {
+        [backing.narrow(0, 1, 10_001), backing.narrow(0, 10_003, 19_990)]
+    }
+
+    pub(super) fn updates_for(n: usize, restore: bool) -> Vec<SgdUpdate> {
+        (0..n)
+            .map(|j| {
+                let m = 1 + j % 3;
+                let name = format!("t{j}");
+                SgdUpdate {
+                    keys: (0..m as u64).map(|s| StreamKey::new(100 + s, &name)).collect(),
+                    grads: (0..m).map(|s| 0.75 - s as f32 * 1.5 + j as f32 * 0.01).collect(),
+                    lr: 3e-3,
+                    weight_decay: (j % 2 == 0).then_some(0.05),
+                    restore: restore.then(|| (StreamKey::new(9, &name), 2e-3)),
+                }
+            })
+            .collect()
+    }
+
+    /// The multi-tensor sweeps give every tensor the bits of the reference tensor ops.
+    #[test]
+    fn many_equals_reference_per_tensor() {
+        for dist in [Distribution::Gaussian, Distribution::Rademacher] {
+            let (ts, backing) = mixed_tensors(Device::Cpu);
+            let vs = views(&backing);
+            let all: Vec<&Tensor> = ts.iter().chain(vs.iter()).collect();
+            let keys: Vec<StreamKey> = (0..all.len()).map(|j| StreamKey::new(5, &format!("t{j}"))).collect();
+            let want: Vec<Tensor> =
+                all.iter().zip(&keys).map(|(p, k)| reference_perturb(p, *k, -1e-2, dist)).collect();
+            perturb_many_(&all, &keys, -1e-2, dist).unwrap();
+            for (j, (p, w)) in all.iter().zip(&want).enumerate() {
+                assert!(p.equal(w), "{dist}: tensor {j} ({:?} {:?}) perturb differs", p.kind(), p.size());
+            }
+            for restore in [false, true] {
+                let us = updates_for(all.len(), restore);
+                let want: Vec<Tensor> =
+                    all.iter().zip(&us).map(|(p, u)| reference_update(p, u, dist)).collect();
+                sgd_update_many_(&all, &us, dist).unwrap();
+                for (j, (p, w)) in all.iter().zip(&want).enumerate() {
+                    assert!(
+                        p.equal(w),
+                        "{dist} restore {restore}: tensor {j} ({:?} {:?}) update differs",
+                        p.kind(),
+                        p.size()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_refuses_bad_lists_before_writing() {
+        let a = Tensor::zeros([100], (Kind::Float, Device::Cpu));
+        let b = Tensor::zeros([100], (Kind::Float, Device::Cpu));
+        let key = StreamKey::new(1, "x");
+        let g = Distribution::Gaussian;
+        // The same tensor twice, and a view overlapping another tensor of the list.
+        for second in [a.shallow_clone(), a.narrow(0, 50, 10)] {
+            let e = perturb_many_(&[&b, &a, &second], &[key; 3], 1.0, g).unwrap_err();
+            assert!(e.to_string().contains("share memory"), "{e}");
+        }
+        // Adjacent views do not overlap.
+        perturb_many_(&[&a.narrow(0, 0, 50), &a.narrow(0, 50, 50)], &[key; 2], 1.0, g).unwrap();
+        let a_before = a.copy();
+        let e = perturb_many_(&[&a, &b], &[key], 1.0, g).unwrap_err();
+        assert!(e.to_string().contains("2 tensors, 1 keys"), "{e}");
+        let bad = Tensor::zeros([4], (Kind::Int64, Device::Cpu));
+        assert!(perturb_many_(&[&a, &bad], &[key; 2], 1.0, g).is_err());
+        let u = SgdUpdate { keys: vec![key], grads: vec![], lr: 1.0, weight_decay: None, restore: None };
+        let ok = SgdUpdate { grads: vec![1.0], ..u.clone() };
+        let e = sgd_update_many_(&[&a, &b], &[ok, u], g).unwrap_err();
+        assert!(e.to_string().contains("1 keys, 0 gradients"), "{e}");
+        assert!(a.equal(&a_before), "a refused list wrote to a tensor");
+        // The empty list is a no-op.
+        perturb_many_(&[], &[], 1.0, g).unwrap();
+        sgd_update_many_(&[], &[], g).unwrap();
+    }
+
     #[test]
     fn bad_tensors_are_refused() {
         let table = GaussTable::new(Device::Cpu);
@@ -384,7 +631,117 @@ mod tests {
 
 #[cfg(test)]
 mod cuda_tests {
+    use super::tests::{mixed_tensors, updates_for, views};
     use super::*;
+
+    fn cpu_copies(ts: &[&Tensor]) -> Vec<Tensor> {
+        ts.iter().map(|t| t.to_device(Device::Cpu)).collect()
+    }
+
+    fn assert_same(gpu: &[&Tensor], cpu: &[&Tensor], what: &str) {
+        for (j, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+            assert!(
+                g.to_device(Device::Cpu).equal(c),
+                "{what}: tensor {j} ({:?} {:?} on {:?}) differs from the CPU",
+                g.kind(),
+                g.size(),
+                g.device()
+            );
+        }
+    }
+
+    /// One sweep of each kind over `gpu` (on any mix of devices) and the same on CPU copies.
+    fn sweeps_match_cpu(gpu: &[&Tensor], label: &str) {
+        for dist in [Distribution::Gaussian, Distribution::Rademacher] {
+            let cpu_t = cpu_copies(gpu);
+            let cpu: Vec<&Tensor> = cpu_t.iter().collect();
+            let keys: Vec<StreamKey> = (0..gpu.len()).map(|j| StreamKey::new(77, &format!("p{j}"))).collect();
+            perturb_many_(gpu, &keys, 1e-3, dist).unwrap();
+            perturb_many_(&cpu, &keys, 1e-3, dist).unwrap();
+            assert_same(gpu, &cpu, &format!("{label} {dist}: perturb"));
+            perturb_many_(gpu, &keys, -2e-3, dist).unwrap();
+            perturb_many_(&cpu, &keys, -2e-3, dist).unwrap();
+            assert_same(gpu, &cpu, &format!("{label} {dist}: second perturb"));
+            for restore in [false, true] {
+                let us = updates_for(gpu.len(), restore);
+                sgd_update_many_(gpu, &us, dist).unwrap();
+                sgd_update_many_(&cpu, &us, dist).unwrap();
+                assert_same(gpu, &cpu, &format!("{label} {dist}: update (restore {restore})"));
+            }
+        }
+    }
+
+    /// The multi-tensor kernels on cuda:0: fp32, fp16 and bf16 mixed in one launch, lengths from
+    /// 0 to 5M (odd ones: the scalar tail), unaligned views (the scalar path), restore or not.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_many_equals_cpu_many() {
+        let gpu = Device::Cuda(0);
+        crate::cuda::available(gpu).expect("NVRTC kernels build");
+        let (mut ts, backing) = mixed_tensors(gpu);
+        ts.push(
+            (Tensor::randn([5_000_003], (Kind::Float, Device::Cpu)) * 0.05)
+                .to_kind(Kind::Half)
+                .to_device(gpu),
+        );
+        let vs = views(&backing);
+        let all: Vec<&Tensor> = ts.iter().chain(vs.iter()).collect();
+        sweeps_match_cpu(&all, "cuda:0");
+        // The same list reversed: a different layout of the launch's index space.
+        let rev: Vec<&Tensor> = all.iter().rev().copied().collect();
+        sweeps_match_cpu(&rev, "cuda:0 reversed");
+    }
+
+    /// More tensors than one launch takes (split into several launches), most of them tiny.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_many_splits_long_lists() {
+        let gpu = Device::Cuda(0);
+        let ts: Vec<Tensor> = (0..2600)
+            .map(|j| {
+                let kind = [Kind::Float, Kind::Half, Kind::BFloat16][j % 3];
+                let n = [1, 7, 2048, 4099][j % 4];
+                (Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.05).to_kind(kind).to_device(gpu)
+            })
+            .collect();
+        let all: Vec<&Tensor> = ts.iter().collect();
+        sweeps_match_cpu(&all, "2600 tensors");
+    }
+
+    /// A model split across GPUs: tensors on cuda:1 alone, and cuda:0, cuda:1 and the CPU in one
+    /// list (one launch per device, each in its device's context, with its own table copy).
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_many_on_a_second_device() {
+        if tch::Cuda::device_count() < 2 {
+            println!(
+                "skipped: cuda_many_on_a_second_device needs two CUDA devices, this machine has {}",
+                tch::Cuda::device_count()
+            );
+            return;
+        }
+        let (d0, d1) = (Device::Cuda(0), Device::Cuda(1));
+        crate::cuda::available(d1).expect("NVRTC kernels build on cuda:1");
+        let (ts1, backing1) = mixed_tensors(d1);
+        let vs1 = views(&backing1);
+        let only1: Vec<&Tensor> = ts1.iter().chain(vs1.iter()).collect();
+        sweeps_match_cpu(&only1, "cuda:1");
+        // The single-tensor entry points on cuda:1 too.
+        let table0 = GaussTable::new(d0);
+        let p = (Tensor::randn([100_003], (Kind::Float, Device::Cpu)) * 0.05).to_kind(Kind::BFloat16);
+        let (c, g) = (p.copy(), p.to_device(d1));
+        let key = StreamKey::new(3, "w");
+        perturb_(&c, key, 1e-3, Distribution::Gaussian, &table0).unwrap();
+        perturb_(&g, key, 1e-3, Distribution::Gaussian, &table0).unwrap();
+        assert!(c.equal(&g.to_device(Device::Cpu)), "single perturb on cuda:1 differs");
+        let (ts0, _) = mixed_tensors(d0);
+        let (tc, _) = mixed_tensors(Device::Cpu);
+        let mixed: Vec<&Tensor> = ts0.iter().zip(&ts1).flat_map(|(a, b)| [a, b]).chain(tc.iter()).collect();
+        sweeps_match_cpu(&mixed, "cuda:0 + cuda:1 + cpu");
+        // libtorch still works on both devices afterwards (the contexts were popped again).
+        let _ = (&ts0[0] + 1.0).sum(Kind::Float).double_value(&[]);
+        let _ = (&ts1[0] + 1.0).sum(Kind::Float).double_value(&[]);
+    }
 
     /// The fused kernels give the same bits on CUDA as on the CPU, for every dtype.
     #[test]

@@ -7,6 +7,7 @@
 pub mod cuda;
 pub mod error;
 pub mod fused;
+pub mod graph;
 pub mod normal;
 pub mod rng;
 pub mod seeds;

@@ -184,16 +184,18 @@ impl LoraBatch {
         LoraBatch { scaling: self.scaling, variants: self.variants, mats }
     }
 
-    /// `scaling * B(A x)` for this module, or `None` when it is not adapted. `x` is
-    /// `[rows, seq, in]` with rows grouped by variant.
-    pub fn delta(&self, layer: usize, target: Target, x: &Tensor) -> Option<Tensor> {
-        let (a, b) = self.mats.get(&(layer, target))?;
+    /// `y + scaling * B(A x)` for this module (`y` itself when it is not adapted). `x` is
+    /// `[rows, seq, in]` and `y` the base projection `[rows, seq, out]`, rows grouped by variant.
+    /// The up-projection, the scaling and the sum are one batched GEMM (`baddbmm`), which
+    /// accumulates in float32 and rounds once, where PEFT's `y + B(A x) * scaling` rounds three
+    /// times; three kernels fewer per adapted module.
+    pub fn add_delta(&self, layer: usize, target: Target, x: &Tensor, y: Tensor) -> Tensor {
+        let Some((a, b)) = self.mats.get(&(layer, target)) else { return y };
         let (rows, seq, inp) = x.size3().expect("[rows, seq, in]");
         let v = self.variants;
-        let xv = x.reshape([v, rows / v * seq, inp]);
-        let h = xv.bmm(&a.transpose(1, 2)).bmm(&b.transpose(1, 2));
-        let out = h.size()[2];
-        Some(h.reshape([rows, seq, out]) * self.scaling)
+        let xa = x.reshape([v, rows / v * seq, inp]).bmm(&a.transpose(1, 2));
+        let out = y.size()[2];
+        y.reshape([v, rows / v * seq, out]).baddbmm(&xa, &b.transpose(1, 2), 1.0, self.scaling).reshape([rows, seq, out])
     }
 }
 

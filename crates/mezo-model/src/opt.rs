@@ -579,8 +579,8 @@ impl OnDevices {
 /// Applies a linear layer plus its LoRA delta, if any.
 pub(crate) fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
     let y = lin.forward(x);
-    match lora.and_then(|l| l.delta(i, t, x)) {
-        Some(d) => y + d,
+    match lora {
+        Some(l) => l.add_delta(i, t, x, y),
         None => y,
     }
 }

@@ -8,7 +8,7 @@
 use mezo_core::fused::{self, SgdUpdate};
 use mezo_core::HostRng;
 use mezo_core::{bits_tensor, z_from_bits, Distribution, GaussTable, StreamKey};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mezo_data::metrics::f1_score;
 use mezo_data::ScoringRow;
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainError};
+use crate::graphs::StepGraphs;
 use crate::optim::{self, Rule, Slot};
 
 /// What a forward pass measures: the number the zeroth-order estimator differentiates.
@@ -221,6 +222,81 @@ impl Prepared {
         })
     }
 
+    /// The shape of every tensor the loss reads, or `None` for a batch whose loss runs on the
+    /// host (the F1 objective's decoding), which no CUDA graph can capture.
+    pub(crate) fn graph_shapes(&self) -> Option<Vec<i64>> {
+        if self.gen.is_some() {
+            return None;
+        }
+        let mut out = vec![self.kind as i64, self.examples];
+        let mut push = |t: &Tensor| {
+            out.push(t.dim() as i64);
+            out.extend(t.size());
+        };
+        push(&self.labels);
+        if let Some(s) = &self.score {
+            for t in [&s.ids, &s.mask, &s.row_idx, &s.pos_idx, &s.targets, &s.counts] {
+                push(t);
+            }
+        }
+        if let Some(c) = &self.cands {
+            for t in [&c.idx, &c.real, &c.gold] {
+                push(t);
+            }
+        }
+        Some(out)
+    }
+
+    /// A copy with tensors of its own (a CUDA graph's inputs, refilled by [`Self::copy_inputs_from`]).
+    pub(crate) fn deep_copy(&self) -> Prepared {
+        Prepared {
+            score: self.score.as_ref().map(|s| ScoreBatch {
+                ids: s.ids.copy(),
+                mask: s.mask.copy(),
+                row_idx: s.row_idx.copy(),
+                pos_idx: s.pos_idx.copy(),
+                targets: s.targets.copy(),
+                counts: s.counts.copy(),
+                rows: s.rows,
+            }),
+            cands: self.cands.as_ref().map(|c| Candidates {
+                idx: c.idx.copy(),
+                real: c.real.copy(),
+                gold: c.gold.copy(),
+                max: c.max,
+            }),
+            gen: None,
+            labels: self.labels.copy(),
+            examples: self.examples,
+            weight: self.weight,
+            tokens: self.tokens,
+            kind: self.kind,
+        }
+    }
+
+    /// Copies `src`'s tensors into this batch's (same shapes: [`Self::graph_shapes`] equal).
+    pub(crate) fn copy_inputs_from(&self, src: &Prepared) {
+        let copy = |dst: &Tensor, src: &Tensor| dst.shallow_clone().copy_(src);
+        copy(&self.labels, &src.labels);
+        if let (Some(d), Some(s)) = (&self.score, &src.score) {
+            for (a, b) in [
+                (&d.ids, &s.ids),
+                (&d.mask, &s.mask),
+                (&d.row_idx, &s.row_idx),
+                (&d.pos_idx, &s.pos_idx),
+                (&d.targets, &s.targets),
+                (&d.counts, &s.counts),
+            ] {
+                copy(a, b);
+            }
+        }
+        if let (Some(d), Some(s)) = (&self.cands, &src.cands) {
+            for (a, b) in [(&d.idx, &s.idx), (&d.real, &s.real), (&d.gold, &s.gold)] {
+                copy(a, b);
+            }
+        }
+    }
+
     /// Mean candidate log-probabilities `[variants, examples, max_candidates]`, padding at -inf.
     fn candidate_scores(&self, sums: Tensor, score: &ScoreBatch) -> Tensor {
         let c = self.cands.as_ref().expect("candidate batches carry their layout");
@@ -354,6 +430,13 @@ impl FlatState {
 
     /// `[seeds, P]` float32: row i is Z(seed_i) for every element.
     fn z(&self, seeds: &[u64], dist: Distribution, table: &GaussTable) -> Tensor {
+        let (a, b) = self.keys(seeds);
+        self.z_of_keys(&a, &b, dist, table)
+    }
+
+    /// Every segment's stream key under each seed: `a` and `b`, int64 `[seeds, segments]` on
+    /// the state's device (one small host-to-device copy each).
+    fn keys(&self, seeds: &[u64]) -> (Tensor, Tensor) {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for &s in seeds {
             for (name, _) in &self.segments {
@@ -364,8 +447,14 @@ impl FlatState {
         }
         let shape = [seeds.len() as i64, self.segments.len() as i64];
         let dev = self.flat.device();
-        let a = Tensor::from_slice(&a).view(shape).to_device(dev).index_select(1, &self.owner);
-        let b = Tensor::from_slice(&b).view(shape).to_device(dev).index_select(1, &self.owner);
+        (Tensor::from_slice(&a).view(shape).to_device(dev), Tensor::from_slice(&b).view(shape).to_device(dev))
+    }
+
+    /// Z from keys already on the device ([`Self::keys`]): no host data, so a CUDA graph can
+    /// capture it with the keys as an input.
+    fn z_of_keys(&self, a: &Tensor, b: &Tensor, dist: Distribution, table: &GaussTable) -> Tensor {
+        let a = a.index_select(1, &self.owner);
+        let b = b.index_select(1, &self.owner);
         z_from_bits(&bits_tensor(&self.local_idx.unsqueeze(0), &a, &b), dist, table)
     }
 
@@ -550,17 +639,22 @@ pub struct StepSettings {
     pub weight_decay: f64,
 }
 
+type KeyCache = Mutex<Option<(Vec<u64>, Tensor, Tensor)>>;
+
 /// The Gaussian table on every device that holds trained values: the engine's device's, made
-/// at once, and (a model split over devices) each other device's, made on first use. Derefs to
-/// the first.
+/// at once, and (a model split over devices) each other device's, made on first use.
 struct Tables {
     first: GaussTable,
     more: std::cell::RefCell<Vec<GaussTable>>,
 }
 
 impl Tables {
+    fn new(device: Device) -> Self {
+        Tables { first: GaussTable::new(device), more: Default::default() }
+    }
+
     /// The table on `dev` (a handle sharing its storage), where the tensor that Z is drawn for
-    /// lives: the kernels and the tensor ops read it there.
+    /// lives: the tensor ops read it there.
     fn on(&self, dev: Device) -> GaussTable {
         let handle = |t: &GaussTable| GaussTable { t: t.t.shallow_clone(), d: t.d.shallow_clone() };
         if self.first.device() == dev {
@@ -577,23 +671,34 @@ impl Tables {
     }
 }
 
-impl std::ops::Deref for Tables {
-    type Target = GaussTable;
-    fn deref(&self) -> &GaussTable {
-        &self.first
-    }
-}
-
 pub struct Engine {
     pub trainable: Trainable,
     pub settings: StepSettings,
     table: Tables,
+    /// The forwards' CUDA graphs by batch shape (a mutex only to lend `&self` methods mutable
+    /// access; one thread drives an engine).
+    graphs: Mutex<StepGraphs>,
+    /// The last direction seeds' stream keys on the device (a flat state's update reuses the
+    /// forward's instead of copying them from the host again).
+    keys: KeyCache,
+    /// The z of the last flat-state forward, by its seeds (its update reuses it).
+    z: Mutex<Option<(Vec<u64>, Tensor)>>,
 }
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        let table = Tables { first: GaussTable::new(device), more: Default::default() };
-        Engine { trainable, settings, table }
+        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None), z: Mutex::new(None) }
+    }
+
+    /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
+    /// `MEZO_CUDA_GRAPHS` not `0`).
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs.lock().expect("graph cache").enabled()
+    }
+
+    /// Turns CUDA graphs off (every forward eager) or back on where supported.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.get_mut().expect("graph cache").set_enabled(on);
     }
 
     /// `(L+, L-)` of each direction seed, each the loss over all of `micro` (micro-batches
@@ -609,21 +714,31 @@ impl Engine {
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
         let losses = match self.trainable.flat_state() {
             Some(l) => {
-                let z = l.z(seeds, self.settings.dist, &self.table.on(l.flat.device())) * eps;
-                let theta = l.flat.unsqueeze(0);
-                // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
-                let variants =
-                    Tensor::stack(&[&theta + &z, &theta - &z], 1).view([2 * seeds.len() as i64, -1]);
-                let batch = self.trainable.tuning_of(&variants, model.kind())?;
-                let mut total: Option<Tensor> = None;
-                for p in micro {
-                    let s = p.loss_sums(model, batch.as_ref())?;
-                    total = Some(match total {
-                        Some(t) => t + s,
-                        None => s,
-                    });
-                }
-                total.expect("at least one micro-batch") / weight
+                let (a, b) = keys_of(&self.keys, l, seeds);
+                let dist = self.settings.dist;
+                // One forward of every variant: a pure function of the keys, the batch, the
+                // state and the weights (read in place), so it can be a CUDA graph.
+                let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Vec<Tensor>> {
+                    let z = l.z_of_keys(&keys[0], &keys[1], dist, &self.table.on(l.flat.device()));
+                    let ze = &z * eps;
+                    let theta = l.flat.unsqueeze(0);
+                    // Rows 2i and 2i+1 carry θ+εz_i and θ-εz_i.
+                    let variants =
+                        Tensor::stack(&[&theta + &ze, &theta - &ze], 1).view([2 * keys[0].size()[0], -1]);
+                    let batch = self.trainable.tuning_of(&variants, model.kind())?;
+                    Ok(vec![summed_losses(micro, model, batch.as_ref())?, z])
+                };
+                let anchors = vec![l.flat.data_ptr() as usize, model_anchor(model)];
+                // A model split over devices runs eagerly: a graph is captured on one device.
+                let out = if model.placement().is_split() {
+                    forward(micro, &[a, b])?
+                } else {
+                    self.graphs.lock().expect("graph cache").run("adapter", micro, &[a, b], anchors, forward)?
+                };
+                // The update of these directions reads the same z: kept, not drawn again.
+                *self.z.lock().expect("z cache") = Some((seeds.to_vec(), out[1].shallow_clone()));
+                let total = &out[0];
+                total / weight
             }
             None => {
                 let Trainable::Full(f) = &self.trainable else { unreachable!("no flat state") };
@@ -650,15 +765,17 @@ impl Engine {
         for (k, &seed) in seeds.iter().enumerate() {
             for scale in [1.0, -2.0] {
                 self.perturb(model, f, seed, scale * eps)?;
-                let mut total: Option<Tensor> = None;
-                for p in micro {
-                    let s = p.loss_sums(model, None)?;
-                    total = Some(match total {
-                        Some(t) => t + s,
-                        None => s,
-                    });
-                }
-                out.push(total.expect("at least one micro-batch") / weight);
+                // The weights are perturbed in place, so one captured forward serves every sign
+                // and direction.
+                let body =
+                    |micro: &[Prepared], _: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![summed_losses(micro, model, None)?]) };
+                // A model split over devices runs eagerly: a graph is captured on one device.
+                let total = if model.placement().is_split() {
+                    body(micro, &[])?
+                } else {
+                    self.graphs.lock().expect("graph cache").run("full-parameter", micro, &[], vec![model_anchor(model)], body)?
+                };
+                out.push(&total[0] / weight);
             }
             if !(leave_last && k + 1 == seeds.len()) {
                 self.perturb(model, f, seed, eps)?;
@@ -714,18 +831,21 @@ impl Engine {
         Ok((losses, grads))
     }
 
-    /// θ ← θ + scale·z(seed), parameter by parameter, in float32 with one rounding to the
-    /// model's dtype: a fused kernel where the tensor allows, else chunked tensor ops.
+    /// θ ← θ + scale·z(seed) for every selected parameter, in float32 with one rounding to the
+    /// model's dtype: one fused sweep over all the tensors the kernels take (one launch per CUDA
+    /// device), chunked tensor ops for the rest.
     fn perturb(&self, model: &Model, f: &FullState, seed: u64, scale: f64) -> Result<()> {
         let params = model.named_parameters();
         let dist = self.settings.dist;
+        let (mut fused_ps, mut fused_keys) = (Vec::new(), Vec::new());
         for (i, name, _) in &f.selected {
             let p = params[*i].1;
             let key = StreamKey::new(seed, name);
-            let table = self.table.on(p.device());
             if fused::supported(p) {
-                fused::perturb_(p, key, scale as f32, dist, &table)?;
+                fused_ps.push(p);
+                fused_keys.push(key);
             } else {
+                let table = self.table.on(p.device());
                 for_chunks(p, |chunk, off| {
                     let z = z_range(key, off, chunk.numel() as i64, dist, &table, p.device());
                     let new = chunk.to_kind(Kind::Float) + (z * scale as f32 as f64);
@@ -733,6 +853,7 @@ impl Engine {
                 });
             }
         }
+        fused::perturb_many_(&fused_ps, &fused_keys, scale as f32, dist)?;
         Ok(())
     }
 
@@ -773,6 +894,36 @@ impl Engine {
                 let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
                 let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
                 fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
+            } else if rule == Rule::Sgd && self.graphs.get_mut().expect("graph cache").enabled() {
+                // The tensor ops below with the gradients and the rate read from the device, so
+                // one CUDA graph serves every step (the same bits: a float32 tensor operand is
+                // what a scalar operand becomes; tested against the eager engine).
+                l.slot.count_step();
+                let z = match self.z.lock().expect("z cache").take() {
+                    Some((s, z)) if s == seeds => z,
+                    _ => l.z(seeds, dist, &self.table.on(l.flat.device())),
+                };
+                let mut g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
+                g.push(lr as f32);
+                let g = Tensor::from_slice(&g).to_device(l.flat.device());
+                let l = &*l;
+                let body = |_: &[Prepared], x: &[Tensor]| -> Result<Vec<Tensor>> {
+                    let (z, g) = (&x[0], &x[1]);
+                    let n = z.size()[0];
+                    let mut ghat = z.get(0) * g.get(0);
+                    for i in 1..n {
+                        ghat = ghat + z.get(i) * g.get(i);
+                    }
+                    if n > 1 {
+                        ghat = ghat * inv_n;
+                    }
+                    let u = if weight_decay != 0.0 { ghat + (&l.flat * weight_decay) } else { ghat };
+                    Ok(vec![&l.flat - (u * g.get(n))])
+                };
+                let anchors = vec![l.flat.data_ptr() as usize];
+                let graphs = self.graphs.get_mut().expect("graph cache");
+                let new = graphs.run("adapter update", &[], &[z, g], anchors, body)?.remove(0);
+                l.flat.shallow_clone().copy_(&new);
             } else {
                 let table = self.table.on(l.flat.device());
                 flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &table)
@@ -786,26 +937,28 @@ impl Engine {
                     TrainError::Config("a full-parameter update needs the model's weights".into())
                 })?;
                 let params = model.named_parameters();
+                // ZO-SGD on the tensors the kernels take: one fused sweep for all of them.
+                let (mut fused_ps, mut fused_us) = (Vec::new(), Vec::new());
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
                     debug_assert!(restore.is_none() || (rule == Rule::Sgd && fused::supported(params[*i].1)));
                     let p = params[*i].1;
-                    let table = self.table.on(p.device());
                     let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
                     if rule == Rule::Sgd && fused::supported(p) {
-                        let u = SgdUpdate {
+                        fused_ps.push(p);
+                        fused_us.push(SgdUpdate {
                             keys,
                             grads: grads.iter().map(|&g| g as f32).collect(),
                             lr: lr as f32,
                             weight_decay: (*decay && weight_decay != 0.0).then_some(weight_decay as f32),
                             restore: restore.map(|r| (StreamKey::new(r, name), eps as f32)),
-                        };
-                        fused::sgd_update_(p, &u, dist, &table)?;
+                        });
                         continue;
                     }
                     // Stateful rules: chunk by chunk, so no temporary is larger than a chunk
                     // (the state itself is the rule's documented extra memory).
                     let flat_p = p.view(-1);
                     let mut new_parts = Vec::new();
+                    let table = self.table.on(p.device());
                     for_chunks(&flat_p, |chunk, off| {
                         let len = chunk.numel() as i64;
                         let mut ghat = z_range(keys[0], off, len, dist, &table, p.device()) * grads[0];
@@ -822,6 +975,7 @@ impl Engine {
                         optim::apply(rule, slot, &p.to_kind(Kind::Float), &ghat, lr, weight_decay, *decay);
                     p.shallow_clone().copy_(&new);
                 }
+                fused::sgd_update_many_(&fused_ps, &fused_us, dist)?;
             }
         }
         Ok(())
@@ -859,7 +1013,42 @@ fn flat_update_tensor(
     if seeds.len() > 1 {
         ghat = ghat * inv_n;
     }
-    l.flat = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+    let new = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
+    // In place: the state's address is what a captured forward reads.
+    l.flat.copy_(&new);
+}
+
+/// `seeds`' stream keys for a flat state's segments, on its device: from the cache when
+/// they are the last ones asked for.
+fn keys_of(cache: &KeyCache, l: &FlatState, seeds: &[u64]) -> (Tensor, Tensor) {
+    let mut cache = cache.lock().expect("key cache");
+    if let Some((s, a, b)) = cache.as_ref() {
+        if s == seeds {
+            return (a.shallow_clone(), b.shallow_clone());
+        }
+    }
+    let (a, b) = l.keys(seeds);
+    *cache = Some((seeds.to_vec(), a.shallow_clone(), b.shallow_clone()));
+    (a, b)
+}
+
+/// The summed losses of every micro-batch under `tuning` (divide by the batches' weight).
+fn summed_losses(micro: &[Prepared], model: &Model, tuning: Option<&Tuning>) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for p in micro {
+        let s = p.loss_sums(model, tuning)?;
+        total = Some(match total {
+            Some(t) => t + s,
+            None => s,
+        });
+    }
+    total.ok_or_else(|| TrainError::Config("a step needs at least one micro-batch".into()))
+}
+
+/// Where the model's first weight lives: a captured forward reads the weights in place, so a
+/// graph belongs to one model.
+fn model_anchor(model: &Model) -> usize {
+    model.named_parameters().first().map_or(0, |(_, t)| t.data_ptr() as usize)
 }
 
 /// Elements a generic (unfused) chunk handles at once: bounds the int64 temporaries of Z.

@@ -1,0 +1,99 @@
+//! CUDA graphs change nothing but speed: a run whose forwards replay captured graphs gives the
+//! same losses and the same trained state, bit for bit, as the same run with every forward eager.
+//! Needs a GPU: `cargo test -p mezo-train --test graphs -- --ignored`.
+
+use mezo_core::Distribution;
+use mezo_data::ScoringRow;
+use mezo_model::{LoraConfig, Model, ModelConfig, Target};
+use mezo_train::engine::{FullState, LoraState};
+use mezo_train::optim::Rule;
+use mezo_train::{Engine, LossKind, Prepared, StepSettings, Trainable};
+use tch::{Device, Kind};
+
+fn model(device: Device, kind: Kind) -> Model {
+    let json = serde_json::json!({
+        "model_type": "opt", "vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 3,
+        "ffn_dim": 128, "num_attention_heads": 4, "max_position_embeddings": 64,
+    });
+    let cfg = ModelConfig::from_json(&json.to_string(), std::path::Path::new("tiny")).unwrap();
+    Model::random(cfg, device, kind, 11).unwrap()
+}
+
+/// Four examples with two candidates each; `shift` changes the prompt lengths (another shape).
+fn batch(model: &Model, shift: i64) -> Prepared {
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    for e in 0..4i64 {
+        let prompt: Vec<i64> = (0..5 + e + shift).map(|i| (7 * i + 3 * e + shift + 1) % 90 + 4).collect();
+        let cands: Vec<ScoringRow> = [[40i64, 41], [50, 51]]
+            .iter()
+            .map(|c| ScoringRow { tokens: [prompt.clone(), c.to_vec()].concat(), answer_start: prompt.len() })
+            .collect();
+        rows.push(cands);
+        labels.push((e % 2) as usize);
+    }
+    let refs: Vec<&[ScoringRow]> = rows.iter().map(|r| r.as_slice()).collect();
+    Prepared::new(&refs, &labels, LossKind::Classification, model).unwrap()
+}
+
+fn engine(mode: &str, model: &Model, graphs: bool) -> Engine {
+    let trainable = match mode {
+        "lora" => {
+            let cfg = LoraConfig { r: 4, alpha: 8.0, targets: vec![Target::Q, Target::V] };
+            Trainable::Lora(LoraState::init(cfg, &model.config(), model.device(), 5).unwrap())
+        }
+        _ => Trainable::Full(FullState::new(model, &[]).unwrap()),
+    };
+    let settings = StepSettings { eps: 1e-2, dist: Distribution::Gaussian, rule: Rule::Sgd, weight_decay: 0.0 };
+    let mut e = Engine::new(trainable, settings, model.device());
+    e.set_cuda_graphs(graphs);
+    e
+}
+
+fn bits(t: &tch::Tensor) -> Vec<u16> {
+    let f = t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1);
+    let v: Vec<f32> = Vec::try_from(&f).unwrap();
+    // The upper and lower halves of every f32, so any difference shows.
+    v.iter().flat_map(|x| [(x.to_bits() >> 16) as u16, x.to_bits() as u16]).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn graphed_steps_equal_eager_steps() {
+    if !tch::Cuda::is_available() {
+        panic!("this test needs a CUDA GPU");
+    }
+    let dev = Device::Cuda(0);
+    for mode in ["lora", "full"] {
+        for kind in [Kind::Float, Kind::Half] {
+            let (m_eager, m_graph) = (model(dev, kind), model(dev, kind));
+            let mut eager = engine(mode, &m_eager, false);
+            let mut graphed = engine(mode, &m_graph, true);
+            assert!(graphed.cuda_graphs(), "this build has no CUDA graphs");
+            assert!(!eager.cuda_graphs());
+            let shapes = [0, 0, 3, 0, 3, 3, 0, 3, 0, 0];
+            let (a_eager, b_eager) = (batch(&m_eager, 0), batch(&m_eager, 3));
+            let (a_graph, b_graph) = (batch(&m_graph, 0), batch(&m_graph, 3));
+            for (t, &shift) in shapes.iter().enumerate() {
+                let seeds: Vec<u64> = (0..2).map(|i| mezo_core::direction_seed(9, t as u64, i)).collect();
+                let (pe, pg) = if shift == 0 { (&a_eager, &a_graph) } else { (&b_eager, &b_graph) };
+                let (le, ge) = eager.step(&m_eager, std::slice::from_ref(pe), &seeds, 1e-3).unwrap();
+                let (lg, gg) = graphed.step(&m_graph, std::slice::from_ref(pg), &seeds, 1e-3).unwrap();
+                assert_eq!(le, lg, "{mode} {kind:?}: losses of step {t}");
+                assert_eq!(ge, gg, "{mode} {kind:?}: projected gradients of step {t}");
+            }
+            match (&eager.trainable, &graphed.trainable) {
+                (Trainable::Lora(a), Trainable::Lora(b)) => {
+                    assert_eq!(bits(&a.state.flat), bits(&b.state.flat), "{mode} {kind:?}: LoRA state");
+                }
+                _ => {
+                    let (pa, pb) = (m_eager.named_parameters(), m_graph.named_parameters());
+                    for ((name, a), (_, b)) in pa.iter().zip(&pb) {
+                        assert_eq!(bits(a), bits(b), "{mode} {kind:?}: weight {name}");
+                    }
+                }
+            }
+            eprintln!("{mode} {kind:?}: {} graphed steps equal the eager ones", shapes.len());
+        }
+    }
+}
