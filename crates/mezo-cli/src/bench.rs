@@ -196,7 +196,8 @@ fn device_fields(model: &Model, devices: &[Device], before: &Option<Vec<u64>>) -
     if let Some(b) = before {
         let after = memory_in_use(devices)?.context("CUDA memory readable before, not after")?;
         let used: Vec<u64> = after.iter().zip(b).map(|(a, b)| a.saturating_sub(*b)).collect();
-        let per: serde_json::Map<String, Value> = names.iter().cloned().zip(used.iter().map(|&u| json!(u))).collect();
+        let per: serde_json::Map<String, Value> =
+            names.iter().cloned().zip(used.iter().map(|&u| json!(u))).collect();
         v["device_bytes"] = json!(used.iter().sum::<u64>());
         v["per_device_bytes"] = Value::Object(per);
     } else {
@@ -299,7 +300,8 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     if args.eager {
         engine.set_cuda_graphs(false);
     }
-    let graphs = engine.cuda_graphs();
+    // A split model runs its forwards eagerly (the flat-state update may still replay a graph).
+    let graphs = engine.cuda_graphs() && !model.placement().is_split();
     let mut step = |t: u64| -> Result<()> {
         let seeds: Vec<u64> =
             (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();

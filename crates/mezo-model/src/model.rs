@@ -134,7 +134,8 @@ impl ModelConfig {
                 let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
                 let (q, kv) = (c.q_out(), c.kv_out());
                 let b = |on: bool, n: i64| if on { n } else { 0 };
-                let attn = h * q + b(c.qkv_bias, q) + 2 * (h * kv + b(c.qkv_bias, kv)) + q * h + b(c.o_bias, h);
+                let attn =
+                    h * q + b(c.qkv_bias, q) + 2 * (h * kv + b(c.qkv_bias, kv)) + q * h + b(c.o_bias, h);
                 let mlp = 3 * h * f + b(c.mlp_bias, 2 * f + h);
                 let head = if c.tie_word_embeddings { 0 } else { v * h };
                 ParamCounts {

@@ -207,13 +207,19 @@ impl Opt {
             &[c.max_position_embeddings + OPT_POSITION_OFFSET, h],
             Init::Normal,
         )?;
-        let project_in =
-            if c.has_projections() { Some(linear(src, &format!("{p}.project_in"), h, e, false)?) } else { None };
+        let project_in = if c.has_projections() {
+            Some(linear(src, &format!("{p}.project_in"), h, e, false)?)
+        } else {
+            None
+        };
         // project_out follows the last layer, so it lives on that layer's device; it is still made
         // second, as before the split existed, so a seeded random model keeps its values.
         src.place(placement.last());
-        let project_out =
-            if c.has_projections() { Some(linear(src, &format!("{p}.project_out"), e, h, false)?) } else { None };
+        let project_out = if c.has_projections() {
+            Some(linear(src, &format!("{p}.project_out"), e, h, false)?)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
         for i in 0..c.num_hidden_layers {
             src.place(placement.layer(i as usize));

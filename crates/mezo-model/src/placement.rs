@@ -34,7 +34,12 @@ impl Placement {
     /// parameter count, where the first device also holds `first_extra` and the last `last_extra`.
     /// Every device gets at least one layer. Among equally balanced splits, the earliest devices
     /// take the most layers (deterministic).
-    pub fn balanced(devices: &[Device], layer_params: &[i64], first_extra: i64, last_extra: i64) -> Result<Self> {
+    pub fn balanced(
+        devices: &[Device],
+        layer_params: &[i64],
+        first_extra: i64,
+        last_extra: i64,
+    ) -> Result<Self> {
         let (k, n) = (devices.len(), layer_params.len());
         if k == 0 {
             return Err(ModelError::InvalidArgument {

@@ -733,7 +733,13 @@ impl Engine {
                 let out = if model.placement().is_split() {
                     forward(micro, &[a, b])?
                 } else {
-                    self.graphs.lock().expect("graph cache").run("adapter", micro, &[a, b], anchors, forward)?
+                    self.graphs.lock().expect("graph cache").run(
+                        "adapter",
+                        micro,
+                        &[a, b],
+                        anchors,
+                        forward,
+                    )?
                 };
                 // The update of these directions reads the same z: kept, not drawn again.
                 *self.z.lock().expect("z cache") = Some((seeds.to_vec(), out[1].shallow_clone()));
@@ -767,13 +773,20 @@ impl Engine {
                 self.perturb(model, f, seed, scale * eps)?;
                 // The weights are perturbed in place, so one captured forward serves every sign
                 // and direction.
-                let body =
-                    |micro: &[Prepared], _: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![summed_losses(micro, model, None)?]) };
+                let body = |micro: &[Prepared], _: &[Tensor]| -> Result<Vec<Tensor>> {
+                    Ok(vec![summed_losses(micro, model, None)?])
+                };
                 // A model split over devices runs eagerly: a graph is captured on one device.
                 let total = if model.placement().is_split() {
                     body(micro, &[])?
                 } else {
-                    self.graphs.lock().expect("graph cache").run("full-parameter", micro, &[], vec![model_anchor(model)], body)?
+                    self.graphs.lock().expect("graph cache").run(
+                        "full-parameter",
+                        micro,
+                        &[],
+                        vec![model_anchor(model)],
+                        body,
+                    )?
                 };
                 out.push(&total[0] / weight);
             }

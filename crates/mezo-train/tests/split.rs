@@ -67,8 +67,10 @@ fn engine(mode: Mode, model: &Model) -> Engine {
             let mut s = LoraState::init(cfg, &model.config(), model.device(), 5).unwrap();
             // B = 0 at PEFT's init: give it values so every adapter shows in the forward.
             let n = s.state.flat.numel() as i64;
-            s.state.flat = Tensor::from_slice(&(0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect::<Vec<_>>())
-                .to_device(model.device());
+            s.state.flat = Tensor::from_slice(
+                &(0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect::<Vec<_>>(),
+            )
+            .to_device(model.device());
             (Trainable::Lora(s), 1e-2, Rule::Sgd)
         }
         Mode::Prefix => {
@@ -125,14 +127,15 @@ fn steps_on_a_model_split_over_two_cpus_equal_the_unsplit_steps() {
 
 /// On two GPUs: a split model's steps match the one-GPU model's within float rounding. Run
 /// `cargo test --release -p mezo-train --test split -- --ignored` on a machine with 2 GPUs.
-/// Full-parameter mode launches the fused kernels on cuda:1's tensors, which needs the kernels
-/// to run in each tensor's own device context.
+/// Full-parameter mode launches the fused sweeps on both devices (one launch per device).
 #[test]
 #[ignore = "needs 2 CUDA GPUs"]
 fn steps_on_a_model_split_over_two_gpus_match_one_gpu() {
     let n = tch::Cuda::device_count();
     if n < 2 {
-        eprintln!("steps_on_a_model_split_over_two_gpus_match_one_gpu: skipped, {n} CUDA device(s), 2 needed");
+        eprintln!(
+            "steps_on_a_model_split_over_two_gpus_match_one_gpu: skipped, {n} CUDA device(s), 2 needed"
+        );
         return;
     }
     let cfg = config(true);
@@ -146,7 +149,10 @@ fn steps_on_a_model_split_over_two_gpus_match_one_gpu() {
             let (l1, _) = e1.step(&one, std::slice::from_ref(&b1), &seeds, 1e-3).unwrap();
             let (l2, _) = e2.step(&two, std::slice::from_ref(&b2), &seeds, 1e-3).unwrap();
             for ((a1, a2), (c1, c2)) in l1.iter().zip(&l2) {
-                assert!((a1 - c1).abs() < 1e-4 && (a2 - c2).abs() < 1e-4, "{mode:?} step {t}: {l1:?} vs {l2:?}");
+                assert!(
+                    (a1 - c1).abs() < 1e-4 && (a2 - c2).abs() < 1e-4,
+                    "{mode:?} step {t}: {l1:?} vs {l2:?}"
+                );
             }
         }
         for (a, b) in values(&e1, &one).iter().zip(values(&e2, &two)) {
