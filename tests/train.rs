@@ -406,6 +406,48 @@ fn demo_learns_sst2() {
     assert!(test >= zs + 0.10, "demo gained {:.2} points, fewer than 10", 100.0 * (test - zs));
 }
 
+/// A run on a model split over devices (`--devices cpu,cpu` runs the split's code path here)
+/// writes the unsplit run's adapter bit for bit; bad device lists are named.
+#[test]
+fn a_run_split_over_devices_equals_the_unsplit_run() {
+    let (a, b) = (tmp("split-one"), tmp("split-two"));
+    train(&a, &["--seed", "3"]);
+    train(&b, &["--seed", "3", "--devices", "cpu,cpu"]);
+    let f = "adapter/adapter_model.safetensors";
+    assert_eq!(bytes(&a.join(f)), bytes(&b.join(f)), "the split run's adapter differs");
+    let (model, data, out) = (assets().join("opt-mini"), assets().join("sst2"), tmp("split-bad"));
+    for (list, want) in [
+        ("cpu,,cpu", "without empty entries"),
+        ("cpu,cuda:64", "CUDA device(s)"),
+        // More devices than layers (opt-mini has 4).
+        ("cpu,cpu,cpu,cpu,cpu", "5 devices for a model of 4 layers"),
+    ] {
+        #[rustfmt::skip]
+        let e = mezo_err(&[
+            "train", "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(),
+            "--devices", list, "--steps", "1", "--out", out.to_str().unwrap(),
+        ]);
+        assert!(e.contains(want), "--devices {list}: {e}");
+    }
+}
+
+/// `mezo bench train` with a device list: the placement and each device in its JSON line.
+#[test]
+fn bench_splits_the_model_over_a_device_list() {
+    #[rustfmt::skip]
+    let out = mezo_ok(&[
+        "bench", "train", "--devices", "cpu,cpu", "--dtype", "fp32", "--shape", "125m", "--mode", "lora",
+        "--batch", "2", "--seq", "8", "--iters", "1", "--warmup", "0",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["devices"], serde_json::json!(["cpu", "cpu"]), "{v}");
+    // 125m: the embeddings (40M parameters) weigh as much as 5-6 layers of 7M.
+    assert_eq!(v["placement"], "cpu: layers 0-2; cpu: layers 3-11", "{v}");
+    assert!(v["steps_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let e = mezo_err(&["bench", "train", "--devices", "cpu,cpu", "--peer", "x.py"]);
+    assert!(e.contains("--peer runs on one device"), "{e}");
+}
+
 /// `mezo bench` on the CPU with small shapes (CI has no GPU; no thresholds): one JSON line per
 /// configuration with the fields the GPU tables are made of, and the coordinator benchmark's
 /// lines for both durability modes.

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mezo_model::{parse_device, parse_dtype, Model, ModelConfig, Padding};
+use mezo_model::{device_name, parse_devices, parse_dtype, Model, ModelConfig, Padding};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -38,7 +38,9 @@ pub struct BenchArgs {
     pub seq: i64,
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    #[arg(long, default_value = "cuda")]
+    /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) to split the model's
+    /// layers over those devices in contiguous blocks (a model larger than one GPU).
+    #[arg(long, visible_alias = "devices", default_value = "cuda")]
     pub device: String,
     #[arg(long, default_value_t = 50)]
     pub iters: usize,
@@ -133,10 +135,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             config.model_type()
         );
     }
-    let device = parse_device(&args.device)?;
+    let devices = parse_devices(&args.device)?;
+    if devices.len() > 1 && args.peer.is_some() {
+        bail!("--peer runs on one device; drop it or give one --device (got {})", args.device);
+    }
     let kind = parse_dtype(&args.dtype)?;
     if args.what == "train" {
-        let ours = train_steps(&args, config, device, kind)?;
+        let ours = train_steps(&args, config, &devices, kind)?;
         println!("{ours}");
         if let Some(path) = &args.peer {
             if path.is_empty() {
@@ -156,7 +161,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let ours = forward(&args, config, device, kind)?;
+    let ours = forward(&args, config, &devices, kind)?;
     println!("{ours}");
     if args.peer.is_some() {
         let peer = run_peer(&args)?;
@@ -168,16 +173,54 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
+fn sync(devices: &[Device]) {
+    for d in devices {
+        if let Device::Cuda(i) = d {
+            tch::Cuda::synchronize(*i as i64);
+        }
     }
 }
 
-fn forward(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind) -> Result<Value> {
+/// Bytes in use on each CUDA device of `devices` (every process's, as the driver counts them, in
+/// that device's own context); `None` on the CPU.
+fn memory_in_use(devices: &[Device]) -> Result<Option<Vec<u64>>> {
+    if !devices.iter().all(|d| d.is_cuda()) {
+        return Ok(None);
+    }
+    let used = devices.iter().map(|&d| mezo_core::cuda::memory_in_use(d)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(used))
+}
+
+/// The JSON fields of the model's devices: the list, the layer placement, and (CUDA) the bytes
+/// this process took on each since `before`, and their sum.
+fn device_fields(model: &Model, devices: &[Device], before: &Option<Vec<u64>>) -> Result<Value> {
+    let names: Vec<String> = devices.iter().map(|&d| device_name(d)).collect();
+    let mut v = json!({ "devices": names, "placement": model.placement().to_string() });
+    if let Some(b) = before {
+        let after = memory_in_use(devices)?.context("CUDA memory readable before, not after")?;
+        let used: Vec<u64> = after.iter().zip(b).map(|(a, b)| a.saturating_sub(*b)).collect();
+        let per: serde_json::Map<String, Value> =
+            names.iter().cloned().zip(used.iter().map(|&u| json!(u))).collect();
+        v["device_bytes"] = json!(used.iter().sum::<u64>());
+        v["per_device_bytes"] = Value::Object(per);
+    } else {
+        v["device_bytes"] = Value::Null;
+    }
+    Ok(v)
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}
+
+fn forward(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: Kind) -> Result<Value> {
     let _guard = tch::no_grad_guard();
     let vocab = config.vocab_size();
-    let model = Model::random(config, device, kind, 0)?;
+    let before = memory_in_use(devices)?;
+    let model = Model::random_on(config, devices, kind, 0)?;
+    let device = model.device();
     let ids = Tensor::randint_low(4, vocab, [args.batch, args.seq], (Kind::Int64, device));
     let mask = Tensor::ones([args.batch, args.seq], (Kind::Int64, device));
     let step =
@@ -185,29 +228,34 @@ fn forward(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind) ->
     for _ in 0..args.warmup {
         let _ = step()?;
     }
-    sync(device);
+    sync(devices);
     let start = Instant::now();
     for _ in 0..args.iters {
         let _ = step()?;
     }
-    sync(device);
+    sync(devices);
     let dt = start.elapsed().as_secs_f64() / args.iters as f64;
-    Ok(json!({
+    let mut v = json!({
         "bench": "forward", "impl": "mezo", "shape": args.shape, "dtype": args.dtype,
         "device": args.device, "batch": args.batch, "seq": args.seq,
         "ms": (dt * 1e7).round() / 1e4,
         "tokens_per_s": ((args.batch * args.seq) as f64 / dt * 10.0).round() / 10.0,
-    }))
+    });
+    if devices.len() > 1 {
+        merge(&mut v, device_fields(&model, devices, &before)?);
+    }
+    Ok(v)
 }
 
 /// MeZO steps on random token rows: rows of `seq` tokens whose last 2 are the answer (the peer's
 /// labels), answer-only cross-entropy, one direction seed per step.
-fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind) -> Result<Value> {
+fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: Kind) -> Result<Value> {
     use mezo_data::ScoringRow;
     use mezo_train::engine::{FullState, LoraState, LossKind, Prepared, StepSettings, Trainable};
     let vocab = config.vocab_size();
-    let before = device.is_cuda().then(|| mezo_core::cuda::memory_in_use(device)).transpose()?;
-    let model = Model::random(config, device, kind, 0)?;
+    let before = memory_in_use(devices)?;
+    let model = Model::random_on(config, devices, kind, 0)?;
+    let device = model.device();
     let mut rng = mezo_core::HostRng::new(1);
     let rows: Vec<Vec<ScoringRow>> = (0..args.batch)
         .map(|_| {
@@ -255,7 +303,8 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
     if args.eager {
         engine.set_cuda_graphs(false);
     }
-    let graphs = engine.cuda_graphs();
+    // A split model runs its forwards eagerly (the flat-state update may still replay a graph).
+    let graphs = engine.cuda_graphs() && !model.placement().is_split();
     let mut step = |t: u64| -> Result<()> {
         let seeds: Vec<u64> =
             (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, t, i)).collect();
@@ -266,12 +315,12 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
     for t in 0..args.warmup as u64 {
         step(t)?;
     }
-    sync(device);
+    sync(devices);
     let start = Instant::now();
     for t in 0..args.iters as u64 {
         step(args.warmup as u64 + t)?;
     }
-    sync(device);
+    sync(devices);
     let dt = start.elapsed().as_secs_f64() / args.iters as f64;
     // Where a step's time goes: its forwards alone (each ends reading the losses back), then
     // its update alone (synchronised once at the end).
@@ -287,24 +336,22 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, device: Device, kind: Kind
         for _ in 0..args.iters {
             engine.apply_update(Some(&model), &seeds, &grads, 0.0)?;
         }
-        sync(device);
+        sync(devices);
         let update_ms = t1.elapsed().as_secs_f64() * 1e3 / args.iters as f64;
         json!({"losses_ms": (losses_ms * 1e3).round() / 1e3, "update_ms": (update_ms * 1e3).round() / 1e3})
     } else {
         Value::Null
     };
-    // What this process took on the device (weights, LoRA state, the caching allocator's reserve
-    // for activations): an upper bound on its peak allocation.
-    let device_bytes = match before {
-        Some(b) => Some(mezo_core::cuda::memory_in_use(device)?.saturating_sub(b)),
-        None => None,
-    };
-    Ok(json!({
-        "bench": "train", "impl": "mezo", "device_bytes": device_bytes, "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
+    let mut v = json!({
+        "bench": "train", "impl": "mezo", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
         "device": args.device, "cuda_graphs": graphs, "phases": phases, "batch": args.batch, "seq": args.seq, "directions": args.directions,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
-    }))
+    });
+    // What this process took on each device (weights, trained state, the caching allocator's
+    // reserve for activations): an upper bound on its peak allocation there.
+    merge(&mut v, device_fields(&model, devices, &before)?);
+    Ok(v)
 }
 
 /// Runs the MeZO peer script for the same configuration; its JSON line for it.

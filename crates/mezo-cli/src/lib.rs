@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mezo_model::scoring::{evaluate, EvalReport};
-use mezo_model::{parse_device, parse_dtype, Model, TextTokenizer};
+use mezo_model::{parse_devices, parse_dtype, Model, TextTokenizer};
 use train::TaskArgs;
 
 #[derive(Parser, Debug)]
@@ -36,7 +36,7 @@ pub enum Command {
     Demo(train::DemoArgs),
     /// Run the coordinator: gRPC for clients and workers, /metrics, a durable store.
     Coordinator(service::CoordinatorArgs),
-    /// Run a worker that serves a coordinator's forward passes on one device.
+    /// Run a worker that serves a coordinator's forward passes on one device (or a model split over several).
     Worker(service::WorkerArgs),
     /// Client commands for a coordinator's runs.
     #[command(subcommand)]
@@ -58,8 +58,9 @@ pub struct EvalArgs {
     /// Score only the first N examples.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) that splits the
+    /// model's layers over those devices (a model larger than one GPU).
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
     /// fp32, fp16 or bf16.
     #[arg(long, default_value = "fp32")]
@@ -99,7 +100,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     if !(1..=1024).contains(&args.task.max_new_tokens) {
         anyhow::bail!("--max-new-tokens must be between 1 and 1024, got {}", args.task.max_new_tokens);
     }
-    let device = parse_device(&args.device)?;
+    let devices = parse_devices(&args.device)?;
     let kind = parse_dtype(&args.dtype)?;
     let mut examples = task.load(&args.data)?;
     if let Some(n) = args.limit {
@@ -107,7 +108,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     let start = Instant::now();
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    let model = Model::load(&args.model, device, kind)
+    let model = Model::load_on(&args.model, &devices, kind)
         .with_context(|| format!("loading model from {}", args.model.display()))?;
     tokenizer.check_fits(model.config().vocab_size())?;
     let adapter = match &args.adapter {

@@ -26,7 +26,7 @@ pub fn train_with_workers(a: TrainCmd) -> Result<()> {
         .context("--out DIR is required: where the adapter, the step log and the report go")?;
     let cfg = a.train.config()?;
     cfg.validate()?;
-    mezo_model::parse_device(&cfg.device)?;
+    mezo_model::parse_devices(&cfg.device)?;
     let split = match a.split.as_str() {
         "direction" => Split::Direction,
         "data" => Split::Data,

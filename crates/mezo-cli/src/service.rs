@@ -67,7 +67,9 @@ pub struct CoordinatorArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub client: ClientArgs,
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) that splits the
+    /// model's layers over those devices (a model larger than one GPU).
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
     /// PEM certificate this worker presents (mutual TLS: a coordinator with --tls-client-ca).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -230,7 +232,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
-    mezo_model::parse_device(&a.device)?;
+    mezo_model::parse_devices(&a.device)?;
     let mut target = a.client.target()?;
     target.tls_identity = a.tls_cert.zip(a.tls_key);
     // Checks the URL and reads the PEM files now: a mistake there is not worth retrying.

@@ -167,7 +167,9 @@ pub struct TrainArgs {
     pub test_limit: Option<usize>,
     #[arg(long, default_value_t = 32)]
     pub eval_batch_size: usize,
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N, or a list (`cuda:0,cuda:1`, also as `--devices`) that splits the
+    /// model's layers over those devices (a model larger than one GPU).
+    #[arg(long, visible_alias = "devices", default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value = "fp32")]
     pub dtype: String,

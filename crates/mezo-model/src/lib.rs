@@ -10,6 +10,7 @@ pub mod llama_config;
 pub mod lora;
 pub mod model;
 pub mod opt;
+pub mod placement;
 pub mod prefix;
 pub mod scoring;
 pub mod tokenizer;
@@ -23,6 +24,7 @@ pub use llama_config::{LlamaConfig, LlamaFamily};
 pub use lora::{Adapter, LoraBatch, LoraConfig, LoraTensor, Target};
 pub use model::{LoraModule, Model, ModelConfig, SUPPORTED_MODEL_TYPES};
 pub use opt::{Opt, Padding, ScoreBatch};
+pub use placement::{device_name, ParamCounts, Placement};
 pub use prefix::{PrefixAdapter, PrefixBatch, PrefixConfig};
 pub use tokenizer::TextTokenizer;
 
@@ -56,6 +58,14 @@ impl Tuning {
             Tuning::Lora(_) => None,
         }
     }
+
+    /// A copy whose per-layer tensors sit on their layers' devices ([`Placement`]).
+    pub fn placed(&self, p: &Placement) -> Tuning {
+        match self {
+            Tuning::Lora(l) => Tuning::Lora(l.placed(p)),
+            Tuning::Prefix(x) => Tuning::Prefix(x.placed(p)),
+        }
+    }
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -80,6 +90,34 @@ pub fn parse_device(s: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// Parses a device list for a model split over devices: `cuda:0,cuda:1` (layers in contiguous
+/// blocks in that order, the embeddings and head on the first). One entry is [`parse_device`]'s
+/// single device. A CUDA device may appear once; `cpu` may repeat (`cpu,cpu` runs the split's
+/// code path on one machine, for tests).
+pub fn parse_devices(s: &str) -> Result<Vec<Device>> {
+    let mut out: Vec<Device> = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(ModelError::InvalidArgument {
+                what: "device list",
+                value: s.into(),
+                expected: "comma-separated devices without empty entries, e.g. cuda:0,cuda:1",
+            });
+        }
+        let d = parse_device(part)?;
+        if d.is_cuda() && out.contains(&d) {
+            return Err(ModelError::InvalidArgument {
+                what: "device list",
+                value: format!("{s} ({part} twice)"),
+                expected: "each CUDA device at most once",
+            });
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
 /// Parses `fp32`, `fp16` or `bf16`.
 pub fn parse_dtype(s: &str) -> Result<Kind> {
     match s {
@@ -91,5 +129,31 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
             value: s.into(),
             expected: "fp32, fp16 or bf16",
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_parse_or_name_what_is_wrong() {
+        assert_eq!(parse_devices("cpu").unwrap(), [Device::Cpu]);
+        assert_eq!(parse_devices("cpu, cpu").unwrap(), [Device::Cpu, Device::Cpu]);
+        for bad in ["", "cpu,", ",cpu", "cpu,,cpu"] {
+            let e = parse_devices(bad).unwrap_err().to_string();
+            assert!(e.contains("without empty entries"), "{bad:?}: {e}");
+        }
+        let e = parse_devices("cpu,gpu1").unwrap_err().to_string();
+        assert!(e.contains("gpu1") && e.contains("cuda:N"), "{e}");
+        // More CUDA devices than the machine has: the count is named.
+        let n = tch::Cuda::device_count();
+        let list = (0..=n).map(|i| format!("cuda:{i}")).collect::<Vec<_>>().join(",");
+        let e = parse_devices(&list).unwrap_err().to_string();
+        assert!(e.contains(&format!("cuda:{n}")) && e.contains(&format!("has {n} CUDA device(s)")), "{e}");
+        if n >= 1 {
+            let e = parse_devices("cuda:0,cuda:0").unwrap_err().to_string();
+            assert!(e.contains("cuda:0 twice"), "{e}");
+        }
     }
 }

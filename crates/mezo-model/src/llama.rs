@@ -19,7 +19,8 @@ use crate::config::Activation;
 use crate::error::{ModelError, Result};
 use crate::llama_config::{LlamaConfig, RopeScaling};
 use crate::lora::{LoraBatch, Target};
-use crate::opt::{proj, FromCheckpoint, Init, Linear, Padding, Random, Source};
+use crate::opt::{move_to, proj, FromCheckpoint, Init, Linear, OnDevices, Padding, Random, Source};
+use crate::placement::Placement;
 
 /// RMSNorm as HF computes it: in float32, then the weight times the result cast back.
 pub struct RmsNorm {
@@ -72,7 +73,10 @@ pub struct Llama {
     /// RoPE's inverse frequencies for sequences within `max_position_embeddings`, float32
     /// `[head_dim / 2]` on the model's device.
     inv_freq: Tensor,
+    /// Where the embeddings and the head are: the inputs go here and the outputs come from here.
     pub device: Device,
+    /// Which device holds each layer ([`Placement::single`] unless split).
+    pub placement: Placement,
     pub kind: Kind,
 }
 
@@ -85,20 +89,34 @@ struct Rotary {
 impl Llama {
     /// Loads `dir/config.json` (already parsed into `config`) and the weights beside it.
     pub fn load(config: LlamaConfig, dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_on(config, dir, &[device], kind)
+    }
+
+    /// [`Self::load`] with the layers split over `devices` ([`Placement::for_model`]).
+    pub fn load_on(config: LlamaConfig, dir: &Path, devices: &[Device], kind: Kind) -> Result<Self> {
+        let placement = Placement::for_model(&config.clone().into(), devices)?;
         let mut ckpt = Checkpoint::load(dir)?;
-        let mut src = FromCheckpoint { ckpt: &mut ckpt, device, kind };
-        Self::build(config, &mut src, device, kind)
+        let mut src = FromCheckpoint { ckpt: &mut ckpt, device: placement.first(), kind };
+        Self::build(config, &mut src, placement, kind)
     }
 
     /// A model of `config`'s shape with HF's random initialisation (normal(0, 0.02) matrices,
     /// zero biases, unit norms), seeded: for benchmarks and tests.
     pub fn random(config: LlamaConfig, device: Device, kind: Kind, seed: i64) -> Result<Self> {
-        tch::manual_seed(seed);
-        let mut src = Random { device, kind, std: 0.02 };
-        Self::build(config, &mut src, device, kind)
+        Self::random_on(config, &[device], kind, seed)
     }
 
-    fn build(config: LlamaConfig, src: &mut dyn Source, device: Device, kind: Kind) -> Result<Self> {
+    /// [`Self::random`] with the layers split over `devices`, each tensor drawn on its device.
+    pub fn random_on(config: LlamaConfig, devices: &[Device], kind: Kind, seed: i64) -> Result<Self> {
+        tch::manual_seed(seed);
+        let placement = Placement::for_model(&config.clone().into(), devices)?;
+        let mut src = Random { device: placement.first(), kind, std: 0.02 };
+        Self::build(config, &mut src, placement, kind)
+    }
+
+    fn build(config: LlamaConfig, src: &mut dyn Source, placement: Placement, kind: Kind) -> Result<Self> {
+        let device = placement.first();
+        src.place(device);
         let c = &config;
         let (h, f) = (c.hidden_size, c.intermediate_size);
         let (q_out, kv_out) = (c.q_out(), c.kv_out());
@@ -121,6 +139,7 @@ impl Llama {
         let embed_tokens = src.tensor("model.embed_tokens.weight", &[c.vocab_size, h], Init::Normal)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
         for i in 0..c.num_hidden_layers {
+            src.place(placement.layer(i as usize));
             let l = format!("model.layers.{i}");
             let a = format!("{l}.self_attn");
             let m = format!("{l}.mlp");
@@ -144,7 +163,9 @@ impl Llama {
                 post_attention_layernorm: norm(src, &format!("{l}.post_attention_layernorm"))?,
             });
         }
+        src.place(placement.last());
         let norm = norm(src, "model.norm")?;
+        src.place(device);
         // A tied checkpoint may still carry lm_head.weight; HF ignores it, and so do we.
         let lm_head = if c.tie_word_embeddings {
             None
@@ -152,7 +173,7 @@ impl Llama {
             Some(src.tensor("lm_head.weight", &[c.vocab_size, h], Init::Normal)?)
         };
         let inv_freq = base_inv_freq(&config).to_device(device);
-        Ok(Llama { config, embed_tokens, layers, norm, lm_head, inv_freq, device, kind })
+        Ok(Llama { config, embed_tokens, layers, norm, lm_head, inv_freq, device, placement, kind })
     }
 
     /// The last hidden states, `[batch, seq, hidden_size]`, ready for the LM head. `ids` and
@@ -185,11 +206,28 @@ impl Llama {
             masks.entry(w).or_insert_with(|| self.attention_mask(mask, seq, padding, w));
         }
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let m = masks[&layer.self_attn.window].as_ref();
-            x = self.layer_forward(i, layer, &x, &rotary, m, lora);
+        if !self.placement.is_split() {
+            for (i, layer) in self.layers.iter().enumerate() {
+                let m = masks[&layer.self_attn.window].as_ref();
+                x = self.layer_forward(i, layer, &x, &rotary, m, lora);
+            }
+            return Ok(self.norm.forward(&x));
         }
-        Ok(self.norm.forward(&x))
+        // Split over devices: the activation, the rotary tables, the masks and the adapters go to
+        // each layer's device (the last three once per device and forward).
+        let placed = lora.map(|l| l.placed(&self.placement));
+        let lora = placed.as_ref();
+        let (mut cos, mut sin) = (OnDevices::default(), OnDevices::default());
+        let mut masks_on: HashMap<Option<i64>, OnDevices> = HashMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let dev = self.placement.layer(i);
+            x = move_to(x, dev);
+            let w = layer.self_attn.window;
+            let m = masks[&w].as_ref().map(|m| masks_on.entry(w).or_default().get(m, dev));
+            let r = Rotary { cos: cos.get(&rotary.cos, dev), sin: sin.get(&rotary.sin, dev) };
+            x = self.layer_forward(i, layer, &x, &r, m.as_ref(), lora);
+        }
+        Ok(move_to(self.norm.forward(&x), self.device))
     }
 
     /// `None` where the causal flag of the fused kernel says everything (right padding, no

@@ -175,6 +175,20 @@ impl LoraBatch {
         self.mats.contains_key(&(layer, target))
     }
 
+    /// A copy whose matrices sit on their layers' devices (shallow where they already do): for
+    /// a model split over devices, while the trained state stays on one.
+    pub fn placed(&self, p: &crate::Placement) -> Self {
+        let mats = self
+            .mats
+            .iter()
+            .map(|(&(layer, t), (a, b))| {
+                let d = p.layer(layer);
+                ((layer, t), (a.to_device(d), b.to_device(d)))
+            })
+            .collect();
+        LoraBatch { scaling: self.scaling, variants: self.variants, mats }
+    }
+
     /// `y + scaling * B(A x)` for this module (`y` itself when it is not adapted). `x` is
     /// `[rows, seq, in]` and `y` the base projection `[rows, seq, out]`, rows grouped by variant.
     /// The up-projection, the scaling and the sum are one batched GEMM (`baddbmm`), which

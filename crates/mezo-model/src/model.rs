@@ -12,6 +12,7 @@ use crate::llama::Llama;
 use crate::llama_config::{LlamaConfig, LlamaFamily};
 use crate::lora::{LoraBatch, Target};
 use crate::opt::{Opt, Padding, ScoreBatch};
+use crate::placement::{ParamCounts, Placement};
 use crate::{OptConfig, Tuning};
 
 /// The `model_type`s `mezo` loads, for messages.
@@ -110,6 +111,42 @@ impl ModelConfig {
         }
     }
 
+    /// Parameters of each decoder layer and of what surrounds the layers (the sizes
+    /// [`Model::named_parameters`] has), for placing the layers on devices.
+    pub fn param_counts(&self) -> ParamCounts {
+        match self {
+            ModelConfig::Opt(c) => {
+                let (h, e, f, v) = (c.hidden_size, c.word_embed_proj_dim, c.ffn_dim, c.vocab_size);
+                let b = |n: i64| if c.enable_bias { n } else { 0 };
+                let norm = if c.layer_norm_elementwise_affine { 2 * h } else { 0 };
+                let layer = 4 * (h * h + b(h)) + (f * h + b(f)) + (h * f + b(h)) + 2 * norm;
+                let proj = if c.has_projections() { h * e } else { 0 };
+                let head = if c.tie_word_embeddings { 0 } else { v * e };
+                let positions = (c.max_position_embeddings + crate::config::OPT_POSITION_OFFSET) * h;
+                let final_norm = if c.has_final_layer_norm() { norm } else { 0 };
+                ParamCounts {
+                    layers: vec![layer; c.num_hidden_layers as usize],
+                    first: v * e + positions + proj + head,
+                    last: final_norm + proj,
+                }
+            }
+            ModelConfig::Llama(c) => {
+                let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+                let (q, kv) = (c.q_out(), c.kv_out());
+                let b = |on: bool, n: i64| if on { n } else { 0 };
+                let attn =
+                    h * q + b(c.qkv_bias, q) + 2 * (h * kv + b(c.qkv_bias, kv)) + q * h + b(c.o_bias, h);
+                let mlp = 3 * h * f + b(c.mlp_bias, 2 * f + h);
+                let head = if c.tie_word_embeddings { 0 } else { v * h };
+                ParamCounts {
+                    layers: vec![attn + mlp + 2 * h; c.num_hidden_layers as usize],
+                    first: v * h + head,
+                    last: h,
+                }
+            }
+        }
+    }
+
     /// The LoRA targets this architecture has, in [`Target`] order.
     pub fn lora_targets(&self) -> &'static [Target] {
         use Target::*;
@@ -168,18 +205,37 @@ pub enum Model {
 impl Model {
     /// Loads `dir/config.json` and the weights beside it onto `device` as `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_on(dir, &[device], kind)
+    }
+
+    /// [`Self::load`] with the decoder layers split over `devices` in contiguous blocks balanced
+    /// by parameters ([`Placement::for_model`]); one device is the unsplit model.
+    pub fn load_on(dir: &Path, devices: &[Device], kind: Kind) -> Result<Self> {
         Ok(match ModelConfig::from_dir(dir)? {
-            ModelConfig::Opt(_) => Model::Opt(Opt::load(dir, device, kind)?),
-            ModelConfig::Llama(c) => Model::Llama(Llama::load(c, dir, device, kind)?),
+            ModelConfig::Opt(_) => Model::Opt(Opt::load_on(dir, devices, kind)?),
+            ModelConfig::Llama(c) => Model::Llama(Llama::load_on(c, dir, devices, kind)?),
         })
     }
 
     /// Random weights of `config`'s shape (HF's initialisation), seeded.
     pub fn random(config: ModelConfig, device: Device, kind: Kind, seed: i64) -> Result<Self> {
+        Self::random_on(config, &[device], kind, seed)
+    }
+
+    /// [`Self::random`] split over `devices`; every tensor is made on its own device.
+    pub fn random_on(config: ModelConfig, devices: &[Device], kind: Kind, seed: i64) -> Result<Self> {
         Ok(match config {
-            ModelConfig::Opt(c) => Model::Opt(Opt::random(c, device, kind, seed)?),
-            ModelConfig::Llama(c) => Model::Llama(Llama::random(c, device, kind, seed)?),
+            ModelConfig::Opt(c) => Model::Opt(Opt::random_on(c, devices, kind, seed)?),
+            ModelConfig::Llama(c) => Model::Llama(Llama::random_on(c, devices, kind, seed)?),
         })
+    }
+
+    /// Which device holds each decoder layer.
+    pub fn placement(&self) -> &Placement {
+        match self {
+            Model::Opt(m) => &m.placement,
+            Model::Llama(m) => &m.placement,
+        }
     }
 
     pub fn config(&self) -> ModelConfig {
@@ -189,6 +245,7 @@ impl Model {
         }
     }
 
+    /// Where the inputs go and the outputs come from (the first device of a split model).
     pub fn device(&self) -> Device {
         match self {
             Model::Opt(m) => m.device,
@@ -401,6 +458,151 @@ mod tests {
             want /= (row.len() - start) as f64;
             let g = got.double_value(&[r as i64]);
             assert!((g - want).abs() < 1e-5, "row {r}: {g} vs {want}");
+        }
+    }
+
+    fn opt_json(pre: bool, tied: bool) -> serde_json::Value {
+        let mut json = serde_json::json!({
+            "model_type": "opt", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 4,
+            "ffn_dim": 32, "num_attention_heads": 4, "max_position_embeddings": 32,
+            "tie_word_embeddings": tied,
+        });
+        if !pre {
+            json["do_layer_norm_before"] = false.into();
+            json["word_embed_proj_dim"] = 8.into();
+        }
+        json
+    }
+
+    fn llama_json(model_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": model_type, "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 3,
+            "intermediate_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 32, "tie_word_embeddings": false, "attention_bias": true,
+            "mlp_bias": true, "sliding_window": 4, "use_sliding_window": true, "max_window_layers": 1,
+        })
+    }
+
+    /// The counts that place layers are the sizes of the tensors the model builds.
+    #[test]
+    fn param_counts_match_the_built_parameters() {
+        let mut configs: Vec<serde_json::Value> = Vec::new();
+        for pre in [true, false] {
+            for tied in [true, false] {
+                configs.push(opt_json(pre, tied));
+            }
+        }
+        configs.extend(["llama", "qwen2", "mistral"].map(llama_json));
+        for json in configs {
+            let cfg = parse(&json.to_string()).unwrap();
+            let counts = cfg.param_counts();
+            let m = Model::random(cfg.clone(), Device::Cpu, Kind::Float, 0).unwrap();
+            let params = m.named_parameters();
+            let numel = |pred: &dyn Fn(&str) -> bool| -> i64 {
+                params.iter().filter(|(n, _)| pred(n)).map(|(_, t)| t.numel() as i64).sum()
+            };
+            let total = numel(&|_| true);
+            assert_eq!(counts.total(), total, "{json}");
+            for l in 0..cfg.num_hidden_layers() as usize {
+                let tag = format!(".layers.{l}.");
+                assert_eq!(counts.layers[l], numel(&|n: &str| n.contains(&tag)), "{json} layer {l}");
+            }
+        }
+    }
+
+    /// A model split over `[Cpu, Cpu]` runs the split's code path (per-layer devices, masks,
+    /// adapters and rotary tables moved per device, the head back on the first device) and must
+    /// give the unsplit model's bits: no pass, no tensor is lost or reordered by the split.
+    #[test]
+    fn a_split_over_two_cpus_gives_the_unsplit_bits() {
+        let _g = tch::no_grad_guard();
+        let mut configs: Vec<serde_json::Value> = vec![opt_json(true, true), opt_json(false, false)];
+        configs.extend(["llama", "mistral"].map(llama_json));
+        for json in configs {
+            let cfg = parse(&json.to_string()).unwrap();
+            let one = Model::random(cfg.clone(), Device::Cpu, Kind::Float, 7).unwrap();
+            let two = Model::random_on(cfg.clone(), &[Device::Cpu, Device::Cpu], Kind::Float, 7).unwrap();
+            assert!(!one.placement().is_split() && two.placement().is_split());
+            let sizes: Vec<usize> = two.placement().blocks().iter().map(|(_, r)| r.len()).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), cfg.num_hidden_layers() as usize);
+            assert!(sizes.iter().all(|&n| n >= 1), "{sizes:?}");
+            // The same weights (libtorch's generator is shared with tests running in parallel, so
+            // the two draws cannot be relied on to match).
+            for ((na, a), (nb, b)) in one.named_parameters().into_iter().zip(two.named_parameters()) {
+                assert_eq!((na, a.size()), (nb, b.size()));
+                b.shallow_clone().copy_(a);
+            }
+            let rows = vec![vec![3i64, 7, 9, 11, 20, 21, 5], vec![4i64, 5, 6]];
+            let b = ScoreBatch::new(&rows, &[5, 1], one.pad_token_id(), Device::Cpu).unwrap();
+            let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
+            let tensors = lc.tensors(&cfg).unwrap();
+            let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+            let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
+            let lora = Tuning::Lora(LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Float).unwrap());
+            let mut tunings = vec![None, Some(lora)];
+            if let ModelConfig::Opt(oc) = &cfg {
+                let pc = crate::PrefixConfig { num_prefix: 2 };
+                let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
+                let t = crate::PrefixBatch::from_flat(&flat, &pc, oc, Kind::Float).unwrap();
+                tunings.push(Some(Tuning::Prefix(t)));
+            }
+            for t in &tunings {
+                let a = one.answer_logprob_sums(&b, t.as_ref()).unwrap();
+                let c = two.answer_logprob_sums(&b, t.as_ref()).unwrap();
+                assert!(a.equal(&c), "{json}: split scores differ: {a} vs {c}");
+                // Left padding: the explicit masks (sliding windows too) on every device.
+                let v = t.as_ref().map_or(1, Tuning::variants);
+                let ids = Tensor::from_slice(&[1i64, 1, 5, 9, 17, 3, 44, 2]).view([1, 8]).repeat([v, 1]);
+                let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1]).view([1, 8]).repeat([v, 1]);
+                let h1 = one.hidden_states(&ids, &mask, Padding::Any, t.as_ref()).unwrap();
+                let h2 = two.hidden_states(&ids, &mask, Padding::Any, t.as_ref()).unwrap();
+                assert!(h1.equal(&h2), "{json}: split hidden states differ with left padding");
+            }
+            if let (Model::Opt(a), Model::Opt(c)) = (&one, &two) {
+                assert!(a.key_values(&[3, 9, 1]).unwrap().equal(&c.key_values(&[3, 9, 1]).unwrap()));
+            }
+        }
+    }
+
+    /// A model split over two GPUs gives the one-GPU model's scores within float rounding. Run on
+    /// a machine with 2 GPUs: `cargo test --release -p mezo-model split_over_two_gpus -- --ignored`
+    /// (or the compiled test binary with `split_over_two_gpus --ignored`).
+    #[test]
+    #[ignore = "needs 2 CUDA GPUs"]
+    fn split_over_two_gpus_matches_one_gpu() {
+        let n = tch::Cuda::device_count();
+        if n < 2 {
+            eprintln!("split_over_two_gpus_matches_one_gpu: skipped, {n} CUDA device(s) here, 2 needed");
+            return;
+        }
+        let _g = tch::no_grad_guard();
+        let (g0, g1) = (Device::Cuda(0), Device::Cuda(1));
+        for json in [opt_json(true, true), opt_json(false, false), llama_json("mistral")] {
+            let cfg = parse(&json.to_string()).unwrap();
+            let one = Model::random(cfg.clone(), g0, Kind::Float, 7).unwrap();
+            let two = Model::random_on(cfg.clone(), &[g0, g1], Kind::Float, 7).unwrap();
+            let last = cfg.num_hidden_layers() as usize - 1;
+            assert_eq!((two.placement().layer(0), two.placement().layer(last)), (g0, g1));
+            // Each device draws from its own generator: copy the weights across.
+            for ((_, a), (_, b)) in one.named_parameters().into_iter().zip(two.named_parameters()) {
+                b.shallow_clone().copy_(a);
+            }
+            let on_cuda1 = two.named_parameters().iter().filter(|(_, t)| t.device() == g1).count();
+            assert!(on_cuda1 > 0, "no parameter on cuda:1");
+            let rows = vec![vec![3i64, 7, 9, 11, 20, 21, 5], vec![4i64, 5, 6]];
+            let b = ScoreBatch::new(&rows, &[5, 1], one.pad_token_id(), g0).unwrap();
+            let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
+            let tensors = lc.tensors(&cfg).unwrap();
+            let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+            let flat = Tensor::randn([3, p], (Kind::Float, g0)) * 0.1;
+            let lora = Tuning::Lora(LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Float).unwrap());
+            for t in [None, Some(lora)] {
+                let a = one.answer_logprob_sums(&b, t.as_ref()).unwrap();
+                let c = two.answer_logprob_sums(&b, t.as_ref()).unwrap();
+                assert_eq!(c.device(), g0, "scores come back to the first device");
+                let diff = (a - c).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "{json}: split scores differ by {diff}");
+            }
         }
     }
 }

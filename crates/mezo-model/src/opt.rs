@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Activation, OptConfig, OPT_POSITION_OFFSET};
 use crate::error::Result;
 use crate::lora::{LoraBatch, Target};
+use crate::placement::Placement;
 use crate::Tuning;
 
 pub struct Linear {
@@ -77,13 +78,20 @@ pub struct Opt {
     pub final_layer_norm: Option<LayerNorm>,
     /// `None` when tied to `embed_tokens` (OPT's default).
     pub lm_head: Option<Tensor>,
+    /// Where the embeddings and the head are: the inputs go here and the outputs come from here.
     pub device: Device,
+    /// Which device holds each layer ([`Placement::single`] unless split).
+    pub placement: Placement,
     pub kind: Kind,
 }
 
 /// Where the model's tensors come from: a checkpoint, or fresh random values.
 pub(crate) trait Source {
+    /// The next tensor, on the device of the last [`Source::place`].
     fn tensor(&mut self, name: &str, shape: &[i64], init: Init) -> Result<Tensor>;
+    /// Where the tensors that follow go: each is made there, never first on another device
+    /// (a model split over GPUs can be larger than the host's memory).
+    fn place(&mut self, device: Device);
 }
 
 #[derive(Clone, Copy)]
@@ -104,6 +112,10 @@ impl Source for FromCheckpoint<'_> {
         let t = self.ckpt.take(name, shape)?;
         Ok(t.f_to_device(self.device)?.f_to_kind(self.kind)?)
     }
+
+    fn place(&mut self, device: Device) {
+        self.device = device;
+    }
 }
 
 /// HF's `_init_weights` for OPT: normal(0, init_std=0.02) matrices, zero biases, unit norms.
@@ -122,38 +134,46 @@ impl Source for Random {
             Init::Ones => Tensor::f_ones(shape, opts)?,
         })
     }
+
+    fn place(&mut self, device: Device) {
+        self.device = device;
+    }
 }
 
 impl Opt {
     /// Loads `dir/config.json` and the weights beside it onto `device` as `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Self::load_on(dir, &[device], kind)
+    }
+
+    /// [`Self::load`] with the layers split over `devices` ([`Placement::for_model`]).
+    pub fn load_on(dir: &Path, devices: &[Device], kind: Kind) -> Result<Self> {
         let config = OptConfig::from_dir(dir)?;
+        let placement = Placement::for_model(&config.clone().into(), devices)?;
         let mut ckpt = Checkpoint::load(dir)?;
-        let tied = config.tie_word_embeddings;
-        let mut src = FromCheckpoint { ckpt: &mut ckpt, device, kind };
-        let mut model = Self::build(config, &mut src, device, kind)?;
-        if !tied {
-            let shape = [model.config.vocab_size, model.config.word_embed_proj_dim];
-            model.lm_head = Some(src.tensor("lm_head.weight", &shape, Init::Normal)?);
-        }
-        Ok(model)
+        let mut src = FromCheckpoint { ckpt: &mut ckpt, device: placement.first(), kind };
+        Self::build(config, &mut src, placement, kind)
     }
 
     /// A model of `config`'s shape with HF's random initialisation, seeded: for benchmarks
     /// (speed does not depend on the values) and tests.
     pub fn random(config: OptConfig, device: Device, kind: Kind, seed: i64) -> Result<Self> {
-        tch::manual_seed(seed);
-        let tied = config.tie_word_embeddings;
-        let mut src = Random { device, kind, std: 0.02 };
-        let mut model = Self::build(config, &mut src, device, kind)?;
-        if !tied {
-            let shape = [model.config.vocab_size, model.config.word_embed_proj_dim];
-            model.lm_head = Some(src.tensor("lm_head.weight", &shape, Init::Normal)?);
-        }
-        Ok(model)
+        Self::random_on(config, &[device], kind, seed)
     }
 
-    fn build(config: OptConfig, src: &mut dyn Source, device: Device, kind: Kind) -> Result<Self> {
+    /// [`Self::random`] with the layers split over `devices`. Each tensor is drawn on its own
+    /// device (from that device's generator, so the values differ from an unsplit GPU model's;
+    /// on the CPU they are the same).
+    pub fn random_on(config: OptConfig, devices: &[Device], kind: Kind, seed: i64) -> Result<Self> {
+        tch::manual_seed(seed);
+        let placement = Placement::for_model(&config.clone().into(), devices)?;
+        let mut src = Random { device: placement.first(), kind, std: 0.02 };
+        Self::build(config, &mut src, placement, kind)
+    }
+
+    fn build(config: OptConfig, src: &mut dyn Source, placement: Placement, kind: Kind) -> Result<Self> {
+        let device = placement.first();
+        src.place(device);
         let c = &config;
         let (h, e, f) = (c.hidden_size, c.word_embed_proj_dim, c.ffn_dim);
         let p = "model.decoder";
@@ -187,16 +207,22 @@ impl Opt {
             &[c.max_position_embeddings + OPT_POSITION_OFFSET, h],
             Init::Normal,
         )?;
-        let (project_in, project_out) = if c.has_projections() {
-            (
-                Some(linear(src, &format!("{p}.project_in"), h, e, false)?),
-                Some(linear(src, &format!("{p}.project_out"), e, h, false)?),
-            )
+        let project_in = if c.has_projections() {
+            Some(linear(src, &format!("{p}.project_in"), h, e, false)?)
         } else {
-            (None, None)
+            None
+        };
+        // project_out follows the last layer, so it lives on that layer's device; it is still made
+        // second, as before the split existed, so a seeded random model keeps its values.
+        src.place(placement.last());
+        let project_out = if c.has_projections() {
+            Some(linear(src, &format!("{p}.project_out"), e, h, false)?)
+        } else {
+            None
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers as usize);
         for i in 0..c.num_hidden_layers {
+            src.place(placement.layer(i as usize));
             let l = format!("{p}.layers.{i}");
             let a = format!("{l}.self_attn");
             layers.push(DecoderLayer {
@@ -214,10 +240,18 @@ impl Opt {
                 final_layer_norm: norm(src, &format!("{l}.final_layer_norm"), h, affine)?,
             });
         }
+        src.place(placement.last());
         let final_layer_norm = if c.has_final_layer_norm() {
             Some(norm(src, &format!("{p}.final_layer_norm"), h, affine)?)
         } else {
             None
+        };
+        // The head is on the first device: tied, it is `embed_tokens` itself.
+        src.place(device);
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(src.tensor("lm_head.weight", &[c.vocab_size, e], Init::Normal)?)
         };
         Ok(Opt {
             config,
@@ -227,8 +261,9 @@ impl Opt {
             project_out,
             layers,
             final_layer_norm,
-            lm_head: None,
+            lm_head,
             device,
+            placement,
             kind,
         })
     }
@@ -286,8 +321,19 @@ impl Opt {
                 });
             }
         }
+        // A split model: the adapters' per-layer tensors go to their layers' devices once per
+        // forward (small beside the weights), and the mask to each device once.
+        let placed = match tuning {
+            Some(t) if self.placement.is_split() => Some(t.placed(&self.placement)),
+            _ => None,
+        };
+        let tuning = placed.as_ref().or(tuning);
+        let mut masks = OnDevices::default();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, attn_mask.as_ref(), tuning);
+            let dev = self.placement.layer(i);
+            x = move_to(x, dev);
+            let m = attn_mask.as_ref().map(|m| masks.get(m, dev));
+            x = self.layer_forward(i, layer, &x, m.as_ref(), tuning);
         }
         if let Some(n) = &self.final_layer_norm {
             x = n.forward(&x);
@@ -295,7 +341,8 @@ impl Opt {
         if let Some(p) = &self.project_out {
             x = p.forward(&x);
         }
-        Ok(x)
+        // Back to the head's device (the embeddings', since the head is tied to them).
+        Ok(move_to(x, self.device))
     }
 
     /// Causal and key-padding mask, `[batch, 1, seq, seq]` bool. A pad query may always see
@@ -330,7 +377,10 @@ impl Opt {
         let h = match (&self.config.activation, &layer.fc1.bias) {
             // fc1 and its ReLU as one GEMM (the ReLU in cuBLASLt's epilogue): one kernel fewer per
             // layer, and the activation never makes a round trip through memory.
-            (Activation::Relu, Some(bias)) if !fc1_adapted => {
+            // (It has no autograd derivative: first-order training takes the unfused path.)
+            (Activation::Relu, Some(bias))
+                if !fc1_adapted && ![&h, &layer.fc1.weight, bias].iter().any(|t| t.requires_grad()) =>
+            {
                 let (r, t, w) = h.size3().expect("[rows, seq, width]");
                 bias.internal_addmm_activation(&h.reshape([r * t, w]), &layer.fc1.weight.tr(), false)
                     .view([r, t, -1])
@@ -452,6 +502,7 @@ impl Opt {
         let mut x = tok + Tensor::embedding(&self.embed_positions, &positions, -1, false, false);
         let mut per_layer = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
+            x = move_to(x, self.placement.layer(i));
             // What the layer's attention projects (the same ops as `layer_forward`'s).
             let h = if self.config.do_layer_norm_before {
                 layer.self_attn_layer_norm.forward(&x)
@@ -460,7 +511,8 @@ impl Opt {
             };
             let k = layer.self_attn.k_proj.forward(&h);
             let v = layer.self_attn.v_proj.forward(&h);
-            per_layer.push(Tensor::stack(&[k.squeeze_dim(0), v.squeeze_dim(0)], 1)); // [n, 2, hidden]
+            // [n, 2, hidden], gathered on the first device.
+            per_layer.push(move_to(Tensor::stack(&[k.squeeze_dim(0), v.squeeze_dim(0)], 1), self.device));
             x = self.layer_forward(i, layer, &x, None, None);
         }
         Ok(Tensor::stack(&per_layer, 1).to_kind(Kind::Float).flatten(0, -1))
@@ -511,6 +563,35 @@ impl Opt {
             out.push(("lm_head.weight".into(), w));
         }
         out
+    }
+}
+
+/// `x` on `device`: itself when it is there already, else an asynchronous copy (CUDA to CUDA
+/// copies are ordered on the streams of both devices without a host synchronisation).
+pub(crate) fn move_to(x: Tensor, device: Device) -> Tensor {
+    if x.device() == device {
+        x
+    } else {
+        x.to_device_(device, x.kind(), true, false)
+    }
+}
+
+/// One tensor's copies on the devices of a split model, made on first use.
+#[derive(Default)]
+pub(crate) struct OnDevices(Vec<(Device, Tensor)>);
+
+impl OnDevices {
+    /// `t` on `device` (a copy of it, kept for the next layer on that device).
+    pub(crate) fn get(&mut self, t: &Tensor, device: Device) -> Tensor {
+        if t.device() == device {
+            return t.shallow_clone();
+        }
+        if let Some((_, c)) = self.0.iter().find(|(d, _)| *d == device) {
+            return c.shallow_clone();
+        }
+        let c = t.to_device_(device, t.kind(), true, false);
+        self.0.push((device, c.shallow_clone()));
+        c
     }
 }
 

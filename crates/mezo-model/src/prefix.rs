@@ -43,8 +43,8 @@ impl PrefixConfig {
 pub struct PrefixBatch {
     pub variants: i64,
     pub num_prefix: i64,
-    /// `[variants, num_prefix, layers, 2, hidden]`.
-    kv: Tensor,
+    /// Each layer's `[variants, num_prefix, 2, hidden]` (views of one tensor unless placed).
+    kv: Vec<Tensor>,
 }
 
 impl PrefixBatch {
@@ -60,14 +60,21 @@ impl PrefixBatch {
         }
         let flat = if flat.kind() == kind { flat.shallow_clone() } else { flat.to_kind(kind) };
         let kv = flat.view([variants, cfg.num_prefix, model.num_hidden_layers, 2, model.hidden_size]);
+        let kv = (0..model.num_hidden_layers).map(|l| kv.select(2, l)).collect();
         Ok(PrefixBatch { variants, num_prefix: cfg.num_prefix, kv })
+    }
+
+    /// A copy whose layers' prefixes sit on those layers' devices (a model split over devices).
+    pub fn placed(&self, p: &crate::Placement) -> Self {
+        let kv = self.kv.iter().enumerate().map(|(l, t)| t.to_device(p.layer(l))).collect();
+        PrefixBatch { variants: self.variants, num_prefix: self.num_prefix, kv }
     }
 
     /// Layer `layer`'s prefix keys and values for a batch of `rows` rows grouped by variant:
     /// `[rows, num_prefix, hidden]` each (broadcast views, no copies of the rows).
     pub fn layer(&self, layer: usize, rows: i64) -> (Tensor, Tensor) {
         let v = self.variants;
-        let kv = self.kv.select(2, layer as i64);
+        let kv = &self.kv[layer];
         let per_row = |t: Tensor| {
             let (_, p, h) = t.size3().expect("[variants, prefix, hidden]");
             t.unsqueeze(1).expand([v, rows / v, p, h], false).reshape([rows, p, h])

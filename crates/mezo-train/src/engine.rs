@@ -659,10 +659,40 @@ pub struct StepSettings {
 
 type KeyCache = Mutex<Option<(Vec<u64>, Tensor, Tensor)>>;
 
+/// The Gaussian table on every device that holds trained values: the engine's device's, made
+/// at once, and (a model split over devices) each other device's, made on first use.
+struct Tables {
+    first: GaussTable,
+    more: std::cell::RefCell<Vec<GaussTable>>,
+}
+
+impl Tables {
+    fn new(device: Device) -> Self {
+        Tables { first: GaussTable::new(device), more: Default::default() }
+    }
+
+    /// The table on `dev` (a handle sharing its storage), where the tensor that Z is drawn for
+    /// lives: the tensor ops read it there.
+    fn on(&self, dev: Device) -> GaussTable {
+        let handle = |t: &GaussTable| GaussTable { t: t.t.shallow_clone(), d: t.d.shallow_clone() };
+        if self.first.device() == dev {
+            return handle(&self.first);
+        }
+        let mut more = self.more.borrow_mut();
+        if let Some(t) = more.iter().find(|t| t.device() == dev) {
+            return handle(t);
+        }
+        let t = GaussTable::new(dev);
+        let h = handle(&t);
+        more.push(t);
+        h
+    }
+}
+
 pub struct Engine {
     pub trainable: Trainable,
     pub settings: StepSettings,
-    table: GaussTable,
+    table: Tables,
     /// The forwards' CUDA graphs by batch shape (a mutex only to lend `&self` methods mutable
     /// access; one thread drives an engine).
     graphs: Mutex<StepGraphs>,
@@ -673,7 +703,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: GaussTable::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None) }
+        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None) }
     }
 
     /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
@@ -705,13 +735,23 @@ impl Engine {
                 // One forward of every variant: a pure function of the keys, the batch, the
                 // state and the weights (read in place), so it can be a CUDA graph.
                 let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Vec<Tensor>> {
-                    let variants = l.variants(&keys[0], &keys[1], eps, dist, &self.table)?;
+                    let variants = l.variants(&keys[0], &keys[1], eps, dist, &self.table.on(l.flat.device()))?;
                     let batch = self.trainable.tuning_of(&variants, model.kind())?;
                     Ok(vec![summed_losses(micro, model, batch.as_ref())?])
                 };
                 let anchors = vec![l.flat.data_ptr() as usize, model_anchor(model)];
-                let out =
-                    self.graphs.lock().expect("graph cache").run("adapter", micro, &[a, b], anchors, forward)?;
+                // A model split over devices runs eagerly: a graph is captured on one device.
+                let out = if model.placement().is_split() {
+                    forward(micro, &[a, b])?
+                } else {
+                    self.graphs.lock().expect("graph cache").run(
+                        "adapter",
+                        micro,
+                        &[a, b],
+                        anchors,
+                        forward,
+                    )?
+                };
                 let total = &out[0];
                 total / weight
             }
@@ -742,13 +782,21 @@ impl Engine {
                 self.perturb(model, f, seed, scale * eps)?;
                 // The weights are perturbed in place, so one captured forward serves every sign
                 // and direction.
-                let total = self.graphs.lock().expect("graph cache").run(
-                    "full-parameter",
-                    micro,
-                    &[],
-                    vec![model_anchor(model)],
-                    |micro: &[Prepared], _: &[Tensor]| Ok(vec![summed_losses(micro, model, None)?]),
-                )?;
+                let body = |micro: &[Prepared], _: &[Tensor]| -> Result<Vec<Tensor>> {
+                    Ok(vec![summed_losses(micro, model, None)?])
+                };
+                // A model split over devices runs eagerly: a graph is captured on one device.
+                let total = if model.placement().is_split() {
+                    body(micro, &[])?
+                } else {
+                    self.graphs.lock().expect("graph cache").run(
+                        "full-parameter",
+                        micro,
+                        &[],
+                        vec![model_anchor(model)],
+                        body,
+                    )?
+                };
                 out.push(&total[0] / weight);
             }
             if !(leave_last && k + 1 == seeds.len()) {
@@ -819,8 +867,9 @@ impl Engine {
                 fused_ps.push(p);
                 fused_keys.push(key);
             } else {
+                let table = self.table.on(p.device());
                 for_chunks(p, |chunk, off| {
-                    let z = z_range(key, off, chunk.numel() as i64, dist, &self.table, p.device());
+                    let z = z_range(key, off, chunk.numel() as i64, dist, &table, p.device());
                     let new = chunk.to_kind(Kind::Float) + (z * scale as f32 as f64);
                     chunk.shallow_clone().copy_(&new);
                 });
@@ -883,7 +932,8 @@ impl Engine {
                     .collect();
                 fused::sgd_update_many_(&refs, &us, dist)?;
             } else {
-                flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &self.table)
+                let table = self.table.on(l.flat.device());
+                flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &table)
             }
             return Ok(());
         }
@@ -915,11 +965,12 @@ impl Engine {
                     // (the state itself is the rule's documented extra memory).
                     let flat_p = p.view(-1);
                     let mut new_parts = Vec::new();
+                    let table = self.table.on(p.device());
                     for_chunks(&flat_p, |chunk, off| {
                         let len = chunk.numel() as i64;
-                        let mut ghat = z_range(keys[0], off, len, dist, &self.table, p.device()) * grads[0];
+                        let mut ghat = z_range(keys[0], off, len, dist, &table, p.device()) * grads[0];
                         for (k, &g) in keys.iter().zip(grads).skip(1) {
-                            ghat = ghat + z_range(*k, off, len, dist, &self.table, p.device()) * g;
+                            ghat = ghat + z_range(*k, off, len, dist, &table, p.device()) * g;
                         }
                         if seeds.len() > 1 {
                             ghat = ghat * inv_n;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use mezo_data::{ScoringRow, Task, TaskExample, UserTemplate};
 use mezo_model::scoring::{evaluate_generation, evaluate_rows, example_rows, prompt_tokens, EvalReport};
 use mezo_model::{
-    parse_device, parse_dtype, Adapter, Decoding, LoraConfig, Model, ModelConfig, Opt, PrefixAdapter,
+    parse_devices, parse_dtype, Adapter, Decoding, LoraConfig, Model, ModelConfig, Opt, PrefixAdapter,
     PrefixConfig, Target, TextTokenizer,
 };
 use serde::{Deserialize, Serialize};
@@ -450,11 +450,11 @@ pub struct Session {
 impl Session {
     pub fn new(cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
-        let device = parse_device(&cfg.device)?;
+        let devices = parse_devices(&cfg.device)?;
         let kind = parse_dtype(&cfg.dtype)?;
         let task = cfg.task()?;
         let tok = TextTokenizer::from_dir(&cfg.model)?;
-        let model = Model::load(&cfg.model, device, kind)?;
+        let model = Model::load_on(&cfg.model, &devices, kind)?;
         tok.check_fits(model.config().vocab_size())?;
         let splits = cfg.splits()?;
         let test = splits.test;
@@ -467,7 +467,7 @@ impl Session {
         });
         let trainable = init_trainable(&cfg, &model)?;
         let settings = cfg.step_settings()?;
-        let engine = Engine::new(trainable, settings, device);
+        let engine = Engine::new(trainable, settings, model.device());
         Ok(Session { cfg, task, gen, model, kind, train, dev, test, engine, fo_slots: Vec::new() })
     }
 

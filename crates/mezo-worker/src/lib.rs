@@ -21,7 +21,7 @@ pub mod memory;
 pub struct Options {
     /// The coordinator (e.g. http://127.0.0.1:50051) and this worker's credentials.
     pub coordinator: Target,
-    /// cpu, cuda or cuda:N
+    /// cpu, cuda, cuda:N, or a list (cuda:0,cuda:1) to split the model over those devices
     pub device: String,
 }
 

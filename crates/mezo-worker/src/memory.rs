@@ -21,8 +21,10 @@ pub enum MemoryProbe {
 }
 
 impl MemoryProbe {
-    /// `device` as `--device` takes it: cpu, cuda or cuda:N (already validated).
+    /// `device` as `--device` takes it: cpu, cuda or cuda:N (already validated). Of a list (a
+    /// model split over devices) the first: where the embeddings, the head and the inputs are.
     pub fn new(device: &str) -> MemoryProbe {
+        let device = device.split(',').next().unwrap_or(device).trim();
         match device.strip_prefix("cuda") {
             Some(rest) => MemoryProbe::Cuda {
                 ordinal: rest.strip_prefix(':').and_then(|n| n.parse().ok()).unwrap_or(0),
@@ -157,6 +159,7 @@ mod tests {
         assert!(matches!(MemoryProbe::new("cpu"), MemoryProbe::Cpu));
         assert!(matches!(MemoryProbe::new("cuda"), MemoryProbe::Cuda { ordinal: 0 }));
         assert!(matches!(MemoryProbe::new("cuda:3"), MemoryProbe::Cuda { ordinal: 3 }));
+        assert!(matches!(MemoryProbe::new("cuda:1,cuda:0"), MemoryProbe::Cuda { ordinal: 1 }));
     }
 
     /// On a GPU (`cargo test -p mezo-worker --release -- --ignored`): nothing before libtorch
