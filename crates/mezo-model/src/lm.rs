@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
-use crate::{Model, Opt, Padding, ScoreBatch, Tuning};
+use crate::{Model, Padding, ScoreBatch, Tuning};
 
 pub trait CausalLm {
     /// The last hidden states, `[batch, seq, width]`. `ids` and `mask` are `[batch, seq]` int64,
@@ -69,38 +69,8 @@ pub trait CausalLm {
     }
 }
 
-impl CausalLm for Opt {
-    fn hidden_states(
-        &self,
-        ids: &Tensor,
-        mask: &Tensor,
-        padding: Padding,
-        tuning: Option<&Tuning>,
-    ) -> Result<Tensor> {
-        Opt::hidden_states(self, ids, mask, padding, tuning)
-    }
-
-    fn logits(&self, hidden: &Tensor) -> Tensor {
-        Opt::logits(self, hidden)
-    }
-
-    fn pad_token_id(&self) -> i64 {
-        self.config.pad_token_id
-    }
-
-    fn eos_token_id(&self) -> i64 {
-        self.config.eos_token_id
-    }
-
-    fn device(&self) -> Device {
-        self.device
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.max_position_embeddings as usize
-    }
-}
-
+// Implemented for `Model`, which every caller holds; an architecture joins through `Model`'s
+// `hidden_states` and `logits`.
 impl CausalLm for Model {
     fn hidden_states(
         &self,
