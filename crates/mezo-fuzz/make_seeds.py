@@ -72,8 +72,63 @@ put("torch_bin", "scalar_empty", buf.getvalue())
 
 with open(os.path.join(data_dir, "sst2", "train.jsonl")) as f:
     lines = [next(f) for _ in range(12)]
-put("dataset", "sst2", "".join(lines))
-put("dataset", "mixed", '{"sentence": "fine", "label": 1, "idx": 4}\n\n{"sentence": "bad", "label": 0}\n')
+# dataset: the first byte picks the task (its index in mezo_data::TASK_NAMES, + 12 for SST-2's
+# classify template); a custom task's template follows up to a 0x00, parts split by 0xFF. One
+# valid file per task, in the HF datasets' field names.
+TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad", "drop", "custom"]
+def task_file(name, rows, pick=None, header=None):
+    body = "".join(json.dumps(r) + "\n" for r in rows) if isinstance(rows, list) else rows
+    prefix = bytes([TASKS.index(name) if pick is None else pick])
+    if header is not None:
+        prefix += b"\xff".join(p.encode() for p in header) + b"\x00"
+    return prefix + body.encode()
+put("dataset", "sst2", task_file("sst2", "".join(lines)))
+put("dataset", "sst2_classify", task_file("sst2", "".join(lines[:4]), pick=12))
+put("dataset", "sst2_mixed", task_file("sst2", '{"sentence": "fine", "label": 1, "idx": 4}\n\n{"sentence": "bad", "label": 0}\n'))
+put("dataset", "rte", task_file("rte", [
+    {"premise": "Ann went to Rome last week.", "hypothesis": "Ann went to Rome.", "idx": 0, "label": 0},
+    {"premise": "Bob stayed home.", "hypothesis": "Bob went to Paris.", "idx": 1, "label": 1}]))
+put("dataset", "cb", task_file("cb", [
+    {"premise": "It rained all day.", "hypothesis": "It was wet.", "idx": 0, "label": 0},
+    {"premise": "It is sunny.", "hypothesis": "It rains.", "idx": 1, "label": 1},
+    {"premise": "She may come.", "hypothesis": "She will come.", "idx": 2, "label": 2}]))
+put("dataset", "boolq", task_file("boolq", [
+    {"question": "are cats mammals", "passage": "Cats are mammals.", "idx": 0, "label": 1},
+    {"question": "do fish fly", "answer": False, "passage": "Fish swim."}]))
+put("dataset", "wsc", task_file("wsc", [
+    {"text": "Ann thanked Eve because she helped.", "span1_index": 2, "span2_index": 4,
+     "span1_text": "Eve", "span2_text": "she", "idx": 0, "label": 1}]))
+put("dataset", "wic", task_file("wic", [
+    {"word": "bank", "sentence1": "The river bank.", "sentence2": "The bank loan.", "start1": 10,
+     "start2": 4, "end1": 14, "end2": 8, "idx": 0, "label": 0}]))
+put("dataset", "multirc", task_file("multirc", [
+    {"paragraph": "Ann lives in Rome.", "question": "Where does Ann live?", "answer": "Rome",
+     "idx": {"paragraph": 0, "question": 0, "answer": 0}, "label": 1}]))
+put("dataset", "copa", task_file("copa", [
+    {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+     "choice2": "He got a hole in his sock.", "question": "cause", "idx": 0, "label": 0},
+    {"premise": "It rained.", "choice1": "I stayed in.", "choice2": "The sun shone.", "question": "effect",
+     "idx": 1, "label": 0}]))
+put("dataset", "record", task_file("record", [
+    {"passage": "Ann met Bob in Rome.\n@highlight\nAnn and Bob met", "query": "@placeholder met Bob.",
+     "entities": ["Ann", "Bob", "Rome"], "entity_spans": {"text": ["Ann", "Bob", "Rome"], "start": [0, 8, 15],
+     "end": [3, 11, 19]}, "answers": ["Ann"], "idx": {"passage": 0, "query": 0}}]))
+put("dataset", "squad", task_file("squad", [
+    {"id": "q0", "title": "Trips", "context": "Ann lives in Rome.", "question": "Where does Ann live?",
+     "answers": {"text": ["Rome", "in Rome"], "answer_start": [13, 10]}}]))
+put("dataset", "drop", task_file("drop", [
+    {"section_id": "s0", "query_id": "q0", "passage": "Ann scored 3 goals and Bob 2.",
+     "question": "How many goals did Ann score?", "answers_spans": {"spans": ["3"], "types": ["number"]}}]))
+put("dataset", "custom_candidates", task_file("custom", [
+    {"text": "fine", "meta": {"stars": 4}, "label": " good"}, {"text": "bad", "meta": {"stars": 1}, "label": 0}],
+    header=["Review: {text}\\nScore {meta.stars} {{x}}:", "", "", "", " bad", " good"]))
+put("dataset", "custom_field", task_file("custom", [
+    {"story": "Ann flew to Rome.", "who": "Ann", "options": ["Rome", "Paris"], "gold": "Rome"},
+    {"story": "Bob flew to Oslo.", "who": "Bob", "options": ["Oslo", "Lima", "Kyiv"], "gold": 0}],
+    header=["{story}\\nWhere did {who} go?", "options", "gold", ""]))
+put("dataset", "custom_generation", task_file("custom", [
+    {"q": "capital of France?", "refs": ["Paris", "paris"]}, {"q": "2+2?", "refs": "4"}],
+    header=["Q: {q}\\nA:", "", "", "refs"]))
 
 def snap(name, payload, step=7):
     e = {"step": step, "file_name": f"step-{step:020}.snap", "bytes": len(payload),

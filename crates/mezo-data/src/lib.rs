@@ -6,7 +6,7 @@ pub mod sst2;
 pub mod tasks;
 pub mod user;
 
-pub use sst2::{load_jsonl, Example, Template};
+pub use sst2::Template;
 pub use tasks::{Metric, Task, TaskExample, TaskName, TASK_NAMES};
 pub use user::UserTemplate;
 

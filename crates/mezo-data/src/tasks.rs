@@ -202,14 +202,17 @@ impl Task {
         let file =
             std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
         let mut out = Vec::new();
-        for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        // Lines as bytes, so a line that is not UTF-8 is reported with its number (`lines()`
+        // would fail with the file alone).
+        for (i, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
             let line = line.map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+            let err = |message: String| DataError::Line { path: path.to_path_buf(), line: i + 1, message };
+            let line = std::str::from_utf8(&line).map_err(|e| err(format!("not UTF-8 text: {e}")))?;
             if line.trim().is_empty() {
                 continue;
             }
-            let err = |message: String| DataError::Line { path: path.to_path_buf(), line: i + 1, message };
             let value: Value =
-                serde_json::from_str(&line).map_err(|e| err(format!("not a JSON object: {e}")))?;
+                serde_json::from_str(line).map_err(|e| err(format!("not a JSON object: {e}")))?;
             let Value::Object(obj) = value else {
                 return Err(err("not a JSON object".into()));
             };
@@ -575,5 +578,37 @@ mod tests {
         std::fs::write(&p, "{\"idx\": 5, \"premise\": \"P\", \"hypothesis\": \"H\", \"label\": 0}\n")
             .unwrap();
         assert_eq!(Task::new("cb", "mezo", None).unwrap().load(&p).unwrap()[0].idx, 5);
+    }
+
+    /// SST-2 lines (the checks of the old SST-2-only loader, now through `Task::load`): `idx`
+    /// kept or numbered among the examples, blank lines skipped, and each bad line named with its
+    /// file, line and field.
+    #[test]
+    fn sst2_lines_load_and_bad_ones_are_named() {
+        let dir = std::env::temp_dir().join(format!("mezo-tasks-sst2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("d.jsonl");
+        let sst2 = Task::new("sst2", "mezo", None).unwrap();
+        let load = |text: &[u8]| {
+            std::fs::write(&p, text).unwrap();
+            sst2.load(&p)
+        };
+        let ex = load(b"{\"idx\": 7, \"sentence\": \"fine\", \"label\": 1}\r\n\n{\"sentence\": \"bad\", \"label\": 0}\n")
+            .unwrap();
+        assert_eq!((ex.len(), ex[0].idx, ex[1].idx), (2, 7, 1));
+        assert_eq!((ex[0].prompt.as_str(), ex[0].label(), ex[1].label()), ("fine It was", 1, 0));
+        let e = load(b"{\"sentence\": \"x\", \"label\": 0}\n{\"sentence\": \"x\"}\n").unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:2") && e.contains("`label`"), "{e}");
+        let e = load(b"{\"sentence\": \"x\", \"label\": 3}\n").unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:1") && e.contains("`label`") && e.contains("0 to 1"), "{e}");
+        let e = load(b"sentence,label\n").unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:1") && e.contains("not a JSON object"), "{e}");
+        let e = load(b"{\"sentence\": \"x\", \"label\": 0}\n{\"sentence\": \"\xff\", \"label\": 0}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("d.jsonl:2") && e.contains("not UTF-8"), "{e}");
+        assert!(load(b"\n \n").unwrap_err().to_string().contains("no examples"));
+        let e = sst2.load(Path::new("/nonexistent/x.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/x.jsonl"), "{e}");
     }
 }

@@ -158,6 +158,12 @@ impl UserTemplate {
         if self.candidates.len() == 1 {
             return bad("one --candidate is no choice: give at least two");
         }
+        if let Some(i) = self.candidates.iter().position(String::is_empty) {
+            return Err(DataError::Config(format!(
+                "--candidate number {} is empty: a candidate needs text for the model to score",
+                i + 1
+            )));
+        }
         if self.is_generation() && !self.label_field.is_empty() {
             return bad(
                 "--label-field is for candidate tasks; a generation task's references are --answer-field",
@@ -197,12 +203,29 @@ impl UserTemplate {
                     c.len()
                 ));
             }
-            c.iter().map(|c| format!("{sep}{c}")).collect()
+            let c: Vec<String> = c.iter().map(|c| format!("{sep}{c}")).collect();
+            if let Some(i) = c.iter().position(String::is_empty) {
+                return Err(format!(
+                    "field `{}` holds an empty candidate (number {}) after a prompt that ends in \
+                     whitespace: nothing for the model to score",
+                    self.candidates_field,
+                    i + 1
+                ));
+            }
+            c
         } else {
-            self.candidates
-                .iter()
-                .map(|c| fill(&parse(c, "--candidate").map_err(|e| e.to_string())?, o))
-                .collect::<Result<_, _>>()?
+            let mut c = Vec::with_capacity(self.candidates.len());
+            for t in &self.candidates {
+                let text = fill(&parse(t, "--candidate").map_err(|e| e.to_string())?, o)?;
+                if text.is_empty() {
+                    return Err(format!(
+                        "--candidate {t:?} is empty for this line (its fields are empty): nothing for \
+                         the model to score"
+                    ));
+                }
+                c.push(text);
+            }
+            c
         };
         let f = self.label_field();
         let gold = match o.get(f) {
@@ -288,5 +311,21 @@ mod tests {
         .contains("only one"));
         assert!(v(UserTemplate { prompt: " ".into(), answer_field: "a".into(), ..Default::default() })
             .contains("empty"));
+        // Found by fuzzing (regressions/dataset/empty-fixed-candidate-unscorable): an empty
+        // candidate has no token to score; it is refused up front, or at the line that empties it.
+        let c = vec![" a".to_string(), String::new()];
+        assert!(v(UserTemplate { prompt: "{x}".into(), candidates: c, ..Default::default() })
+            .contains("--candidate number 2 is empty"));
+        let t = UserTemplate {
+            prompt: "{x}".into(),
+            candidates: vec![" a".into(), "{y}".into()],
+            ..Default::default()
+        };
+        t.validate().unwrap();
+        let err = t.render(&obj(json!({"x": "p", "y": "", "label": 0}))).unwrap_err();
+        assert!(err.contains("\"{y}\" is empty"), "{err}");
+        let t = UserTemplate { prompt: "{x}\\n".into(), candidates_field: "c".into(), ..Default::default() };
+        let err = t.render(&obj(json!({"x": "p", "c": ["a", ""], "label": 0}))).unwrap_err();
+        assert!(err.contains("field `c`") && err.contains("number 2"), "{err}");
     }
 }

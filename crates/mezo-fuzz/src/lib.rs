@@ -1,6 +1,6 @@
 //! Fuzz harnesses for everything mezo parses from outside the process: model `config.json`,
-//! tokenizer files, safetensors and torch `.bin` checkpoints, dataset lines, snapshot files and
-//! step-log records.
+//! tokenizer files, safetensors and torch `.bin` checkpoints, every task's dataset files,
+//! snapshot files and step-log records.
 //!
 //! Each harness feeds bytes to the real entry point (through a file where the real code reads a
 //! file) and checks what must hold for any input: no panic, no abort, and for inputs that parse,
@@ -124,13 +124,135 @@ pub fn torch_bin(data: &[u8]) {
     checkpoint("pytorch_model.bin", data)
 }
 
-/// A dataset file (`train.jsonl`): examples that load have a sentence and a 0/1 label.
+/// A task's JSONL file through `Task::load`, the loader every run reads its data with. The
+/// first byte picks the task, `TASK_NAMES[b % 12]`, and SST-2's template by `b / 12` (even
+/// `mezo`, odd `classify`). For `custom` the user template follows, up to the first 0x00, as
+/// 0xFF-separated parts: prompt, candidates field, label field, answer field, then the fixed
+/// candidates (what `--prompt`, `--candidates-field`, `--label-field`, `--answer-field` and
+/// `--candidate` give). The rest is the file.
+///
+/// A template `Task::new` refuses is a configuration error. A file that loads gives one example
+/// per non-blank line, each one the model can score ([`check_example`]). A file that does not
+/// is refused at a line that has text, named with the file and its number: that line alone fails
+/// the same way, and the lines before it load.
 pub fn dataset(data: &[u8]) {
+    use mezo_data::{DataError, Task};
+    let Some(DatasetInput { name, template, user, file }) = DatasetInput::split(data) else { return };
+    let task = match Task::new(name, template, user) {
+        Ok(t) => t,
+        Err(e) => {
+            assert!(name == "custom" && matches!(e, DataError::Config(_)), "{name}: {e}");
+            return;
+        }
+    };
     let dir = scratch();
-    write(&dir, "train.jsonl", data);
-    if let Ok(examples) = mezo_data::load_jsonl(&dir.join("train.jsonl")) {
-        assert!(!examples.is_empty());
-        assert!(examples.iter().all(|e| e.label <= 1));
+    let path = dir.join("train.jsonl");
+    write(&dir, "train.jsonl", file);
+    let lines: Vec<&[u8]> = file.split(|&b| b == b'\n').collect();
+    let blank = |l: &[u8]| std::str::from_utf8(l).is_ok_and(|t| t.trim().is_empty());
+    let texts = lines.iter().filter(|l| !blank(l)).count();
+    match task.load(&path) {
+        Ok(examples) => {
+            assert_eq!(examples.len(), texts, "one example per non-blank line");
+            for ex in &examples {
+                check_example(&task, ex);
+            }
+        }
+        Err(DataError::Empty { path: p }) => {
+            assert_eq!((p, texts), (path, 0));
+        }
+        Err(e @ DataError::Line { .. }) => {
+            let shown = e.to_string();
+            let DataError::Line { path: p, line, message } = e else { unreachable!() };
+            assert_eq!(p, path);
+            assert!(shown.starts_with(&format!("{}:{line}: ", path.display())), "{shown}");
+            assert!((1..=lines.len()).contains(&line) && !blank(lines[line - 1]), "{shown}");
+            assert!(!message.is_empty());
+            // The named line alone fails with the same message, now as line 1.
+            write(&dir, "line.jsonl", lines[line - 1]);
+            match task.load(&dir.join("line.jsonl")) {
+                Err(DataError::Line { line: 1, message: m, .. }) => assert_eq!(m, message),
+                other => panic!("{shown}, but the line alone gives {other:?}"),
+            }
+            // Every line before it loads.
+            let before: usize = lines[..line - 1].iter().map(|l| l.len() + 1).sum();
+            write(&dir, "before.jsonl", &file[..before]);
+            match task.load(&dir.join("before.jsonl")) {
+                Ok(ex) => assert_eq!(ex.len(), lines[..line - 1].iter().filter(|l| !blank(l)).count()),
+                Err(DataError::Empty { .. }) => {}
+                Err(other) => panic!("{shown}, but a line before it fails: {other}"),
+            }
+        }
+        Err(other) => panic!("unexpected error kind: {other}"),
+    }
+}
+
+/// The parts of a [`dataset`] input.
+pub struct DatasetInput<'a> {
+    pub name: &'static str,
+    pub template: &'static str,
+    pub user: Option<mezo_data::UserTemplate>,
+    pub file: &'a [u8],
+}
+
+impl<'a> DatasetInput<'a> {
+    /// `None` for an empty input or a template part that is not UTF-8.
+    pub fn split(data: &'a [u8]) -> Option<Self> {
+        use mezo_data::TASK_NAMES;
+        let (&pick, rest) = data.split_first()?;
+        let name = TASK_NAMES[pick as usize % TASK_NAMES.len()];
+        let classify = name == "sst2" && (pick as usize / TASK_NAMES.len()) % 2 == 1;
+        let template = if classify { "classify" } else { "mezo" };
+        if name != "custom" {
+            return Some(DatasetInput { name, template, user: None, file: rest });
+        }
+        let i = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let user = user_template(&rest[..i])?;
+        Some(DatasetInput { name, template, user: Some(user), file: rest.get(i + 1..).unwrap_or(&[]) })
+    }
+}
+
+/// A user template from the `custom` harness's header (`None` where a part is not UTF-8, which
+/// neither a command line nor a run spec can carry).
+fn user_template(header: &[u8]) -> Option<mezo_data::UserTemplate> {
+    let parts: Vec<String> = header
+        .split(|&b| b == 0xFF)
+        .map(|p| std::str::from_utf8(p).map(String::from))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let part = |i: usize| parts.get(i).cloned().unwrap_or_default();
+    Some(mezo_data::UserTemplate {
+        prompt: part(0),
+        candidates_field: part(1),
+        label_field: part(2),
+        answer_field: part(3),
+        candidates: parts.get(4..).unwrap_or(&[]).to_vec(),
+    })
+}
+
+/// What a loaded example promises the trainer and the evaluator: a prompt without trailing
+/// spaces (MeZO's convention; a candidate brings its own); for a candidate task at least two
+/// candidates, each with text to score, and gold indices among them, ascending and distinct;
+/// for a generation task references and a newline-ended target. Its scoring rows (here with one
+/// token per character) begin with the prompt's tokens and score at least one token each.
+pub fn check_example(task: &mezo_data::Task, ex: &mezo_data::TaskExample) {
+    assert!(!ex.prompt.ends_with(' '), "{ex:?}");
+    if task.is_generation() {
+        assert!(ex.candidates.is_empty() && ex.gold.is_empty() && !ex.answers.is_empty(), "{ex:?}");
+        assert!(ex.target().ends_with('\n'), "{ex:?}");
+    } else {
+        assert!(ex.candidates.len() >= 2 && ex.answers.is_empty(), "{ex:?}");
+        assert!(!ex.gold.is_empty() && ex.gold.iter().all(|&g| g < ex.candidates.len()), "{ex:?}");
+        assert!(ex.gold.windows(2).all(|w| w[0] < w[1]), "{ex:?}");
+        assert_eq!(ex.target(), ex.candidates[ex.label()]);
+    }
+    let mut chars = |s: &str| Ok::<_, ()>(s.chars().map(|c| c as i64).collect::<Vec<_>>());
+    let prompt = chars(&ex.prompt).unwrap();
+    let rows = mezo_data::task_rows(ex, &mut chars).unwrap();
+    assert_eq!(rows.len(), ex.candidates.len().max(1));
+    for r in &rows {
+        assert_eq!((r.answer_start, &r.tokens[..r.answer_start]), (prompt.len(), &prompt[..]), "{ex:?}");
+        assert!(r.tokens.len() > r.answer_start, "an answer with nothing to score: {ex:?}");
     }
 }
 

@@ -29,3 +29,34 @@ fn every_corpus_and_regression_input_passes_its_harness() {
     assert!(failures.is_empty(), "{} of {total} inputs fail: {failures:#?}", failures.len());
     eprintln!("{total} corpus and regression inputs pass");
 }
+
+/// The `dataset` corpus holds a valid line of every task (make_seeds.py wrote a valid file of
+/// each; cmin keeps, under hashes, inputs that reach each task's successful render, though not
+/// necessarily a whole file that loads), so fuzzing and this replay exercise every task's success
+/// path, not only its errors.
+#[test]
+fn dataset_corpus_has_a_valid_line_of_every_task() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/dataset");
+    let scratch = std::env::temp_dir().join(format!("mezo-fuzz-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let file = scratch.join("line.jsonl");
+    let mut loaded = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let Ok(data) = std::fs::read(entry.unwrap().path()) else { continue };
+        let Some(input) = mezo_fuzz::DatasetInput::split(&data) else { continue };
+        let Ok(task) = mezo_data::Task::new(input.name, input.template, input.user) else { continue };
+        for line in input.file.split(|&b| b == b'\n') {
+            std::fs::write(&file, line).unwrap();
+            if let Ok(examples) = task.load(&file) {
+                mezo_fuzz::check_example(&task, &examples[0]);
+                loaded.insert((input.name, input.template, task.is_generation()));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&scratch).unwrap();
+    let names: std::collections::BTreeSet<_> = loaded.iter().map(|t| t.0).collect();
+    assert_eq!(names.len(), mezo_data::TASK_NAMES.len(), "valid lines only for {names:?}");
+    for variant in [("sst2", "classify", false), ("custom", "mezo", false), ("custom", "mezo", true)] {
+        assert!(loaded.contains(&variant), "no valid line for {variant:?}: {loaded:?}");
+    }
+}

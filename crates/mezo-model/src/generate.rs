@@ -1,79 +1,15 @@
 //! Greedy decoding on top of a model's full forward pass, for generation tasks (SQuAD, DROP)
 //! and their non-differentiable F1 objective. Each new token recomputes the whole sequence: no
-//! key-value cache, which keeps the model side to one function ([`CausalLm::last_token_logits`])
-//! that any decoder-only model can provide.
+//! key-value cache, which keeps the model side to one function ([`CausalLm::last_token_logits`],
+//! written once over any model's hidden states and LM head).
 
 use std::collections::HashSet;
 
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 use crate::error::Result;
 use crate::opt::pad_right;
-use crate::{Model, Opt, Padding, TextTokenizer, Tuning};
-
-/// What greedy decoding needs from a causal language model.
-pub trait CausalLm {
-    /// Logits after each row's last real token, `[rows, vocab]` float32, for right-padded `ids`
-    /// and `mask` (`[rows, seq]`). With `tuning`, rows are grouped by adapter variant.
-    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, tuning: Option<&Tuning>) -> Result<Tensor>;
-    fn pad_token_id(&self) -> i64;
-    fn eos_token_id(&self) -> i64;
-    fn device(&self) -> Device;
-    /// The longest sequence the model takes.
-    fn max_positions(&self) -> usize;
-}
-
-impl CausalLm for Opt {
-    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, tuning: Option<&Tuning>) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, mask, Padding::Right, tuning)?;
-        let last = mask.sum_dim_intlist(1, false, Kind::Int64) - 1;
-        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, self.device));
-        let picked = hidden.index(&[Some(&rows), Some(&last)]);
-        Ok(self.logits(&picked).to_kind(Kind::Float))
-    }
-
-    fn pad_token_id(&self) -> i64 {
-        self.config.pad_token_id
-    }
-
-    fn eos_token_id(&self) -> i64 {
-        self.config.eos_token_id
-    }
-
-    fn device(&self) -> Device {
-        self.device
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config.max_position_embeddings as usize
-    }
-}
-
-impl CausalLm for Model {
-    fn last_token_logits(&self, ids: &Tensor, mask: &Tensor, tuning: Option<&Tuning>) -> Result<Tensor> {
-        let hidden = self.hidden_states(ids, mask, Padding::Right, tuning)?;
-        let last = mask.sum_dim_intlist(1, false, Kind::Int64) - 1;
-        let rows = Tensor::arange(ids.size()[0], (Kind::Int64, self.device()));
-        let picked = hidden.index(&[Some(&rows), Some(&last)]);
-        Ok(self.logits(&picked).to_kind(Kind::Float))
-    }
-
-    fn pad_token_id(&self) -> i64 {
-        Model::pad_token_id(self)
-    }
-
-    fn eos_token_id(&self) -> i64 {
-        Model::eos_token_id(self)
-    }
-
-    fn device(&self) -> Device {
-        Model::device(self)
-    }
-
-    fn max_positions(&self) -> usize {
-        self.config().max_position_embeddings() as usize
-    }
-}
+use crate::{CausalLm, TextTokenizer, Tuning};
 
 /// When generation stops: a stop token (newline-bearing tokens and EOS, as MeZO's SQuAD runs
 /// with `--eos_token "\n"`) or `max_new_tokens` new tokens.

@@ -11,7 +11,7 @@ use crate::error::{io_err, ModelError, Result};
 use crate::llama::Llama;
 use crate::llama_config::{LlamaConfig, LlamaFamily};
 use crate::lora::{LoraBatch, Target};
-use crate::opt::{Opt, Padding, ScoreBatch};
+use crate::opt::{Opt, Padding};
 use crate::placement::{ParamCounts, Placement};
 use crate::{OptConfig, Tuning};
 
@@ -318,40 +318,6 @@ impl Model {
         }
     }
 
-    /// Sum of each row's answer-token log-probabilities for `variants` copies of the batch (one
-    /// per adapter variant of `lora`; 1 without): `[variants, rows]` float32 on the model's
-    /// device. The LM head runs only at the scored positions.
-    pub fn answer_logprob_sums(&self, b: &ScoreBatch, tuning: Option<&Tuning>) -> Result<Tensor> {
-        match self {
-            Model::Opt(m) => m.answer_logprob_sums(b, tuning),
-            Model::Llama(_) => {
-                let v = tuning.map_or(1, |t| t.variants());
-                let (ids, mask) = if v == 1 {
-                    (b.ids.shallow_clone(), b.mask.shallow_clone())
-                } else {
-                    (b.ids.repeat([v, 1]), b.mask.repeat([v, 1]))
-                };
-                let hidden = self.hidden_states(&ids, &mask, Padding::Right, tuning)?;
-                let device = self.device();
-                let offsets = Tensor::arange(v, (Kind::Int64, device)) * b.rows;
-                let row_idx = (b.row_idx.unsqueeze(0) + offsets.unsqueeze(1)).flatten(0, 1);
-                let picked = hidden.index(&[Some(&row_idx), Some(&b.pos_idx.repeat([v]))]);
-                let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-                let token_lp = logp.gather(1, &b.targets.repeat([v]).unsqueeze(1), false).squeeze_dim(1);
-                let sums =
-                    Tensor::zeros([v * b.rows], (Kind::Float, device)).index_add(0, &row_idx, &token_lp);
-                Ok(sums.view([v, b.rows]))
-            }
-        }
-    }
-
-    /// Mean log-probability of each row's answer tokens (rows from `answer_start[i]` on, given
-    /// everything before): `[rows]` float32.
-    pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
-        let b = ScoreBatch::new(rows, answer_start, self.pad_token_id(), self.device())?;
-        Ok(self.answer_logprob_sums(&b, None)?.squeeze_dim(0) / &b.counts)
-    }
-
     /// Every parameter by its HF name, for code that walks the weights (full-parameter MeZO,
     /// checksums, saving). Tied weights appear once.
     pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
@@ -389,6 +355,7 @@ impl From<LlamaConfig> for ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CausalLm;
 
     fn parse(json: &str) -> Result<ModelConfig> {
         ModelConfig::from_json(json, Path::new("m/config.json"))

@@ -449,36 +449,6 @@ impl Opt {
         hidden.linear(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None::<&Tensor>)
     }
 
-    /// Sum of each row's answer-token log-probabilities, for `variants` copies of the batch
-    /// (one per variant of `tuning`; 1 without): `[variants, rows]` float32 on the model's
-    /// device. The LM head runs only at the scored positions, which is most of the saving for a
-    /// 50k vocabulary.
-    pub fn answer_logprob_sums(&self, b: &ScoreBatch, tuning: Option<&Tuning>) -> Result<Tensor> {
-        let v = tuning.map_or(1, Tuning::variants);
-        let (ids, mask) = if v == 1 {
-            (b.ids.shallow_clone(), b.mask.shallow_clone())
-        } else {
-            (b.ids.repeat([v, 1]), b.mask.repeat([v, 1]))
-        };
-        let hidden = self.hidden_states(&ids, &mask, Padding::Right, tuning)?;
-        let offsets = Tensor::arange(v, (Kind::Int64, self.device)) * b.rows;
-        let row_idx = (b.row_idx.unsqueeze(0) + offsets.unsqueeze(1)).flatten(0, 1);
-        let pos_idx = b.pos_idx.repeat([v]);
-        let targets = b.targets.repeat([v]);
-        let picked = hidden.index(&[Some(&row_idx), Some(&pos_idx)]);
-        let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-        let token_lp = logp.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
-        let sums = Tensor::zeros([v * b.rows], (Kind::Float, self.device)).index_add(0, &row_idx, &token_lp);
-        Ok(sums.view([v, b.rows]))
-    }
-
-    /// Mean log-probability of each row's answer tokens (rows from `answer_start[i]` on, given
-    /// everything before): `[rows]` float32.
-    pub fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
-        let b = ScoreBatch::new(rows, answer_start, self.config.pad_token_id, self.device)?;
-        Ok(self.answer_logprob_sums(&b, None)?.squeeze_dim(0) / &b.counts)
-    }
-
     /// Each layer's keys and values (k_proj and v_proj outputs) over one row of `tokens`, as a
     /// prefix in PEFT's layout ([`crate::prefix`]): `[tokens * layers * 2 * hidden]` float32.
     /// MeZO's `--prefix_init_by_real_act` initialises the prefix this way.

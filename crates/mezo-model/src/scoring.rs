@@ -7,7 +7,8 @@ use mezo_data::{task_rows, Metric, ScoringRow, Task, TaskExample};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::generate::{answer_text, greedy, CausalLm, Decoding};
+use crate::generate::{answer_text, greedy, Decoding};
+use crate::CausalLm;
 use crate::{Model, ScoreBatch, TextTokenizer, Tuning};
 
 #[derive(Debug, Clone, Serialize)]

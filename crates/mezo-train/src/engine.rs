@@ -15,7 +15,7 @@ use mezo_data::ScoringRow;
 use mezo_model::generate::{answer_text, greedy};
 use mezo_model::prefix::PREFIX_KEY;
 use mezo_model::{
-    Decoding, LoraBatch, LoraConfig, LoraTensor, Model, ModelConfig, Opt, OptConfig, PrefixBatch,
+    CausalLm, Decoding, LoraBatch, LoraConfig, LoraTensor, Model, ModelConfig, Opt, OptConfig, PrefixBatch,
     PrefixConfig, ScoreBatch, TextTokenizer, Tuning,
 };
 use serde::{Deserialize, Serialize};

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use mezo_data::ScoringRow;
 use mezo_model::generate::greedy;
-use mezo_model::{Decoding, LoraBatch, LoraConfig, Model, Opt, OptConfig, Target, Tuning};
+use mezo_model::{CausalLm, Decoding, LoraBatch, LoraConfig, Model, Opt, OptConfig, Target, Tuning};
 use mezo_train::engine::{Item, LoraState};
 use mezo_train::{LossKind, Prepared};
 use tch::{Device, Kind, Tensor};
