@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// train: also time the step's forwards and its update separately.
     #[arg(long)]
     pub phases: bool,
+    /// train, --mode full: apply each step's update in its own sweep instead of folding it into
+    /// the next step's first perturbation (three sweeps over the weights a step, not two; for
+    /// comparison, the same bits).
+    #[arg(long)]
+    pub undeferred: bool,
     /// Also run the peer on the same device and print the ratio. forward: `--peer` alone runs
     /// the built-in HF transformers forward; train: `--peer PATH` runs that MeZO script
     /// (../shared/bench/baseline_mezo_hf.py's interface: --model --batch --seq --steps --modes
@@ -300,6 +305,9 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
         weight_decay: 0.0,
     };
     let mut engine = mezo_train::Engine::new(trainable, settings, device);
+    // A full-parameter step's update goes into the next step's first sweep, as in `mezo train`;
+    // the last one is flushed inside the timed loop, so the steps timed are complete.
+    engine.set_deferred_update(!args.undeferred);
     if args.eager {
         engine.set_cuda_graphs(false);
     }
@@ -320,6 +328,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     for t in 0..args.iters as u64 {
         step(args.warmup as u64 + t)?;
     }
+    engine.flush(&model)?;
     sync(devices);
     let dt = start.elapsed().as_secs_f64() / args.iters as f64;
     // Where a step's time goes: its forwards alone (each ends reading the losses back), then
@@ -344,7 +353,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     };
     let mut v = json!({
         "bench": "train", "impl": "mezo", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
-        "device": args.device, "cuda_graphs": graphs, "phases": phases, "batch": args.batch, "seq": args.seq, "directions": args.directions,
+        "device": args.device, "cuda_graphs": graphs, "deferred_update": !args.undeferred, "phases": phases, "batch": args.batch, "seq": args.seq, "directions": args.directions,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     });

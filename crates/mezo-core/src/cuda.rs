@@ -114,12 +114,15 @@ struct Desc {
   u32 dt, vec, flags, m;  // dtype code, vector path allowed, F_* flags, directions (update)
   u32 a, b;               // perturb: the stream key; update: the restore's key
   float scale, inv_n, wd, lr;  // perturb: scale; update: restore scale, 1/n, weight decay, lr
-  u32 kofs, pad;          // update: this tensor's first Dir
+  u32 kofs, pad;          // update: this tensor's first Dir (m of them; with F_THEN one more)
 };
-struct Dir { u32 a, b; float g; };  // one direction of one tensor's update: its key and gradient
+// One direction of one tensor's update: its key and gradient. With F_THEN the Dir after the m
+// directions is the trailing perturbation: its key, and its scale in g.
+struct Dir { u32 a, b; float g; };
 #define F_INV 1u
 #define F_WD 2u
 #define F_RESTORE 4u
+#define F_THEN 8u
 extern __shared__ float sT[];
 // The table's lower half, then (8-byte aligned after it) the tensors' first units: S[j] is the
 // first unit of tensor j, S[nt] the total. A unit is four consecutive elements of one tensor.
@@ -190,11 +193,12 @@ struct PerturbOp {
 // further ones are read once per four elements.
 struct UpdateOp {
   const float* sT; int dist; const Dir* __restrict__ K;
-  const Dir* dir; u32 m, flags, a0, b0, ra, rb; float g0, rs, inv, wd, lr; int dt;
+  const Dir* dir; u32 m, flags, a0, b0, ra, rb, pa, pb; float g0, rs, inv, wd, lr, ps; int dt;
   __device__ __forceinline__ void load(const Desc& d) {
     dir = K + d.kofs; m = d.m; flags = d.flags; ra = d.a; rb = d.b;
     rs = d.scale; inv = d.inv_n; wd = d.wd; lr = d.lr; dt = d.dt;
     a0 = dir[0].a; b0 = dir[0].b; g0 = dir[0].g;
+    if (flags & F_THEN) { pa = dir[m].a; pb = dir[m].b; ps = dir[m].g; }
   }
   // th from the estimate acc = sum_j g_j z_j (direction order), as the per-tensor update does.
   __device__ __forceinline__ float finish(float th, float acc, u32 ii) const {
@@ -203,7 +207,11 @@ struct UpdateOp {
     // the separate perturb kernel's store would round it: the same bits, one sweep fewer.
     if (flags & F_RESTORE) th = rnd(__fadd_rn(th, __fmul_rn(zval(ii, ra, rb, sT, dist), rs)), dt);
     if (flags & F_WD) acc = __fadd_rn(acc, __fmul_rn(th, wd));
-    return __fsub_rn(th, __fmul_rn(acc, lr));
+    th = __fsub_rn(th, __fmul_rn(acc, lr));
+    // The next step's first perturbation fused behind the update: the updated value rounded as
+    // the update kernel's store rounds it, then the perturb kernel's arithmetic on it.
+    if (flags & F_THEN) th = __fadd_rn(rnd(th, dt), __fmul_rn(zval(ii, pa, pb, sT, dist), ps));
+    return th;
   }
   __device__ __forceinline__ float apply(float th, u32 ii) const {
     float acc = __fmul_rn(zval(ii, a0, b0, sT, dist), g0);
@@ -231,12 +239,13 @@ mezo_perturb_many(const Desc* __restrict__ D, const u64* __restrict__ S, int nt,
   PerturbOp op{sT, dist, 0, 0, 0.0f};
   sweep_many(D, sS, nt, U, op);
 }
-// The ZO-SGD update (with the optional fused restore) of every element of nt tensors.
+// The ZO-SGD update (with the optional fused restore before it and perturbation after it) of
+// every element of nt tensors.
 extern "C" __global__ void __launch_bounds__(1024, 1)
 mezo_sgd_update_many(const Desc* __restrict__ D, const u64* __restrict__ S, const Dir* __restrict__ K,
                      int nt, u64 U, const float* __restrict__ T, int dist) {
   const u64* sS = load_shared(T, S, nt);
-  UpdateOp op{sT, dist, K, K, 0, 0, 0, 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0};
+  UpdateOp op{sT, dist, K, K, 0, 0, 0, 0, 0, 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0};
   sweep_many(D, sS, nt, U, op);
 }
 // A flat state's perturbed variants for n directions (the adapter forward's input): with
@@ -724,6 +733,7 @@ const DIR_BYTES: usize = 12;
 const F_INV: u32 = 1;
 const F_WD: u32 = 2;
 const F_RESTORE: u32 = 4;
+const F_THEN: u32 = 8;
 
 impl Desc {
     fn of(p: &Tensor) -> Self {
@@ -975,27 +985,36 @@ fn perturb_descs(ps: &[&Tensor], keys: &[StreamKey], scale: f32) -> Vec<Desc> {
     ps.iter().zip(keys).map(|(p, k)| Desc { a: k.a, b: k.b, scale, ..Desc::of(p) }).collect()
 }
 
-/// The update of every tensor (all on CUDA device `index`) in one launch.
+/// The update of every tensor (all on CUDA device `index`) in one launch; with `then`, each
+/// tensor `j` then perturbed by `scale * z(keys[j])` in the same sweep.
 pub(crate) fn sgd_update_many(
     index: usize,
     ps: &[&Tensor],
     us: &[&SgdUpdate],
+    then: Option<(&[StreamKey], f32)>,
     dist: Distribution,
 ) -> Result<()> {
-    let (descs, dirs) = update_descs(ps, us);
+    let (descs, dirs) = update_descs(ps, us, then);
     launch_many(index, Sweep::Update, &descs, &dirs, dist)
 }
 
+/// The update's descriptors and its directions; a trailing perturbation (`then`: one key per
+/// tensor, one scale) is one more direction entry after each tensor's own (flag `F_THEN`).
 #[allow(clippy::type_complexity)]
-fn update_descs(ps: &[&Tensor], us: &[&SgdUpdate]) -> (Vec<Desc>, Vec<(StreamKey, f32)>) {
+fn update_descs(
+    ps: &[&Tensor],
+    us: &[&SgdUpdate],
+    then: Option<(&[StreamKey], f32)>,
+) -> (Vec<Desc>, Vec<(StreamKey, f32)>) {
     let mut dirs = Vec::new();
     let mut descs = Vec::with_capacity(ps.len());
-    for (p, u) in ps.iter().zip(us) {
+    for (j, (p, u)) in ps.iter().zip(us).enumerate() {
         let inv_n = u.inv_n();
         let (ra, rb, rs) = u.restore.map_or((0, 0, 0.0), |(k, s)| (k.a, k.b, s));
         let flags = if inv_n.is_some() { F_INV } else { 0 }
             | if u.weight_decay.is_some() { F_WD } else { 0 }
-            | if u.restore.is_some() { F_RESTORE } else { 0 };
+            | if u.restore.is_some() { F_RESTORE } else { 0 }
+            | if then.is_some() { F_THEN } else { 0 };
         descs.push(Desc {
             flags,
             m: u.keys.len() as u32,
@@ -1009,6 +1028,9 @@ fn update_descs(ps: &[&Tensor], us: &[&SgdUpdate]) -> (Vec<Desc>, Vec<(StreamKey
             ..Desc::of(p)
         });
         dirs.extend(u.keys.iter().copied().zip(u.grads.iter().copied()));
+        if let Some((keys, scale)) = then {
+            dirs.push((keys[j], scale));
+        }
     }
     (descs, dirs)
 }
@@ -1059,7 +1081,7 @@ mod tests {
         let nv = nvrtc().expect("libnvrtc loads (from the venv's torch: nvidia/cu13/lib)");
         let (ptx, _) = nv.compile("compute_90", &[]).expect("PTX for compute_90");
         let ptx = String::from_utf8_lossy(&ptx);
-        for f in ["mezo_perturb_many", "mezo_sgd_update_many"] {
+        for f in ["mezo_perturb_many", "mezo_sgd_update_many", "mezo_flat_variants"] {
             assert!(ptx.contains(&format!(".entry {f}")), "{f} missing from the PTX");
         }
         // --fmad=false must hold: no fused multiply-add anywhere in the arithmetic.
@@ -1067,9 +1089,10 @@ mod tests {
         let (cubin, log) = nv.compile("sm_90", &["--ptxas-options=-v"]).expect("CUBIN for sm_90");
         println!("ptxas (sm_90): {log}");
         assert!(cubin.len() > 1000, "a CUBIN of {} bytes", cubin.len());
-        // Both kernels fit the 64 registers a 1024-thread block allows without spilling.
+        // Every kernel (perturb, update, flat variants) compiles without spilling; the two sweeps
+        // fit the 64 registers a 1024-thread block allows.
         let spills: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
-        assert_eq!(spills.len(), 2, "{log}");
+        assert_eq!(spills.len(), 3, "{log}");
         assert!(spills.iter().all(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads")), "{log}");
         // Before sm_80 the packed half conversions take the scalar path.
         nv.compile("compute_75", &[]).expect("PTX for compute_75");
@@ -1214,12 +1237,13 @@ extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, con
 
     /// The kernels' own source, run on the host (C++ with emulated threads and blocks), gives the
     /// CPU implementation's bits for multi-tensor perturbs and updates: every dtype, lengths from
-    /// 0 up, unaligned views, restore or not, with grids far smaller than the work (so threads
-    /// stride across many tensors) and larger than it, and lists longer than one launch takes.
+    /// 0 up, unaligned views, restore or not, a trailing perturbation or not, with grids far
+    /// smaller than the work (so threads stride across many tensors) and larger than it, and
+    /// lists longer than one launch takes.
     /// What it cannot check is the GPU's own arithmetic; the `--ignored` CUDA tests do.
     #[test]
     fn kernel_source_emulated_on_host_equals_cpu() {
-        use crate::fused::{perturb_many_, sgd_update_many_, SgdUpdate};
+        use crate::fused::{perturb_many_, sgd_update_many_, sgd_update_then_perturb_many_, SgdUpdate};
         let emu = emulator();
         let kinds = [Kind::Float, Kind::Half, Kind::BFloat16];
         let make =
@@ -1256,7 +1280,9 @@ extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, con
                             e.size()
                         );
                     }
-                    for restore in [false, true] {
+                    // Restore or not, then (the next step's first perturbation fused behind the
+                    // update) or not.
+                    for (restore, then) in [(false, false), (true, false), (true, true), (false, true)] {
                         let us: Vec<SgdUpdate> = (0..ps.len())
                             .map(|j| SgdUpdate {
                                 keys: (0..1 + j as u64 % 3)
@@ -1269,13 +1295,19 @@ extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, con
                             })
                             .collect();
                         let refs: Vec<&SgdUpdate> = us.iter().collect();
-                        let (descs, dirs) = update_descs(&ps, &refs);
+                        let next: Vec<StreamKey> =
+                            (0..ps.len()).map(|j| StreamKey::new(42, &format!("p{j}"))).collect();
+                        let (descs, dirs) = update_descs(&ps, &refs, then.then_some((&next[..], 1e-3)));
                         emulate(&emu, grid, block, Sweep::Update, &descs, &dirs, dist);
-                        sgd_update_many_(&cpu, &us, dist).unwrap();
+                        if then {
+                            sgd_update_then_perturb_many_(&cpu, &us, &next, 1e-3, dist).unwrap();
+                        } else {
+                            sgd_update_many_(&cpu, &us, dist).unwrap();
+                        }
                         for (j, (e, c)) in ps.iter().zip(&cpu).enumerate() {
                             assert!(
                                 e.equal(c),
-                                "{what}, restore {restore}: update of tensor {j} ({:?} {:?}) differs",
+                                "{what}, restore {restore}, then {then}: update of tensor {j} ({:?} {:?}) differs",
                                 e.kind(),
                                 e.size()
                             );

@@ -98,6 +98,36 @@ pub fn perturb_many_(ps: &[&Tensor], keys: &[StreamKey], scale: f32, dist: Distr
 /// bits as one call per tensor, on CUDA one launch per device. The tensors must not overlap.
 /// Everything is checked before anything is written.
 pub fn sgd_update_many_(ps: &[&Tensor], us: &[SgdUpdate], dist: Distribution) -> Result<()> {
+    update_many(ps, us, None, dist)
+}
+
+/// [`sgd_update_many_`] followed by [`perturb_many_`]`(ps, keys, scale, dist)`, the same bits,
+/// but on CUDA one sweep instead of two: each element is updated, rounded to its tensor's dtype
+/// exactly as the update's store rounds it, then perturbed with the perturb kernel's arithmetic.
+/// How a full-parameter step folds the previous step's update into its first perturbation.
+pub fn sgd_update_then_perturb_many_(
+    ps: &[&Tensor],
+    us: &[SgdUpdate],
+    keys: &[StreamKey],
+    scale: f32,
+    dist: Distribution,
+) -> Result<()> {
+    if ps.len() != keys.len() {
+        return Err(CoreError::InvalidArgument {
+            what: "perturbation keys",
+            value: format!("{} tensors, {} keys", ps.len(), keys.len()),
+            expected: "one stream key per tensor",
+        });
+    }
+    update_many(ps, us, Some((keys, scale)), dist)
+}
+
+fn update_many(
+    ps: &[&Tensor],
+    us: &[SgdUpdate],
+    then: Option<(&[StreamKey], f32)>,
+    dist: Distribution,
+) -> Result<()> {
     if ps.len() != us.len() {
         return Err(CoreError::InvalidArgument {
             what: "updates",
@@ -121,12 +151,19 @@ pub fn sgd_update_many_(ps: &[&Tensor], us: &[SgdUpdate], dist: Distribution) ->
                 let t = host_gauss_table();
                 for j in idx {
                     update_cpu(ps[j], &us[j], dist, t);
+                    // The CPU keeps the separate pass: the update's store, then the perturb.
+                    if let Some((keys, scale)) = then {
+                        let key = keys[j];
+                        for_each_chunk(ps[j], |i, v| v + z_of(key, i, dist, t) * scale);
+                    }
                 }
             }
             Device::Cuda(d) => {
                 let ts: Vec<&Tensor> = idx.iter().map(|&j| ps[j]).collect();
                 let vs: Vec<&SgdUpdate> = idx.iter().map(|&j| &us[j]).collect();
-                crate::cuda::sgd_update_many(d, &ts, &vs, dist)?;
+                let ks: Option<Vec<StreamKey>> = then.map(|(keys, _)| idx.iter().map(|&j| keys[j]).collect());
+                let then = ks.as_deref().zip(then.map(|(_, s)| s));
+                crate::cuda::sgd_update_many(d, &ts, &vs, then, dist)?;
             }
             d => return Err(unsupported(ps[idx[0]], &format!("device {d:?}"))),
         }
@@ -590,6 +627,40 @@ mod tests {
         }
     }
 
+    /// The update with a trailing perturbation gives the bits of the update sweep followed by the
+    /// perturb sweep, and of the reference tensor ops (each rounded to the dtype in between):
+    /// every dtype, odd lengths, unaligned views, with and without restore and weight decay.
+    #[test]
+    fn update_then_perturb_equals_the_two_sweeps() {
+        for dist in [Distribution::Gaussian, Distribution::Rademacher] {
+            for restore in [false, true] {
+                let (ts, backing) = mixed_tensors(Device::Cpu);
+                let vs = views(&backing);
+                let all: Vec<&Tensor> = ts.iter().chain(vs.iter()).collect();
+                let copies: Vec<Tensor> = all.iter().map(|t| t.copy()).collect();
+                let seq: Vec<&Tensor> = copies.iter().collect();
+                let us = updates_for(all.len(), restore);
+                let keys: Vec<StreamKey> =
+                    (0..all.len()).map(|j| StreamKey::new(6, &format!("t{j}"))).collect();
+                let want: Vec<Tensor> = all
+                    .iter()
+                    .zip(&us)
+                    .zip(&keys)
+                    .map(|((p, u), k)| reference_perturb(&reference_update(p, u, dist), *k, 1e-2, dist))
+                    .collect();
+                sgd_update_then_perturb_many_(&all, &us, &keys, 1e-2, dist).unwrap();
+                sgd_update_many_(&seq, &us, dist).unwrap();
+                perturb_many_(&seq, &keys, 1e-2, dist).unwrap();
+                for (j, ((p, w), q)) in all.iter().zip(&want).zip(&seq).enumerate() {
+                    let what =
+                        format!("{dist} restore {restore}: tensor {j} ({:?} {:?})", p.kind(), p.size());
+                    assert!(p.equal(w), "{what}: differs from the reference");
+                    assert!(p.equal(q), "{what}: differs from the two sweeps");
+                }
+            }
+        }
+    }
+
     #[test]
     fn many_refuses_bad_lists_before_writing() {
         let a = Tensor::zeros([100], (Kind::Float, Device::Cpu));
@@ -610,8 +681,11 @@ mod tests {
         assert!(perturb_many_(&[&a, &bad], &[key; 2], 1.0, g).is_err());
         let u = SgdUpdate { keys: vec![key], grads: vec![], lr: 1.0, weight_decay: None, restore: None };
         let ok = SgdUpdate { grads: vec![1.0], ..u.clone() };
-        let e = sgd_update_many_(&[&a, &b], &[ok, u], g).unwrap_err();
+        let e = sgd_update_many_(&[&a, &b], &[ok, u.clone()], g).unwrap_err();
         assert!(e.to_string().contains("1 keys, 0 gradients"), "{e}");
+        let ok = SgdUpdate { grads: vec![1.0], ..u.clone() };
+        let e = sgd_update_then_perturb_many_(&[&a, &b], &[ok.clone(), ok], &[key], 1.0, g).unwrap_err();
+        assert!(e.to_string().contains("2 tensors, 1 keys"), "{e}");
         assert!(a.equal(&a_before), "a refused list wrote to a tensor");
         // The empty list is a no-op.
         perturb_many_(&[], &[], 1.0, g).unwrap();
@@ -667,6 +741,13 @@ mod cuda_tests {
                 sgd_update_many_(gpu, &us, dist).unwrap();
                 sgd_update_many_(&cpu, &us, dist).unwrap();
                 assert_same(gpu, &cpu, &format!("{label} {dist}: update (restore {restore})"));
+                // The next step's first perturbation in the update's sweep (CUDA: one kernel;
+                // the CPU: the two passes).
+                let next: Vec<StreamKey> =
+                    (0..gpu.len()).map(|j| StreamKey::new(78, &format!("p{j}"))).collect();
+                sgd_update_then_perturb_many_(gpu, &us, &next, 1e-3, dist).unwrap();
+                sgd_update_then_perturb_many_(&cpu, &us, &next, 1e-3, dist).unwrap();
+                assert_same(gpu, &cpu, &format!("{label} {dist}: update then perturb (restore {restore})"));
             }
         }
     }
@@ -777,6 +858,19 @@ mod cuda_tests {
                     c.equal(&g.to_device(Device::Cpu)),
                     "{kind:?} {dist}: restore+update differs on CUDA"
                 );
+                // Restore, update and the next perturbation in one sweep, without and with decay.
+                for wd in [None, Some(0.1)] {
+                    let u = SgdUpdate { weight_decay: wd, ..u.clone() };
+                    let next = [StreamKey::new(78, "w")];
+                    sgd_update_then_perturb_many_(&[&c], std::slice::from_ref(&u), &next, 1e-3, dist)
+                        .unwrap();
+                    sgd_update_then_perturb_many_(&[&g], std::slice::from_ref(&u), &next, 1e-3, dist)
+                        .unwrap();
+                    assert!(
+                        c.equal(&g.to_device(Device::Cpu)),
+                        "{kind:?} {dist} decay {wd:?}: update then perturb differs on CUDA"
+                    );
+                }
                 // A view that starts one element in: not aligned for the kernels' vector path.
                 let (cv, gv) = (c.narrow(0, 1, 100_001), g.narrow(0, 1, 100_001));
                 perturb_(&cv, key, -2e-3, dist, &tc).unwrap();

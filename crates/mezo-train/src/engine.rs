@@ -699,11 +699,28 @@ pub struct Engine {
     /// The last direction seeds' stream keys on the device (a flat state's update reuses the
     /// forward's instead of copying them from the host again).
     keys: KeyCache,
+    /// With [`Engine::set_deferred_update`]: the last step's full-parameter update, not yet in
+    /// the weights (see [`Pending`]).
+    deferred: bool,
+    pending: Mutex<Option<Pending>>,
+}
+
+/// A full-parameter ZO-SGD update that [`Engine::step`] left to the next sweep over the weights
+/// (the next step's first perturbation, or [`Engine::flush`]): the step's seeds and projected
+/// gradients, its rate, and the settings it ran under. The weights still carry the last
+/// direction's `-εz`, undone by the same sweep.
+struct Pending {
+    seeds: Vec<u64>,
+    grads: Vec<f64>,
+    lr: f64,
+    settings: StepSettings,
+    /// Where the model's first weight lives ([`model_anchor`]): the update belongs to that model.
+    anchor: usize,
 }
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None) }
+        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None), deferred: false, pending: Mutex::new(None) }
     }
 
     /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
@@ -717,6 +734,73 @@ impl Engine {
         self.graphs.get_mut().expect("graph cache").set_enabled(on);
     }
 
+    /// Whether [`Self::step`] leaves its full-parameter ZO-SGD update pending, to apply it in
+    /// the next step's first perturbation sweep (two sweeps over the weights a step instead of
+    /// three, the same bits). Off by default. While an update is pending the model's weights are
+    /// not the trained θ: whoever reads them between steps (evaluation, saving, checksums)
+    /// calls [`Self::flush`] first. Every other method of the engine that touches the weights
+    /// flushes by itself. Turning it off leaves a pending update pending until then.
+    pub fn set_deferred_update(&mut self, on: bool) {
+        self.deferred = on;
+    }
+
+    pub fn deferred_update(&self) -> bool {
+        self.deferred
+    }
+
+    /// Whether the weights of the model the last step ran on lack that step's update.
+    pub fn has_pending_update(&self) -> bool {
+        self.pending.lock().expect("pending update").is_some()
+    }
+
+    /// Applies a pending update ([`Self::set_deferred_update`]) to `model`'s weights: the sweep
+    /// that would have ended the last step (its restore and update). A no-op when none is
+    /// pending. Takes `&self` so that readers holding the engine shared (evaluation) can call it.
+    pub fn flush(&self, model: &Model) -> Result<()> {
+        let Some(p) = self.take_pending(model)? else { return Ok(()) };
+        let _g = tch::no_grad_guard();
+        self.sweep_pending(model, &p, None)
+    }
+
+    /// The pending update, taken; an error (leaving it pending) when it belongs to another model.
+    fn take_pending(&self, model: &Model) -> Result<Option<Pending>> {
+        let mut slot = self.pending.lock().expect("pending update");
+        if let Some(p) = slot.as_ref() {
+            if p.anchor != model_anchor(model) {
+                return Err(TrainError::Config(
+                    "the engine holds a pending update of another model's weights: flush it with \
+                     that model first"
+                        .into(),
+                ));
+            }
+        }
+        Ok(slot.take())
+    }
+
+    /// The pending update's sweep (restore, then update) over every selected weight, with
+    /// `then = (seed, scale)` also the perturbation θ += scale·z(seed) in the same sweep.
+    fn sweep_pending(&self, model: &Model, p: &Pending, then: Option<(u64, f64)>) -> Result<()> {
+        let Trainable::Full(f) = &self.trainable else {
+            unreachable!("only full-parameter steps leave an update pending")
+        };
+        let params = model.named_parameters();
+        let StepSettings { eps, dist, weight_decay, .. } = p.settings;
+        let last = *p.seeds.last().expect("a step has directions");
+        let (mut ps, mut us, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, name, decay) in &f.selected {
+            ps.push(params[*i].1);
+            us.push(sgd_update_of(name, *decay, &p.seeds, &p.grads, p.lr, weight_decay, Some((last, eps))));
+            if let Some((seed, _)) = then {
+                keys.push(StreamKey::new(seed, name));
+            }
+        }
+        match then {
+            Some((_, scale)) => fused::sgd_update_then_perturb_many_(&ps, &us, &keys, scale as f32, dist)?,
+            None => fused::sgd_update_many_(&ps, &us, dist)?,
+        }
+        Ok(())
+    }
+
     /// `(L+, L-)` of each direction seed, each the loss over all of `micro` (micro-batches
     /// share every z: gradient accumulation). One host synchronisation at the end.
     pub fn direction_losses(
@@ -725,6 +809,7 @@ impl Engine {
         micro: &[Prepared],
         seeds: &[u64],
     ) -> Result<Vec<(f64, f64)>> {
+        self.flush(model)?;
         let _g = tch::no_grad_guard();
         let eps = self.settings.eps;
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
@@ -810,7 +895,8 @@ impl Engine {
     /// projected gradients, or `None` for a skipped step). The same bits as [`Self::direction_losses`]
     /// followed by [`Self::apply_update`]; for full-parameter ZO-SGD on fused kernels the last
     /// direction's restore sweep is folded into the update's sweep (three passes over the weights
-    /// a step instead of four).
+    /// a step instead of four), and with [`Self::set_deferred_update`] that sweep is left pending
+    /// and folded into the next step's first perturbation (two passes a step).
     pub fn step(
         &mut self,
         model: &Model,
@@ -844,6 +930,16 @@ impl Engine {
         let last = *seeds.last().expect("not empty");
         let grads = projected_grads(&losses, eps);
         match &grads {
+            Some(g) if self.deferred => {
+                let p = Pending {
+                    seeds: seeds.to_vec(),
+                    grads: g.clone(),
+                    lr,
+                    settings: self.settings,
+                    anchor: model_anchor(model),
+                };
+                *self.pending.lock().expect("pending update") = Some(p);
+            }
             Some(g) => self.update(Some(model), seeds, g, lr, Some(last))?,
             None => {
                 let _g = tch::no_grad_guard();
@@ -856,7 +952,15 @@ impl Engine {
     /// θ ← θ + scale·z(seed) for every selected parameter, in float32 with one rounding to the
     /// model's dtype: one fused sweep over all the tensors the kernels take (one launch per CUDA
     /// device), chunked tensor ops for the rest.
+    /// A pending update (only [`Self::step`] perturbs while one exists) goes into the same sweep.
     fn perturb(&self, model: &Model, f: &FullState, seed: u64, scale: f64) -> Result<()> {
+        if let Some(p) = self.take_pending(model)? {
+            // One sweep draws one distribution: settings changed since the step take two.
+            if p.settings.dist == self.settings.dist {
+                return self.sweep_pending(model, &p, Some((seed, scale)));
+            }
+            self.sweep_pending(model, &p, None)?;
+        }
         let params = model.named_parameters();
         let dist = self.settings.dist;
         let (mut fused_ps, mut fused_keys) = (Vec::new(), Vec::new());
@@ -901,6 +1005,15 @@ impl Engine {
         lr: f64,
         restore: Option<u64>,
     ) -> Result<()> {
+        match model {
+            Some(m) => self.flush(m)?,
+            None if self.has_pending_update() => {
+                return Err(TrainError::Config(
+                    "an update of the model's weights is pending: this update needs the model".into(),
+                ))
+            }
+            None => {}
+        }
         let _g = tch::no_grad_guard();
         let eps = self.settings.eps;
         // A multiply by the f32 reciprocal, never a division: CUDA turns division by a scalar
@@ -949,18 +1062,13 @@ impl Engine {
                 for ((i, name, decay), slot) in f.selected.iter().zip(f.slots.iter_mut()) {
                     debug_assert!(restore.is_none() || (rule == Rule::Sgd && fused::supported(params[*i].1)));
                     let p = params[*i].1;
-                    let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
                     if rule == Rule::Sgd && fused::supported(p) {
                         fused_ps.push(p);
-                        fused_us.push(SgdUpdate {
-                            keys,
-                            grads: grads.iter().map(|&g| g as f32).collect(),
-                            lr: lr as f32,
-                            weight_decay: (*decay && weight_decay != 0.0).then_some(weight_decay as f32),
-                            restore: restore.map(|r| (StreamKey::new(r, name), eps as f32)),
-                        });
+                        let restore = restore.map(|r| (r, eps));
+                        fused_us.push(sgd_update_of(name, *decay, seeds, grads, lr, weight_decay, restore));
                         continue;
                     }
+                    let keys: Vec<StreamKey> = seeds.iter().map(|&s| StreamKey::new(s, name)).collect();
                     // Stateful rules: chunk by chunk, so no temporary is larger than a chunk
                     // (the state itself is the rule's documented extra memory).
                     let flat_p = p.view(-1);
@@ -995,6 +1103,27 @@ impl Engine {
             }
             Trainable::Full(f) => f.slots.iter().map(Slot::state_bytes).sum(),
         }
+    }
+}
+
+/// The fused ZO-SGD update of the parameter `name`; `restore = (seed, ε)`: that seed's `-εz` is
+/// still in the weights. One construction for the step's update and a pending one, so both give
+/// the same bits.
+fn sgd_update_of(
+    name: &str,
+    decay: bool,
+    seeds: &[u64],
+    grads: &[f64],
+    lr: f64,
+    weight_decay: f64,
+    restore: Option<(u64, f64)>,
+) -> SgdUpdate {
+    SgdUpdate {
+        keys: seeds.iter().map(|&s| StreamKey::new(s, name)).collect(),
+        grads: grads.iter().map(|&g| g as f32).collect(),
+        lr: lr as f32,
+        weight_decay: (decay && weight_decay != 0.0).then_some(weight_decay as f32),
+        restore: restore.map(|(r, eps)| (StreamKey::new(r, name), eps as f32)),
     }
 }
 

@@ -478,8 +478,16 @@ impl Session {
         }
     }
 
+    /// Applies the engine's pending full-parameter update, if any ([`Engine::set_deferred_update`]):
+    /// after it the model's weights are the trained θ. Everything here that reads the weights
+    /// calls it first; code reading `self.model` directly between steps must too.
+    pub fn flush(&self) -> Result<()> {
+        self.engine.flush(&self.model)
+    }
+
     /// Evaluates the given examples of a set at the current state.
     fn evaluate(&self, set: &Tokenised, idx: Option<&[usize]>) -> Result<EvalReport> {
+        self.flush()?;
         let tuning = self.engine.trainable.tuning(self.kind)?;
         let all: Vec<usize>;
         let idx = match idx {
@@ -577,6 +585,7 @@ impl Session {
 
     /// One first-order Adam step through autograd (the fine-tuning baseline).
     pub fn fo_step(&mut self, step: u64, micro: &[Prepared]) -> Result<StepRecord> {
+        self.flush()?;
         let lr = self.cfg.schedule.lr(self.cfg.lr, step, self.cfg.steps);
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
         let rule = self.cfg.rule();
@@ -815,26 +824,29 @@ enum Snapshot {
     Full(Vec<Tensor>),
 }
 
-fn snapshot(s: &Session) -> Snapshot {
+fn snapshot(s: &Session) -> Result<Snapshot> {
     if let Some(f) = s.engine.trainable.flat_state() {
-        return Snapshot::Flat(f.flat.copy());
+        return Ok(Snapshot::Flat(f.flat.copy()));
     }
+    s.flush()?;
     match &s.engine.trainable {
         Trainable::Lora(_) | Trainable::Prefix(_) => unreachable!("flat states are copied above"),
         Trainable::Full(f) => {
             let params = s.model.named_parameters();
-            Snapshot::Full(
+            Ok(Snapshot::Full(
                 f.selected.iter().map(|(i, _, _)| params[*i].1.to_device(tch::Device::Cpu)).collect(),
-            )
+            ))
         }
     }
 }
 
-fn restore(s: &mut Session, snap: &Snapshot) {
+fn restore(s: &mut Session, snap: &Snapshot) -> Result<()> {
+    // A pending update applied now, not later on top of the restored weights.
+    s.flush()?;
     let _g = tch::no_grad_guard();
     if let (Some(l), Snapshot::Flat(t)) = (s.engine.trainable.flat_state_mut(), snap) {
         l.flat = t.copy();
-        return;
+        return Ok(());
     }
     match (&mut s.engine.trainable, snap) {
         (Trainable::Full(f), Snapshot::Full(ts)) => {
@@ -845,6 +857,7 @@ fn restore(s: &mut Session, snap: &Snapshot) {
         }
         _ => unreachable!("snapshot of the same kind"),
     }
+    Ok(())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -857,11 +870,14 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
     let out = cfg.out.clone();
     std::fs::create_dir_all(&out).map_err(io(&out))?;
     let mut s = Session::new(cfg)?;
+    // Full-parameter ZO-SGD steps leave their update to the next step's first sweep: everything
+    // below that reads the weights (evaluation, snapshots, saving) goes through `Session::flush`.
+    s.engine.set_deferred_update(true);
     let cfg = s.cfg.clone();
     let zero_shot = s.test_accuracy()?;
     let mut best_dev = s.dev_accuracy()?;
     let mut best_step = 0;
-    let mut best = snapshot(&s);
+    let mut best = snapshot(&s)?;
     let mut batcher = Batcher::new(s.train_lengths(), cfg.batch_size, cfg.seed)?;
     let log_path = out.join("train_log.jsonl");
     let mut log = std::io::BufWriter::new(std::fs::File::create(&log_path).map_err(io(&log_path))?);
@@ -887,7 +903,7 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
             if acc > best_dev {
                 best_dev = acc;
                 best_step = step + 1;
-                best = snapshot(&s);
+                best = snapshot(&s)?;
             }
         }
         rec.seconds = t_train.elapsed().as_secs_f64();
@@ -897,7 +913,7 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
     }
     log.flush().map_err(io(&log_path))?;
     let train_seconds = t_train.elapsed().as_secs_f64();
-    restore(&mut s, &best);
+    restore(&mut s, &best)?;
     let test_accuracy = s.test_accuracy()?;
     let dir = out.join("adapter");
     let output = if s.save_adapter(&dir)? { dir } else { save_full_model(&s, &out.join("model"))? };
@@ -933,6 +949,7 @@ pub fn train(cfg: TrainConfig, observer: &mut dyn Observer) -> Result<TrainRepor
 /// A full-parameter run's result as an HF checkpoint directory: config.json and tokenizer files
 /// copied from the base, the weights as model.safetensors in the run's dtype.
 fn save_full_model(s: &Session, dir: &Path) -> Result<PathBuf> {
+    s.flush()?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     for f in [
         "config.json",
