@@ -61,19 +61,9 @@ fn refused(e: &tonic::Status, url: &str) -> Option<anyhow::Error> {
     })
 }
 
-/// libtorch's CPU threads in a GPU worker.
-const GPU_WORKER_CPU_THREADS: i32 = 4;
-
 /// Runs until the coordinator goes away for good or `shutdown` resolves.
 pub async fn run(opts: Options, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
-    // A GPU worker's CPU threads only feed its GPU (batches, kernel launches). libtorch's default,
-    // one CPU thread per core in every process, makes several workers on one host (and the
-    // coordinator beside them) fight over the cores, and a launching thread that waits for a
-    // core leaves its GPU idle. OMP_NUM_THREADS, when set, still decides.
-    if opts.device.contains("cuda") && std::env::var_os("OMP_NUM_THREADS").is_none() {
-        tch::set_num_threads(GPU_WORKER_CPU_THREADS);
-    }
     let mut client = connect(&opts.coordinator).await?;
     let (jobs, engine_rx) = mpsc::channel::<(pb::Task, oneshot::Sender<pb::SubmitResultRequest>)>(4);
     let handle = tokio::runtime::Handle::current();
