@@ -355,6 +355,7 @@ impl From<LlamaConfig> for ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::opt::ScoreBatch;
     use crate::CausalLm;
 
     fn parse(json: &str) -> Result<ModelConfig> {

@@ -48,6 +48,47 @@ pub struct Attention {
     pub out_proj: Linear,
     heads: i64,
     head_dim: i64,
+    /// q, k and v as one `[3h, h]` weight (and `[3h]` bias) whose rows the three projections'
+    /// tensors are views of: one GEMM instead of three. Perturbations, updates and checkpoints
+    /// still address `q_proj.weight` and the others by name, in place.
+    qkv: Linear,
+}
+
+impl Attention {
+    fn new(q: Linear, k: Linear, v: Linear, out_proj: Linear, heads: i64, head_dim: i64) -> Self {
+        let h = q.weight.size()[0];
+        let w = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0);
+        let b = match (&q.bias, &k.bias, &v.bias) {
+            (Some(x), Some(y), Some(z)) => Some(Tensor::cat(&[x, y, z], 0)),
+            _ => None,
+        };
+        let part = |j: i64| Linear { weight: w.narrow(0, j * h, h), bias: b.as_ref().map(|b| b.narrow(0, j * h, h)) };
+        let (q_proj, k_proj, v_proj) = (part(0), part(1), part(2));
+        Attention { q_proj, k_proj, v_proj, out_proj, heads, head_dim, qkv: Linear { weight: w, bias: b } }
+    }
+
+    /// Whether the one GEMM may stand for the three: the projections' tensors still view the fused
+    /// ones (code that swaps a tensor's storage, a cast by `set_data`, breaks that) and nothing
+    /// needs their gradients (autograd would not reach the views through the fused tensor).
+    fn fused(&self) -> bool {
+        let views = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let h = self.heads * self.head_dim;
+        let elt = self.qkv.weight.kind().elt_size_in_bytes() as i64;
+        views.iter().enumerate().all(|(j, l)| {
+            l.weight.data_ptr() as i64 == self.qkv.weight.data_ptr() as i64 + j as i64 * h * l.weight.size()[1] * elt
+                && l.weight.kind() == self.qkv.weight.kind()
+                && !l.weight.requires_grad()
+                && match (&l.bias, &self.qkv.bias) {
+                    (Some(b), Some(f)) => {
+                        b.data_ptr() as i64 == f.data_ptr() as i64 + j as i64 * h * elt
+                            && b.kind() == f.kind()
+                            && !b.requires_grad()
+                    }
+                    (None, None) => true,
+                    _ => false,
+                }
+        })
+    }
 }
 
 pub struct DecoderLayer {
@@ -226,14 +267,14 @@ impl Opt {
             let l = format!("{p}.layers.{i}");
             let a = format!("{l}.self_attn");
             layers.push(DecoderLayer {
-                self_attn: Attention {
-                    q_proj: linear(src, &format!("{a}.q_proj"), h, h, bias)?,
-                    k_proj: linear(src, &format!("{a}.k_proj"), h, h, bias)?,
-                    v_proj: linear(src, &format!("{a}.v_proj"), h, h, bias)?,
-                    out_proj: linear(src, &format!("{a}.out_proj"), h, h, bias)?,
-                    heads: c.num_attention_heads,
-                    head_dim: c.head_dim(),
-                },
+                self_attn: Attention::new(
+                    linear(src, &format!("{a}.q_proj"), h, h, bias)?,
+                    linear(src, &format!("{a}.k_proj"), h, h, bias)?,
+                    linear(src, &format!("{a}.v_proj"), h, h, bias)?,
+                    linear(src, &format!("{a}.out_proj"), h, h, bias)?,
+                    c.num_attention_heads,
+                    c.head_dim(),
+                ),
                 self_attn_layer_norm: norm(src, &format!("{l}.self_attn_layer_norm"), h, affine)?,
                 fc1: linear(src, &format!("{l}.fc1"), f, h, bias)?,
                 fc2: linear(src, &format!("{l}.fc2"), h, f, bias)?,
@@ -418,9 +459,24 @@ impl Opt {
             let len = y.size()[1];
             y.view([b, len, a.heads, a.head_dim]).transpose(1, 2)
         };
-        let mut q = proj(i, Target::Q, &a.q_proj, x, lora);
-        let mut k = proj(i, Target::K, &a.k_proj, x, lora);
-        let mut v = proj(i, Target::V, &a.v_proj, x, lora);
+        let (mut q, mut k, mut v) = if a.fused() {
+            let qkv = a.qkv.forward(x);
+            let h = a.heads * a.head_dim;
+            let part = |j: i64, target: Target| {
+                let y = qkv.narrow(2, j * h, h);
+                match lora {
+                    Some(l) => l.add_delta(i, target, x, y),
+                    None => y,
+                }
+            };
+            (part(0, Target::Q), part(1, Target::K), part(2, Target::V))
+        } else {
+            (
+                proj(i, Target::Q, &a.q_proj, x, lora),
+                proj(i, Target::K, &a.k_proj, x, lora),
+                proj(i, Target::V, &a.v_proj, x, lora),
+            )
+        };
         let mut skip = 0;
         if let Some(p) = tuning.and_then(Tuning::prefix) {
             // Keys and values as projected (before the head split), as past_key_values hold them.
