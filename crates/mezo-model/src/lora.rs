@@ -170,11 +170,6 @@ impl LoraBatch {
         Ok(LoraBatch { scaling: cfg.scaling(), variants, mats })
     }
 
-    /// Whether this module of `layer` carries an adapter.
-    pub fn adapts(&self, layer: usize, target: Target) -> bool {
-        self.mats.contains_key(&(layer, target))
-    }
-
     /// A copy whose matrices sit on their layers' devices (shallow where they already do): for
     /// a model split over devices, while the trained state stays on one.
     pub fn placed(&self, p: &crate::Placement) -> Self {

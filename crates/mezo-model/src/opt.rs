@@ -414,20 +414,7 @@ impl Opt {
         }
         let residual = &x;
         let h = if pre { layer.final_layer_norm.forward(&x) } else { x.shallow_clone() };
-        let fc1_adapted = lora.is_some_and(|l| l.adapts(i, Target::Fc1));
-        let h = match (&self.config.activation, &layer.fc1.bias) {
-            // fc1 and its ReLU as one GEMM (the ReLU in cuBLASLt's epilogue): one kernel fewer per
-            // layer, and the activation never makes a round trip through memory.
-            // (It has no autograd derivative: first-order training takes the unfused path.)
-            (Activation::Relu, Some(bias))
-                if !fc1_adapted && ![&h, &layer.fc1.weight, bias].iter().any(|t| t.requires_grad()) =>
-            {
-                let (r, t, w) = h.size3().expect("[rows, seq, width]");
-                bias.internal_addmm_activation(&h.reshape([r * t, w]), &layer.fc1.weight.tr(), false)
-                    .view([r, t, -1])
-            }
-            _ => self.activation(&proj(i, Target::Fc1, &layer.fc1, &h, lora)),
-        };
+        let h = self.activation(&proj(i, Target::Fc1, &layer.fc1, &h, lora));
         let h = proj(i, Target::Fc2, &layer.fc2, &h, lora);
         let mut x = residual + h;
         if !pre {
