@@ -657,8 +657,6 @@ pub struct StepSettings {
     pub weight_decay: f64,
 }
 
-type KeyCache = Mutex<Option<(Vec<u64>, Tensor, Tensor)>>;
-
 /// The Gaussian table on every device that holds trained values: the engine's device's, made
 /// at once, and (a model split over devices) each other device's, made on first use.
 struct Tables {
@@ -696,9 +694,6 @@ pub struct Engine {
     /// The forwards' CUDA graphs by batch shape (a mutex only to lend `&self` methods mutable
     /// access; one thread drives an engine).
     graphs: Mutex<StepGraphs>,
-    /// The last direction seeds' stream keys on the device (a flat state's update reuses the
-    /// forward's instead of copying them from the host again).
-    keys: KeyCache,
     /// With [`Engine::set_deferred_update`]: the last step's full-parameter update, not yet in
     /// the weights (see [`Pending`]).
     deferred: bool,
@@ -720,13 +715,31 @@ struct Pending {
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), keys: Mutex::new(None), deferred: false, pending: Mutex::new(None) }
+        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), deferred: false, pending: Mutex::new(None) }
     }
 
     /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
     /// `MEZO_CUDA_GRAPHS` not `0`).
     pub fn cuda_graphs(&self) -> bool {
         self.graphs.lock().expect("graph cache").enabled()
+    }
+
+    /// `body(micro, extra)` replayed from the graph cache ([`StepGraphs::run`]), or run eagerly
+    /// for a model split over devices (a graph is captured on one device).
+    fn forward(
+        &self,
+        model: &Model,
+        tag: &'static str,
+        micro: &[Prepared],
+        extra: &[Tensor],
+        anchors: Vec<usize>,
+        body: impl FnMut(&[Prepared], &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if model.placement().is_split() {
+            let mut body = body;
+            return body(micro, extra);
+        }
+        self.graphs.lock().expect("graph cache").run(tag, micro, extra, anchors, body)
     }
 
     /// Turns CUDA graphs off (every forward eager) or back on where supported.
@@ -815,30 +828,17 @@ impl Engine {
         let weight: f64 = micro.iter().map(|p| p.weight).sum();
         let losses = match self.trainable.flat_state() {
             Some(l) => {
-                let (a, b) = keys_of(&self.keys, l, seeds);
+                let (a, b) = l.keys(seeds);
                 let dist = self.settings.dist;
                 // One forward of every variant: a pure function of the keys, the batch, the
                 // state and the weights (read in place), so it can be a CUDA graph.
-                let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Vec<Tensor>> {
+                let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Tensor> {
                     let variants = l.variants(&keys[0], &keys[1], eps, dist, &self.table.on(l.flat.device()))?;
                     let batch = self.trainable.tuning_of(&variants, model.kind())?;
-                    Ok(vec![summed_losses(micro, model, batch.as_ref())?])
+                    summed_losses(micro, model, batch.as_ref())
                 };
                 let anchors = vec![l.flat.data_ptr() as usize, model_anchor(model)];
-                // A model split over devices runs eagerly: a graph is captured on one device.
-                let out = if model.placement().is_split() {
-                    forward(micro, &[a, b])?
-                } else {
-                    self.graphs.lock().expect("graph cache").run(
-                        "adapter",
-                        micro,
-                        &[a, b],
-                        anchors,
-                        forward,
-                    )?
-                };
-                let total = &out[0];
-                total / weight
+                self.forward(model, "adapter", micro, &[a, b], anchors, forward)? / weight
             }
             None => {
                 let Trainable::Full(f) = &self.trainable else { unreachable!("no flat state") };
@@ -867,22 +867,9 @@ impl Engine {
                 self.perturb(model, f, seed, scale * eps)?;
                 // The weights are perturbed in place, so one captured forward serves every sign
                 // and direction.
-                let body = |micro: &[Prepared], _: &[Tensor]| -> Result<Vec<Tensor>> {
-                    Ok(vec![summed_losses(micro, model, None)?])
-                };
-                // A model split over devices runs eagerly: a graph is captured on one device.
-                let total = if model.placement().is_split() {
-                    body(micro, &[])?
-                } else {
-                    self.graphs.lock().expect("graph cache").run(
-                        "full-parameter",
-                        micro,
-                        &[],
-                        vec![model_anchor(model)],
-                        body,
-                    )?
-                };
-                out.push(&total[0] / weight);
+                let body = |micro: &[Prepared], _: &[Tensor]| summed_losses(micro, model, None);
+                let total = self.forward(model, "full-parameter", micro, &[], vec![model_anchor(model)], body)?;
+                out.push(total / weight);
             }
             if !(leave_last && k + 1 == seeds.len()) {
                 self.perturb(model, f, seed, eps)?;
@@ -1152,20 +1139,6 @@ fn flat_update_tensor(
     let new = optim::apply(rule, &mut l.slot, &l.flat, &ghat, lr, weight_decay, true);
     // In place: the state's address is what a captured forward reads.
     l.flat.copy_(&new);
-}
-
-/// `seeds`' stream keys for a flat state's segments, on its device: from the cache when
-/// they are the last ones asked for.
-fn keys_of(cache: &KeyCache, l: &FlatState, seeds: &[u64]) -> (Tensor, Tensor) {
-    let mut cache = cache.lock().expect("key cache");
-    if let Some((s, a, b)) = cache.as_ref() {
-        if s == seeds {
-            return (a.shallow_clone(), b.shallow_clone());
-        }
-    }
-    let (a, b) = l.keys(seeds);
-    *cache = Some((seeds.to_vec(), a.shallow_clone(), b.shallow_clone()));
-    (a, b)
 }
 
 /// The summed losses of every micro-batch under `tuning` (divide by the batches' weight).

@@ -35,7 +35,7 @@ struct Entry {
     /// The graph's own copies of the micro-batches and extra inputs, refilled before each replay.
     micro: Vec<Prepared>,
     extra: Vec<Tensor>,
-    out: Vec<Tensor>,
+    out: Tensor,
 }
 
 pub(crate) struct StepGraphs {
@@ -77,17 +77,17 @@ impl StepGraphs {
     /// `body(micro, extra)`, replayed from a graph when this shape has one. `body` must be a pure
     /// function of its arguments and of the tensors named by `anchors` (read in place), with no
     /// host synchronisation, and must not write to anything but its result (the capture runs it
-    /// once eagerly first). The results are the graph's output tensors: read it before the next
-    /// call, which may overwrite it (tensors `body` returns live on: a later capture never
-    /// reuses their memory).
+    /// once eagerly first). The result is the graph's output tensor: read it before the next
+    /// call, which may overwrite it (the tensor `body` returns lives on: a later capture never
+    /// reuses its memory).
     pub fn run(
         &mut self,
         tag: &'static str,
         micro: &[Prepared],
         extra: &[Tensor],
         anchors: Vec<usize>,
-        mut body: impl FnMut(&[Prepared], &[Tensor]) -> Result<Vec<Tensor>>,
-    ) -> Result<Vec<Tensor>> {
+        mut body: impl FnMut(&[Prepared], &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let Some(mut shapes) = self.enabled.then(|| signature(micro)).flatten() else {
             return body(micro, extra);
         };
@@ -105,7 +105,7 @@ impl StepGraphs {
                 dst.shallow_clone().copy_(src);
             }
             e.graph.replay()?;
-            let out = e.out.iter().map(Tensor::shallow_clone).collect();
+            let out = e.out.shallow_clone();
             self.entries.push_back(e);
             return Ok(out);
         }
@@ -126,7 +126,7 @@ impl StepGraphs {
         match Graph::capture(self.device, self.pool, || body(&static_micro, &static_extra)) {
             Ok((graph, out)) => {
                 graph.replay()?;
-                let result = out.iter().map(Tensor::shallow_clone).collect();
+                let result = out.shallow_clone();
                 if self.entries.len() == MAX_GRAPHS {
                     self.entries.pop_front();
                 }

@@ -2,12 +2,13 @@
 //! into the next step's first perturbation leaves every weight with the bits of the engine that
 //! applies it at the end of its own step, whatever comes between steps.
 
+mod common;
+use common::two_candidate_batch;
 use mezo_core::Distribution;
-use mezo_data::ScoringRow;
 use mezo_model::{Model, ModelConfig};
 use mezo_train::engine::{projected_grads, FullState};
 use mezo_train::optim::Rule;
-use mezo_train::{Engine, LossKind, Prepared, StepSettings, Trainable};
+use mezo_train::{Engine, Prepared, StepSettings, Trainable};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_model(device: Device, kind: Kind, init: &[Tensor]) -> Model {
@@ -45,19 +46,7 @@ fn initial_weights() -> Vec<Tensor> {
 }
 
 fn batch(model: &Model, e0: i64) -> Prepared {
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    for e in e0..e0 + 3 {
-        let prompt: Vec<i64> = (0..4 + e % 3).map(|i| (5 * i + 3 * e + 1) % 90 + 4).collect();
-        let cands: Vec<ScoringRow> = [[40i64, 41], [50, 51]]
-            .iter()
-            .map(|c| ScoringRow { tokens: [prompt.clone(), c.to_vec()].concat(), answer_start: prompt.len() })
-            .collect();
-        rows.push(cands);
-        labels.push((e % 2) as usize);
-    }
-    let refs: Vec<&[ScoringRow]> = rows.iter().map(|r| r.as_slice()).collect();
-    Prepared::new(&refs, &labels, LossKind::Classification, model).unwrap()
+    two_candidate_batch(model, e0..e0 + 3, |e| (0..4 + e % 3).map(|i| (5 * i + 3 * e + 1) % 90 + 4).collect())
 }
 
 /// What one run did: every step's losses, and the weights at the end.

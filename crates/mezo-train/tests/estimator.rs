@@ -1,12 +1,13 @@
 //! The estimator is right: averaged over many directions, MeZO's projected-gradient estimate
 //! points along the true gradient (E[z zᵀ] = I), here measured against libtorch autograd.
 
+mod common;
+use common::two_candidate_batch;
 use mezo_core::Distribution;
-use mezo_data::ScoringRow;
 use mezo_model::{LoraConfig, Model, ModelConfig, Target};
 use mezo_train::engine::LoraState;
 use mezo_train::optim::Rule;
-use mezo_train::{Engine, LossKind, Prepared, StepSettings, Trainable};
+use mezo_train::{Engine, Prepared, StepSettings, Trainable};
 use tch::{Device, Kind, Tensor};
 
 fn tiny_model() -> Model {
@@ -28,20 +29,7 @@ fn tiny_model() -> Model {
 }
 
 fn batch(model: &Model) -> Prepared {
-    // Four examples, two candidates each, prompts of different lengths.
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    for e in 0..4i64 {
-        let prompt: Vec<i64> = (0..5 + e).map(|i| (7 * i + 3 * e + 1) % 90 + 4).collect();
-        let cands: Vec<ScoringRow> = [[40i64, 41], [50, 51]]
-            .iter()
-            .map(|c| ScoringRow { tokens: [prompt.clone(), c.to_vec()].concat(), answer_start: prompt.len() })
-            .collect();
-        rows.push(cands);
-        labels.push((e % 2) as usize);
-    }
-    let refs: Vec<&[ScoringRow]> = rows.iter().map(|r| r.as_slice()).collect();
-    Prepared::new(&refs, &labels, LossKind::Classification, model).unwrap()
+    two_candidate_batch(model, 0..4, |e| (0..5 + e).map(|i| (7 * i + 3 * e + 1) % 90 + 4).collect())
 }
 
 fn cosine(a: &Tensor, b: &Tensor) -> f64 {

@@ -2,12 +2,13 @@
 //! same losses and the same trained state, bit for bit, as the same run with every forward eager.
 //! Needs a GPU: `cargo test -p mezo-train --test graphs -- --ignored`.
 
+mod common;
+use common::two_candidate_batch;
 use mezo_core::Distribution;
-use mezo_data::ScoringRow;
 use mezo_model::{LoraConfig, Model, ModelConfig, Target};
 use mezo_train::engine::{FullState, LoraState};
 use mezo_train::optim::Rule;
-use mezo_train::{Engine, LossKind, Prepared, StepSettings, Trainable};
+use mezo_train::{Engine, Prepared, StepSettings, Trainable};
 use tch::{Device, Kind};
 
 fn model(device: Device, kind: Kind) -> Model {
@@ -21,19 +22,7 @@ fn model(device: Device, kind: Kind) -> Model {
 
 /// Four examples with two candidates each; `shift` changes the prompt lengths (another shape).
 fn batch(model: &Model, shift: i64) -> Prepared {
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    for e in 0..4i64 {
-        let prompt: Vec<i64> = (0..5 + e + shift).map(|i| (7 * i + 3 * e + shift + 1) % 90 + 4).collect();
-        let cands: Vec<ScoringRow> = [[40i64, 41], [50, 51]]
-            .iter()
-            .map(|c| ScoringRow { tokens: [prompt.clone(), c.to_vec()].concat(), answer_start: prompt.len() })
-            .collect();
-        rows.push(cands);
-        labels.push((e % 2) as usize);
-    }
-    let refs: Vec<&[ScoringRow]> = rows.iter().map(|r| r.as_slice()).collect();
-    Prepared::new(&refs, &labels, LossKind::Classification, model).unwrap()
+    two_candidate_batch(model, 0..4, |e| (0..5 + e + shift).map(|i| (7 * i + 3 * e + shift + 1) % 90 + 4).collect())
 }
 
 fn engine(mode: &str, model: &Model, graphs: bool) -> Engine {

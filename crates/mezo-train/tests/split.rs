@@ -4,12 +4,13 @@
 //! ZO-SGD and a stateful rule on the chunked tensor path). On two GPUs the ignored test compares
 //! within float rounding.
 
+mod common;
+use common::two_candidate_batch;
 use mezo_core::Distribution;
-use mezo_data::ScoringRow;
 use mezo_model::{LoraConfig, Model, ModelConfig, PrefixConfig, Target};
 use mezo_train::engine::{FullState, LoraState, PrefixState};
 use mezo_train::optim::Rule;
-use mezo_train::{Engine, LossKind, Prepared, StepSettings, Trainable};
+use mezo_train::{Engine, Prepared, StepSettings, Trainable};
 use tch::{Device, Kind, Tensor};
 
 fn config(pre: bool) -> ModelConfig {
@@ -38,19 +39,7 @@ fn pair(cfg: &ModelConfig, devices: &[Device]) -> (Model, Model) {
 }
 
 fn batch(model: &Model) -> Prepared {
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    for e in 0..3i64 {
-        let prompt: Vec<i64> = (0..4 + e).map(|i| (7 * i + 3 * e + 1) % 90 + 4).collect();
-        let cands: Vec<ScoringRow> = [[40i64, 41], [50, 51]]
-            .iter()
-            .map(|c| ScoringRow { tokens: [prompt.clone(), c.to_vec()].concat(), answer_start: prompt.len() })
-            .collect();
-        rows.push(cands);
-        labels.push((e % 2) as usize);
-    }
-    let refs: Vec<&[ScoringRow]> = rows.iter().map(|r| r.as_slice()).collect();
-    Prepared::new(&refs, &labels, LossKind::Classification, model).unwrap()
+    two_candidate_batch(model, 0..3, |e| (0..4 + e).map(|i| (7 * i + 3 * e + 1) % 90 + 4).collect())
 }
 
 #[derive(Clone, Copy, Debug)]
