@@ -96,6 +96,10 @@ fn coordinator_killed_five_times_resumes_bit_identical() {
     let v = c.wait_done("r", Duration::from_secs(300));
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(c.export("r"), expected, "the resumed run's adapter differs from the uninterrupted run's");
+    // An ended run has no actor after a restart: its export is rebuilt from the store.
+    c.coordinator.as_mut().unwrap().kill9();
+    c.start_coordinator();
+    assert_eq!(c.export("r"), expected, "the ended run's export differs after a coordinator restart");
     let logs: String = std::fs::read_dir(&c.dir)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -177,6 +181,9 @@ fn prefix_runs_match_across_fleet_restarts_and_the_local_trainer() {
     let v = c.wait_done("p", Duration::from_secs(300));
     assert_eq!(v["status"], "completed", "{v}");
     let fleet = c.export("p");
+    c.coordinator.as_mut().unwrap().kill9();
+    c.start_coordinator();
+    assert_eq!(c.export("p"), fleet, "the ended prefix run's export differs after a coordinator restart");
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(c.dir.join("export-p/adapter_config.json")).unwrap())
             .unwrap();

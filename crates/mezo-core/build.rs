@@ -34,9 +34,10 @@ fn build_graph_shim() {
     };
     // The runtime wheel leaves out the compiler's crt/ headers that cuda_runtime.h includes; the
     // triton wheel (a dependency of torch's CUDA wheels) ships them.
-    let crt = [cuda_include.clone(), torch.parent().expect("site-packages").join("triton/backends/nvidia/include")]
-        .into_iter()
-        .find(|p| p.join("crt/host_config.h").exists());
+    let crt =
+        [cuda_include.clone(), torch.parent().expect("site-packages").join("triton/backends/nvidia/include")]
+            .into_iter()
+            .find(|p| p.join("crt/host_config.h").exists());
     let Some(crt) = crt else {
         println!("cargo:warning=no CUDA crt/ headers beside libtorch: building without CUDA graphs");
         return;

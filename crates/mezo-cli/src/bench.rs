@@ -334,7 +334,8 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     // Where a step's time goes: its forwards alone (each ends reading the losses back), then
     // its update alone (synchronised once at the end).
     let phases = if args.phases {
-        let seeds: Vec<u64> = (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, 1, i)).collect();
+        let seeds: Vec<u64> =
+            (0..args.directions as u32).map(|i| mezo_core::direction_seed(0, 1, i)).collect();
         let t0 = Instant::now();
         for _ in 0..args.iters {
             engine.direction_losses(&model, &micro, &seeds)?;

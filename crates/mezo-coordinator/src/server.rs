@@ -429,7 +429,9 @@ impl RunActor {
         let parts = plan_train(&seeds, &batch, self.stored.data_parallel, cfg.grad_accum.max(2));
         let context = StepContext { previous, expected_checksum };
         let (fleet, id) = (self.inner.fleet.clone(), self.id.clone());
-        InFlight(tokio::spawn(async move { fleet.run_step(&id, step, TaskKind::Train, step, context, parts).await }))
+        InFlight(tokio::spawn(async move {
+            fleet.run_step(&id, step, TaskKind::Train, step, context, parts).await
+        }))
     }
 
     /// Trains the run to its end (or a stop); the test accuracy when it completed.
@@ -451,53 +453,16 @@ impl RunActor {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        let settings = cfg.step_settings().map_err(|e| e.to_string())?;
-        let mut engine = initial.map(|t| Engine::new(t, settings, tch::Device::Cpu));
         let store = &self.inner.store;
         store.set_status(&self.id, RunStatus::Running, "").map_err(|e| e.to_string())?;
         self.inner.count_runs();
-
-        // Recovery: the newest valid snapshot, then the log after it (the log is the source of
-        // truth; a snapshot only shortens the replay). Stateful rules keep optimizer state that
-        // snapshots do not hold, so they replay the whole log.
-        let logged = store.steps(&self.id, 0).map_err(|e| e.to_string())?;
-        let mut from = 0u64;
-        if let (Some(l), true) = (
-            engine.as_mut().and_then(|e| e.trainable.flat_state_mut()),
-            cfg.optimizer == mezo_train::OptimizerSpec::ZoSgd,
-        ) {
-            let (snap, warnings) = store.latest_snapshot(&self.id).map_err(|e| e.to_string())?;
-            for w in warnings {
-                eprintln!("run {}: skipped a snapshot: {w}", self.id);
-            }
-            if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
-                match flat_values_from_bytes(&bytes, l.flat.numel()) {
-                    Ok(v) => {
-                        l.flat = tch::Tensor::from_slice(&v);
-                        from = meta.step;
-                        eprintln!(
-                            "run {}: restored the snapshot at step {from}, replaying {} logged step(s)",
-                            self.id,
-                            logged.len() as u64 - from
-                        );
-                    }
-                    Err(why) => eprintln!(
-                        "run {}: snapshot {} does not fit the run ({why}); replaying the whole log",
-                        self.id,
-                        meta.file.display()
-                    ),
-                }
-            }
-        }
+        let (mut engine, logged) = recover_state(store, &self.id, &cfg, initial)?;
         let mut batcher =
             Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
         let evals: HashMap<u64, f64> =
             store.evals(&self.id).map_err(|e| e.to_string())?.into_iter().collect();
         for rec in &logged {
             let _ = batcher.next_batch();
-            if let (Some(e), false, true) = (engine.as_mut(), rec.skipped, rec.step >= from) {
-                e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
-            }
             self.send(message(rec, evals.get(&rec.step).copied()));
         }
         let mut step = logged.len() as u64;
@@ -552,7 +517,10 @@ impl RunActor {
             let verify_due = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
             if step < cfg.steps && !eval_due && !verify_due && !self.stop {
                 let previous = Some(step_update(&rec));
-                next = Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, String::new())));
+                next = Some((
+                    Instant::now(),
+                    self.dispatch_step(&cfg, step, &mut batcher, previous, String::new()),
+                ));
             }
             if let (Some(e), Some(g)) = (engine.as_mut(), &grads) {
                 e.apply_update(None, &agg.seeds, g, lr).map_err(|e| e.to_string())?;
@@ -641,6 +609,53 @@ impl RunActor {
         }
         self.send(msg);
     }
+}
+
+/// A run's trainable state (LoRA or prefix; None for full-parameter runs) rebuilt from the store:
+/// the initial state, then the newest valid snapshot, then the log after it (the log is the
+/// source of truth; a snapshot only shortens the replay). Stateful rules keep optimizer state
+/// that snapshots do not hold, so they replay the whole log. Also returns the whole log.
+fn recover_state(
+    store: &Store,
+    id: &str,
+    cfg: &TrainConfig,
+    initial: Option<mezo_train::Trainable>,
+) -> Result<(Option<Engine>, Vec<StepRecord>), String> {
+    let settings = cfg.step_settings().map_err(|e| e.to_string())?;
+    let mut engine = initial.map(|t| Engine::new(t, settings, tch::Device::Cpu));
+    let logged = store.steps(id, 0).map_err(|e| e.to_string())?;
+    let mut from = 0u64;
+    if let (Some(l), true) = (
+        engine.as_mut().and_then(|e| e.trainable.flat_state_mut()),
+        cfg.optimizer == mezo_train::OptimizerSpec::ZoSgd,
+    ) {
+        let (snap, warnings) = store.latest_snapshot(id).map_err(|e| e.to_string())?;
+        for w in warnings {
+            eprintln!("run {id}: skipped a snapshot: {w}");
+        }
+        if let Some((meta, bytes)) = snap.filter(|(m, _)| m.step <= logged.len() as u64) {
+            match flat_values_from_bytes(&bytes, l.flat.numel()) {
+                Ok(v) => {
+                    l.flat = tch::Tensor::from_slice(&v);
+                    from = meta.step;
+                    eprintln!(
+                        "run {id}: restored the snapshot at step {from}, replaying {} logged step(s)",
+                        logged.len() as u64 - from
+                    );
+                }
+                Err(why) => eprintln!(
+                    "run {id}: snapshot {} does not fit the run ({why}); replaying the whole log",
+                    meta.file.display()
+                ),
+            }
+        }
+    }
+    if let Some(e) = engine.as_mut() {
+        for rec in logged.iter().filter(|r| !r.skipped && r.step >= from) {
+            e.apply_update(None, &rec.seeds, &rec.grads, rec.lr).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok((engine, logged))
 }
 
 /// A step as subscribers see it: the mean loss over directions and the mean projected gradient.
@@ -802,17 +817,44 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         req: Request<pb::ExportAdapterRequest>,
     ) -> Result<Response<pb::ExportAdapterResponse>, Status> {
         let id = req.into_inner().run_id;
-        let run = self.0.run(&id)?;
-        let cfg = &run.stored.config;
+        let live = self.0.run(&id);
+        let cfg = match &live {
+            Ok(run) => run.stored.config.clone(),
+            // A run that ended before this process started (no actor): its spec is in the store.
+            Err(not_here) => {
+                let spec = match self.0.store.run_spec(&id) {
+                    Ok(s) => s,
+                    Err(mezo_store::StoreError::NotFound { .. }) => return Err(not_here.clone()),
+                    Err(e) => return Err(store_status(e)),
+                };
+                serde_json::from_str::<StoredSpec>(&spec).map_err(internal)?.config
+            }
+        };
         if matches!(cfg.mode, mezo_train::ModeSpec::Full { .. }) {
             return Err(Status::failed_precondition(format!(
                 "run `{id}` trains all parameters: it has no adapter"
             )));
         }
-        let (step, bytes) = {
-            let p = run.state.borrow();
-            (p.version, p.bytes.clone())
+        let (step, bytes) = match &live {
+            Ok(run) => {
+                let p = run.state.borrow();
+                (p.version, p.bytes.clone())
+            }
+            // Rebuilt from the store as a resumed run would be: the last snapshot and the log.
+            Err(_) => {
+                let (inner, id2, c2) = (self.0.clone(), id.clone(), cfg.clone());
+                tokio::task::spawn_blocking(move || {
+                    let initial = coordinator_state(&c2).map_err(|e| e.to_string())?;
+                    let (engine, logged) = recover_state(&inner.store, &id2, &c2, initial)?;
+                    let bytes = engine.as_ref().map_or_else(Vec::new, |e| flat_state_bytes(&e.trainable));
+                    Ok::<_, String>((logged.len() as u64, Arc::new(bytes)))
+                })
+                .await
+                .map_err(internal)?
+                .map_err(|e| Status::internal(format!("rebuilding run `{id}`'s state from the store: {e}")))?
+            }
         };
+        let cfg = &cfg;
         let mc = mezo_model::ModelConfig::from_dir(&cfg.model).map_err(internal)?;
         let flat = tch::Tensor::from_slice(&f32_from_le_bytes(&bytes));
         let dir = std::env::temp_dir().join(format!("mezo-export-{}-{id}-{step}", std::process::id()));

@@ -927,7 +927,8 @@ pub fn flat_variants(
     let ks = kernels()?;
     let k = ks.device(index)?;
     let ptr = |t: &Tensor| t.data_ptr() as u64;
-    let (mut o, mut t, mut pa, mut pb, mut po, mut pl) = (ptr(out), ptr(theta), ptr(a), ptr(b), ptr(owner), ptr(local));
+    let (mut o, mut t, mut pa, mut pb, mut po, mut pl) =
+        (ptr(out), ptr(theta), ptr(a), ptr(b), ptr(owner), ptr(local));
     let (mut segs, mut pp, mut nn, mut e) = (segs as c_int, p, n as c_int, eps);
     let (mut table, mut di): (u64, c_int) = (k.table, matches!(dist, Distribution::Rademacher).into());
     let mut args: Vec<*mut c_void> = vec![

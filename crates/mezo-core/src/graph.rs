@@ -11,9 +11,9 @@
 //! Built only where libtorch has CUDA (see build.rs); elsewhere [`supported`] is false and
 //! callers run eagerly.
 
-use std::ffi::{c_int, c_void};
 #[cfg(mezo_cuda_graphs)]
 use std::ffi::{c_char, CStr};
+use std::ffi::{c_int, c_void};
 #[cfg(mezo_cuda_graphs)]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -169,7 +169,9 @@ impl Graph {
             match warm {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(p) => return Err(CoreError::Cuda(format!("warm-up before capture: {}", panic_text(&p))).into()),
+                Err(p) => {
+                    return Err(CoreError::Cuda(format!("warm-up before capture: {}", panic_text(&p))).into())
+                }
             }
             let mut raw = std::ptr::null_mut();
             // SAFETY: the shim writes one pointer.
@@ -184,7 +186,9 @@ impl Graph {
             let out = match out {
                 Ok(r) => r?,
                 Err(p) => {
-                    return Err(CoreError::Cuda(format!("during CUDA graph capture: {}", panic_text(&p))).into())
+                    return Err(
+                        CoreError::Cuda(format!("during CUDA graph capture: {}", panic_text(&p))).into()
+                    )
                 }
             };
             ended?;

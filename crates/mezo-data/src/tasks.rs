@@ -597,7 +597,8 @@ mod tests {
             .unwrap();
         assert_eq!((ex.len(), ex[0].idx, ex[1].idx), (2, 7, 1));
         assert_eq!((ex[0].prompt.as_str(), ex[0].label(), ex[1].label()), ("fine It was", 1, 0));
-        let e = load(b"{\"sentence\": \"x\", \"label\": 0}\n{\"sentence\": \"x\"}\n").unwrap_err().to_string();
+        let e =
+            load(b"{\"sentence\": \"x\", \"label\": 0}\n{\"sentence\": \"x\"}\n").unwrap_err().to_string();
         assert!(e.contains("d.jsonl:2") && e.contains("`label`"), "{e}");
         let e = load(b"{\"sentence\": \"x\", \"label\": 3}\n").unwrap_err().to_string();
         assert!(e.contains("d.jsonl:1") && e.contains("`label`") && e.contains("0 to 1"), "{e}");

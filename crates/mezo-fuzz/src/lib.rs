@@ -94,7 +94,10 @@ pub fn tokenizer(data: &[u8]) {
         for text in ["hello world", " It was great", "ünïcödé \n\t 😀", ""] {
             if let Ok(ids) = t.encode(text) {
                 let max = t.max_id();
-                assert!(ids.iter().all(|&i| (0..=max).contains(&i)), "{text:?} -> {ids:?} (largest id {max})");
+                assert!(
+                    ids.iter().all(|&i| (0..=max).contains(&i)),
+                    "{text:?} -> {ids:?} (largest id {max})"
+                );
                 // A model with room for every id takes this tokenizer; one with less does not.
                 assert!(t.check_fits(max + 1).is_ok() && t.check_fits(max).is_err());
             }

@@ -195,7 +195,9 @@ impl LoraBatch {
         let v = self.variants;
         let xa = x.reshape([v, rows / v * seq, inp]).bmm(&a.transpose(1, 2));
         let out = y.size()[2];
-        y.reshape([v, rows / v * seq, out]).baddbmm(&xa, &b.transpose(1, 2), 1.0, self.scaling).reshape([rows, seq, out])
+        y.reshape([v, rows / v * seq, out])
+            .baddbmm(&xa, &b.transpose(1, 2), 1.0, self.scaling)
+            .reshape([rows, seq, out])
     }
 }
 

@@ -62,7 +62,10 @@ impl Attention {
             (Some(x), Some(y), Some(z)) => Some(Tensor::cat(&[x, y, z], 0)),
             _ => None,
         };
-        let part = |j: i64| Linear { weight: w.narrow(0, j * h, h), bias: b.as_ref().map(|b| b.narrow(0, j * h, h)) };
+        let part = |j: i64| Linear {
+            weight: w.narrow(0, j * h, h),
+            bias: b.as_ref().map(|b| b.narrow(0, j * h, h)),
+        };
         let (q_proj, k_proj, v_proj) = (part(0), part(1), part(2));
         Attention { q_proj, k_proj, v_proj, out_proj, heads, head_dim, qkv: Linear { weight: w, bias: b } }
     }
@@ -75,7 +78,8 @@ impl Attention {
         let h = self.heads * self.head_dim;
         let elt = self.qkv.weight.kind().elt_size_in_bytes() as i64;
         views.iter().enumerate().all(|(j, l)| {
-            l.weight.data_ptr() as i64 == self.qkv.weight.data_ptr() as i64 + j as i64 * h * l.weight.size()[1] * elt
+            l.weight.data_ptr() as i64
+                == self.qkv.weight.data_ptr() as i64 + j as i64 * h * l.weight.size()[1] * elt
                 && l.weight.kind() == self.qkv.weight.kind()
                 && !l.weight.requires_grad()
                 && match (&l.bias, &self.qkv.bias) {

@@ -461,16 +461,40 @@ impl FlatState {
     /// `[2n, P]` float32: rows 2i and 2i+1 are θ+εz_i and θ-εz_i for the n directions whose
     /// keys are `a`, `b` ([`Self::keys`]). One fused kernel on CUDA (capturable), tensor ops
     /// elsewhere; the same bits (tested on the GPU).
-    fn variants(&self, a: &Tensor, b: &Tensor, eps: f64, dist: Distribution, table: &GaussTable) -> Result<Tensor> {
+    fn variants(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        eps: f64,
+        dist: Distribution,
+        table: &GaussTable,
+    ) -> Result<Tensor> {
         if !self.flat.device().is_cuda() {
             return Ok(self.variants_tensor(a, b, eps, dist, table));
         }
-        let out = Tensor::empty([2 * a.size()[0], self.flat.numel() as i64], (Kind::Float, self.flat.device()));
-        mezo_core::cuda::flat_variants(&out, &self.flat, a, b, &self.owner, &self.local_idx, eps as f32, dist)?;
+        let out =
+            Tensor::empty([2 * a.size()[0], self.flat.numel() as i64], (Kind::Float, self.flat.device()));
+        mezo_core::cuda::flat_variants(
+            &out,
+            &self.flat,
+            a,
+            b,
+            &self.owner,
+            &self.local_idx,
+            eps as f32,
+            dist,
+        )?;
         Ok(out)
     }
 
-    fn variants_tensor(&self, a: &Tensor, b: &Tensor, eps: f64, dist: Distribution, table: &GaussTable) -> Tensor {
+    fn variants_tensor(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        eps: f64,
+        dist: Distribution,
+        table: &GaussTable,
+    ) -> Tensor {
         let ze = self.z_of_keys(a, b, dist, table) * eps;
         let theta = self.flat.unsqueeze(0);
         Tensor::stack(&[&theta + &ze, &theta - &ze], 1).view([2 * a.size()[0], -1])
@@ -715,7 +739,14 @@ struct Pending {
 
 impl Engine {
     pub fn new(trainable: Trainable, settings: StepSettings, device: Device) -> Self {
-        Engine { trainable, settings, table: Tables::new(device), graphs: Mutex::new(StepGraphs::new(device)), deferred: false, pending: Mutex::new(None) }
+        Engine {
+            trainable,
+            settings,
+            table: Tables::new(device),
+            graphs: Mutex::new(StepGraphs::new(device)),
+            deferred: false,
+            pending: Mutex::new(None),
+        }
     }
 
     /// Whether this engine's forwards replay CUDA graphs (CUDA, a build with graphs, and
@@ -833,7 +864,8 @@ impl Engine {
                 // One forward of every variant: a pure function of the keys, the batch, the
                 // state and the weights (read in place), so it can be a CUDA graph.
                 let forward = |micro: &[Prepared], keys: &[Tensor]| -> Result<Tensor> {
-                    let variants = l.variants(&keys[0], &keys[1], eps, dist, &self.table.on(l.flat.device()))?;
+                    let variants =
+                        l.variants(&keys[0], &keys[1], eps, dist, &self.table.on(l.flat.device()))?;
                     let batch = self.trainable.tuning_of(&variants, model.kind())?;
                     summed_losses(micro, model, batch.as_ref())
                 };
@@ -868,7 +900,8 @@ impl Engine {
                 // The weights are perturbed in place, so one captured forward serves every sign
                 // and direction.
                 let body = |micro: &[Prepared], _: &[Tensor]| summed_losses(micro, model, None);
-                let total = self.forward(model, "full-parameter", micro, &[], vec![model_anchor(model)], body)?;
+                let total =
+                    self.forward(model, "full-parameter", micro, &[], vec![model_anchor(model)], body)?;
                 out.push(total / weight);
             }
             if !(leave_last && k + 1 == seeds.len()) {
@@ -1028,7 +1061,13 @@ impl Engine {
                 let refs: Vec<&Tensor> = views.iter().collect();
                 let us: Vec<SgdUpdate> = segs
                     .into_iter()
-                    .map(|s| SgdUpdate { keys: s.keys, grads: g.clone(), lr: lr as f32, weight_decay: wd, restore: None })
+                    .map(|s| SgdUpdate {
+                        keys: s.keys,
+                        grads: g.clone(),
+                        lr: lr as f32,
+                        weight_decay: wd,
+                        restore: None,
+                    })
                     .collect();
                 fused::sgd_update_many_(&refs, &us, dist)?;
             } else {
@@ -1221,7 +1260,10 @@ mod tests {
                 let (a, b) = l.keys(&seeds);
                 let k = l.variants(&a, &b, 1e-3, dist, &table).unwrap().to_device(Device::Cpu);
                 let t = l.variants_tensor(&a, &b, 1e-3, dist, &table).to_device(Device::Cpu);
-                let (k, t) = (Vec::<f32>::try_from(&k.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap());
+                let (k, t) = (
+                    Vec::<f32>::try_from(&k.flatten(0, -1)).unwrap(),
+                    Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap(),
+                );
                 assert_eq!(k.len(), t.len());
                 for (i, (x, y)) in k.iter().zip(&t).enumerate() {
                     assert_eq!(x.to_bits(), y.to_bits(), "{dist:?} {seeds:?}: element {i}");

@@ -22,7 +22,9 @@ fn model(device: Device, kind: Kind) -> Model {
 
 /// Four examples with two candidates each; `shift` changes the prompt lengths (another shape).
 fn batch(model: &Model, shift: i64) -> Prepared {
-    two_candidate_batch(model, 0..4, |e| (0..5 + e + shift).map(|i| (7 * i + 3 * e + shift + 1) % 90 + 4).collect())
+    two_candidate_batch(model, 0..4, |e| {
+        (0..5 + e + shift).map(|i| (7 * i + 3 * e + shift + 1) % 90 + 4).collect()
+    })
 }
 
 fn engine(mode: &str, model: &Model, graphs: bool) -> Engine {
@@ -33,7 +35,8 @@ fn engine(mode: &str, model: &Model, graphs: bool) -> Engine {
         }
         _ => Trainable::Full(FullState::new(model, &[]).unwrap()),
     };
-    let settings = StepSettings { eps: 1e-2, dist: Distribution::Gaussian, rule: Rule::Sgd, weight_decay: 0.0 };
+    let settings =
+        StepSettings { eps: 1e-2, dist: Distribution::Gaussian, rule: Rule::Sgd, weight_decay: 0.0 };
     let mut e = Engine::new(trainable, settings, model.device());
     e.set_cuda_graphs(graphs);
     e
