@@ -669,6 +669,21 @@ impl ScoreBatch {
     }
 }
 
+impl ScoreBatch {
+    /// Pads `ids` and `mask` on the right to `width` columns (nothing when they are that wide
+    /// already). The scores are the same function of the rows: padding is masked out of attention
+    /// and the answer positions do not move (a wider matmul may round differently).
+    pub fn widen(&mut self, width: i64, pad: i64) {
+        let (rows, now) = (self.ids.size()[0], self.ids.size()[1]);
+        if width <= now {
+            return;
+        }
+        let (dev, extra) = (self.ids.device(), [rows, width - now]);
+        self.ids = Tensor::cat(&[&self.ids, &Tensor::full(extra, pad, (Kind::Int64, dev))], 1);
+        self.mask = Tensor::cat(&[&self.mask, &Tensor::zeros(extra, (Kind::Int64, dev))], 1);
+    }
+}
+
 /// Right-pads rows into `[rows, longest]` ids and mask on `device`.
 pub fn pad_right(rows: &[Vec<i64>], pad: i64, device: Device) -> Result<(Tensor, Tensor)> {
     let width = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -727,6 +742,30 @@ mod tests {
             let diff = (h3.narrow(1, 0, 5) - &h1).abs().max().double_value(&[]);
             assert!(diff < 1e-12, "pre={pre}: right padding changed real positions by {diff}");
         }
+    }
+
+    /// Widening a batch (CUDA's bucketed widths) only appends masked padding: the ids, mask and
+    /// answer positions of the rows are kept, and the states at real positions do not change.
+    #[test]
+    fn widening_a_batch_appends_masked_padding_only() {
+        let _g = tch::no_grad_guard();
+        let m = tiny(true);
+        let rows = vec![vec![5i64, 9, 17, 3, 44], vec![8i64, 2, 6]];
+        let mut b = ScoreBatch::new(&rows, &[4, 2], 1, Device::Cpu).unwrap();
+        let (ids, mask, pos) = (b.ids.copy(), b.mask.copy(), b.pos_idx.copy());
+        b.widen(3, 1);
+        assert_eq!(b.ids.size(), [2, 5], "a narrower width changes nothing");
+        b.widen(8, 1);
+        assert_eq!(b.ids.size(), [2, 8]);
+        assert!(b.ids.narrow(1, 0, 5).equal(&ids) && b.mask.narrow(1, 0, 5).equal(&mask));
+        assert_eq!(Vec::<i64>::try_from(&b.ids.narrow(1, 5, 3).flatten(0, 1)).unwrap(), [1; 6]);
+        assert_eq!(b.mask.narrow(1, 5, 3).sum(Kind::Int64).int64_value(&[]), 0);
+        assert!(b.pos_idx.equal(&pos));
+        let h1 = m.hidden_states(&ids, &mask, Padding::Right, None).unwrap();
+        let h2 = m.hidden_states(&b.ids, &b.mask, Padding::Right, None).unwrap();
+        let real = mask.unsqueeze(-1).to_kind(Kind::Double);
+        let diff = ((h2.narrow(1, 0, 5) - &h1) * real).abs().max().double_value(&[]);
+        assert!(diff < 1e-12, "widening changed real positions by {diff}");
     }
 
     /// A prefix made of the keys and values of real tokens is exactly the cache of a model that

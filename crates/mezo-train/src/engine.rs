@@ -104,6 +104,15 @@ struct Generation {
     ctx: Arc<GenContext>,
 }
 
+/// The padded width a batch of rows at most `longest` tokens long gets on CUDA: `longest`
+/// rounded up to a multiple of 8, or past 128 tokens of a sixteenth of the next power of two, so
+/// padding adds at most 7 tokens or an eighth, and a data set's lengths fall into a handful of
+/// widths (8 per doubling of length).
+pub fn bucket_width(longest: usize) -> usize {
+    let step = (longest.next_power_of_two() / 16).max(8);
+    longest.div_ceil(step) * step
+}
+
 /// A batch of examples tokenised and placed on the device, ready for the loss.
 pub struct Prepared {
     score: Option<ScoreBatch>,
@@ -224,6 +233,22 @@ impl Prepared {
 
     /// The shape of every tensor the loss reads, or `None` for a batch whose loss runs on the
     /// host (the F1 objective's decoding), which no CUDA graph can capture.
+    /// On CUDA, pads the scoring rows to [`bucket_width`] (at most `max_width` columns, and never
+    /// narrower than they are): forwards replay CUDA graphs captured per batch shape, and a few
+    /// widths that recur let every batch replay one, where a width per batch would capture anew
+    /// most steps. Elsewhere (no graphs) the rows keep their width: padding would only cost time.
+    pub fn bucket_width(&mut self, max_width: usize, pad: i64) {
+        if let Some(s) = self.score.as_mut().filter(|s| s.ids.device().is_cuda()) {
+            let now = s.ids.size()[1] as usize;
+            s.widen(bucket_width(now).min(max_width).max(now) as i64, pad);
+        }
+    }
+
+    /// The padded width of the scoring rows (`None` for a batch the F1 objective decodes).
+    pub fn width(&self) -> Option<i64> {
+        self.score.as_ref().map(|s| s.ids.size()[1])
+    }
+
     pub(crate) fn graph_shapes(&self) -> Option<Vec<i64>> {
         if self.gen.is_some() {
             return None;
@@ -1241,6 +1266,18 @@ pub fn projected_grads(losses: &[(f64, f64)], eps: f64) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucketed_widths_are_few_and_waste_little() {
+        assert_eq!([1, 8, 9, 16, 17, 63, 64].map(bucket_width), [8, 8, 16, 16, 24, 64, 64]);
+        assert_eq!([65, 80, 81, 129, 200, 1000, 2048].map(bucket_width), [72, 80, 88, 144, 208, 1024, 2048]);
+        let widths: std::collections::BTreeSet<usize> = (1..=2048).map(bucket_width).collect();
+        assert_eq!(widths.len(), 16 + 8 * 4, "8 widths per doubling past 128 tokens");
+        for n in 1..=2048 {
+            let w = bucket_width(n);
+            assert!(w >= n && (w - n <= 7 || (w - n) * 8 <= n), "{n} -> {w}");
+        }
+    }
 
     #[test]
     #[ignore = "needs a CUDA GPU"]

@@ -552,7 +552,15 @@ impl Session {
                         }
                     })
                     .collect();
-                Prepared::from_items(&items, self.cfg.loss, &self.model, self.gen.as_ref())
+                let mut p = Prepared::from_items(&items, self.cfg.loss, &self.model, self.gen.as_ref())?;
+                // Prefix tokens take positions before the rows (the model refuses more in all).
+                let prefix = match self.cfg.mode {
+                    ModeSpec::Prefix { num_prefix } => num_prefix as usize,
+                    _ => 0,
+                };
+                let max = self.model.config().max_position_embeddings() as usize;
+                p.bucket_width(max.saturating_sub(prefix), self.model.pad_token_id());
+                Ok(p)
             })
             .collect()
     }

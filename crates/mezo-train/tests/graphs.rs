@@ -89,3 +89,28 @@ fn graphed_steps_equal_eager_steps() {
         }
     }
 }
+
+/// On CUDA a batch is padded to a bucketed width so that batches of nearby lengths share one
+/// graph: the padding is masked, so the losses are those of the unpadded batch within rounding.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bucketed_widths_share_a_shape_and_keep_the_losses() {
+    if !tch::Cuda::is_available() {
+        panic!("this test needs a CUDA GPU");
+    }
+    let dev = Device::Cuda(0);
+    let m = model(dev, Kind::Float);
+    let (mut a, mut b) = (batch(&m, 0), batch(&m, 3));
+    let seeds: Vec<u64> = (0..2).map(|i| mezo_core::direction_seed(4, 0, i)).collect();
+    let (plain, _) = engine("lora", &m, false).step(&m, std::slice::from_ref(&a), &seeds, 0.0).unwrap();
+    assert_eq!((a.width(), b.width()), (Some(10), Some(13)));
+    a.bucket_width(64, m.pad_token_id());
+    b.bucket_width(64, m.pad_token_id());
+    assert_eq!((a.width(), b.width()), (Some(16), Some(16)), "one bucket: one graph for both");
+    let (padded, _) = engine("lora", &m, false).step(&m, std::slice::from_ref(&a), &seeds, 0.0).unwrap();
+    for (p, q) in plain.iter().zip(&padded) {
+        for (x, y) in [(p.0, q.0), (p.1, q.1)] {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "loss {x} unpadded, {y} padded");
+        }
+    }
+}
