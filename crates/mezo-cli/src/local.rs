@@ -71,6 +71,10 @@ pub fn train_with_workers(a: TrainCmd) -> Result<()> {
                 let _ = stop_rx.recv().await;
             },
         ));
+        // N engines on N threads of this process: no CUDA graphs (see the function's docs).
+        if a.workers > 1 {
+            mezo_train::graphs::disable_in_this_process();
+        }
         let mut workers = Vec::new();
         for _ in 0..a.workers {
             let mut rx = stop.subscribe();

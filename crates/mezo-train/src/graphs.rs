@@ -8,12 +8,25 @@
 //! operation libtorch cannot capture) is run eagerly from then on, with one warning.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mezo_core::graph::{self, Graph, Pool};
 use tch::{Device, Tensor};
 
 use crate::engine::Prepared;
 use crate::error::Result;
+
+/// Cleared by [`disable_in_this_process`].
+static ALLOWED: AtomicBool = AtomicBool::new(true);
+
+/// Turns CUDA graphs off for every engine this process makes from now on. For a process that runs
+/// several engines on their own threads (`mezo train --workers N`, which serves N workers in one
+/// process): graphs assume one thread drives the GPU, and a capture on one thread while another
+/// thread ran its own forwards on the same GPU gave losses that differed from the eager ones (seen
+/// in a test on an H200). One engine per process, as a fleet's workers run, keeps them.
+pub fn disable_in_this_process() {
+    ALLOWED.store(false, Ordering::SeqCst);
+}
 
 /// Graphs kept at once (least recently used dropped first). They share one memory pool, so
 /// more graphs cost little memory; the bound is for the pathological many-shapes run.
@@ -51,7 +64,8 @@ pub(crate) struct StepGraphs {
 
 impl StepGraphs {
     pub fn new(device: Device) -> Self {
-        let wanted = std::env::var("MEZO_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let wanted =
+            ALLOWED.load(Ordering::SeqCst) && std::env::var("MEZO_CUDA_GRAPHS").map_or(true, |v| v != "0");
         StepGraphs {
             device,
             enabled: wanted && graph::supported(device),

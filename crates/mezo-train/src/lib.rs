@@ -5,7 +5,7 @@
 pub mod data;
 pub mod engine;
 pub mod error;
-mod graphs;
+pub mod graphs;
 pub mod optim;
 pub mod spec;
 pub mod trainer;
