@@ -5,17 +5,54 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
 use crate::error::{io_err, ModelError, Result};
 use crate::torch_bin::{self, DType, RawTensor};
 
-/// Every tensor of a checkpoint, on the CPU in its stored dtype, with the file it came from
-/// (so a later shape or dtype complaint can name it).
+/// Every tensor of a checkpoint, with the file it came from (so a later shape or dtype complaint
+/// can name it). Safetensors files are mapped, not read: a tensor's bytes are copied out when the
+/// model takes it, and the model moves it to its device before taking the next, so loading a model
+/// onto a GPU needs host memory for about one tensor (the mapped pages are the page cache's, which
+/// the kernel may drop), not for the whole model (123 GiB for OPT-66B in fp16). `.bin` files
+/// (a pickle inside a zip) are read whole.
 pub struct Checkpoint {
     pub dir: PathBuf,
-    tensors: HashMap<String, (Tensor, PathBuf)>,
+    tensors: HashMap<String, (Stored, PathBuf)>,
+}
+
+/// One tensor of a checkpoint: read, or still in its mapped file.
+enum Stored {
+    Loaded(Tensor),
+    Mapped { map: Arc<memmap2::Mmap>, range: std::ops::Range<usize>, dtype: DType, shape: Vec<usize> },
+}
+
+impl Stored {
+    fn shape(&self) -> Vec<i64> {
+        match self {
+            Stored::Loaded(t) => t.size(),
+            Stored::Mapped { shape, .. } => shape.iter().map(|&d| d as i64).collect(),
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Stored::Loaded(t) => t.kind(),
+            Stored::Mapped { dtype, .. } => kind_of(*dtype),
+        }
+    }
+
+    /// The tensor on the CPU in its stored dtype (a copy of the file's bytes).
+    fn read(self, path: &Path, name: &str) -> Result<Tensor> {
+        match self {
+            Stored::Loaded(t) => Ok(t),
+            Stored::Mapped { map, range, dtype, shape } => {
+                RawView { dtype, shape: &shape, data: &map[range] }.to_tensor(path, name)
+            }
+        }
+    }
 }
 
 impl Checkpoint {
@@ -52,11 +89,11 @@ impl Checkpoint {
 
     fn load_file(&mut self, path: &Path, format: Format) -> Result<()> {
         let loaded = match format {
-            Format::SafeTensors => read_safetensors(path)?,
+            Format::SafeTensors => map_safetensors(path)?,
             Format::TorchBin => torch_bin::read_torch_bin(path)
                 .map_err(|e| ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() })?
                 .into_iter()
-                .map(|(name, raw)| Ok((name.clone(), raw_to_tensor(&raw, path, &name)?)))
+                .map(|(name, raw)| Ok((name.clone(), Stored::Loaded(raw_to_tensor(&raw, path, &name)?))))
                 .collect::<Result<Vec<_>>>()?,
         };
         for (name, tensor) in loaded {
@@ -67,10 +104,10 @@ impl Checkpoint {
 
     /// Takes a tensor out by its HF name, checking its shape against what config.json implies.
     pub fn take(&mut self, name: &str, expected: &[i64]) -> Result<Tensor> {
-        let Some((tensor, path)) = self.tensors.remove(name) else {
+        let Some((stored, path)) = self.tensors.remove(name) else {
             return Err(ModelError::MissingTensor { path: self.weights_path(), tensor: name.into() });
         };
-        let actual = tensor.size();
+        let actual = stored.shape();
         if actual != expected {
             return Err(ModelError::ShapeMismatch {
                 path,
@@ -79,19 +116,19 @@ impl Checkpoint {
                 actual,
             });
         }
-        if !matches!(tensor.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+        if !matches!(stored.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             return Err(ModelError::UnsupportedDType {
                 path,
                 tensor: name.into(),
-                dtype: format!("{:?}", tensor.kind()),
+                dtype: format!("{:?}", stored.kind()),
             });
         }
-        Ok(tensor)
+        stored.read(&path, name)
     }
 
     /// Every tensor still held, by name, with its shape (sorted by name).
     pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let mut v: Vec<_> = self.tensors.iter().map(|(n, (t, _))| (n.clone(), t.size())).collect();
+        let mut v: Vec<_> = self.tensors.iter().map(|(n, (t, _))| (n.clone(), t.shape())).collect();
         v.sort();
         v
     }
@@ -149,17 +186,20 @@ fn read_index(path: &Path) -> Result<HashMap<String, String>> {
         .collect()
 }
 
-fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+/// A safetensors file's tensors, mapped: the header is parsed and checked (offsets inside the
+/// file, sizes that match the shapes) and no tensor is read yet.
+fn map_safetensors(path: &Path) -> Result<Vec<(String, Stored)>> {
     let file = std::fs::File::open(path).map_err(io_err(path))?;
-    // SAFETY: the map is read-only and dropped before this function returns; a concurrent
-    // truncation of a checkpoint by another process is outside what we defend against.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() })?;
-    let mut out = Vec::with_capacity(st.len());
-    for (name, view) in st.tensors() {
+    // SAFETY: the map is read-only. It lives as long as the checkpoint; a checkpoint truncated by
+    // another process meanwhile is outside what we defend against (as for any mapped file).
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?);
+    let corrupt = |message: String| ModelError::CorruptWeights { path: path.to_path_buf(), message };
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(e.to_string()))?;
+    let data_start = 8 + header;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
         use safetensors::Dtype as S;
-        let dtype = match view.dtype() {
+        let dtype = match info.dtype {
             S::F64 => DType::F64,
             S::F32 => DType::F32,
             S::F16 => DType::F16,
@@ -178,10 +218,30 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
                 })
             }
         };
-        let raw = RawView { dtype, shape: view.shape(), data: view.data() };
-        out.push((name.clone(), raw.to_tensor(path, &name)?));
+        let (start, end) = info.data_offsets;
+        let range = data_start + start..data_start + end;
+        if range.end > map.len() {
+            return Err(corrupt(format!("tensor `{name}` ends past the end of the file")));
+        }
+        let shape = info.shape.clone();
+        out.push((name, Stored::Mapped { map: map.clone(), range, dtype, shape }));
     }
     Ok(out)
+}
+
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F64 => Kind::Double,
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::I64 => Kind::Int64,
+        DType::I32 => Kind::Int,
+        DType::I16 => Kind::Int16,
+        DType::I8 => Kind::Int8,
+        DType::U8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+    }
 }
 
 struct RawView<'a> {
@@ -192,18 +252,7 @@ struct RawView<'a> {
 
 impl RawView<'_> {
     fn to_tensor(&self, path: &Path, name: &str) -> Result<Tensor> {
-        let kind = match self.dtype {
-            DType::F64 => Kind::Double,
-            DType::F32 => Kind::Float,
-            DType::F16 => Kind::Half,
-            DType::BF16 => Kind::BFloat16,
-            DType::I64 => Kind::Int64,
-            DType::I32 => Kind::Int,
-            DType::I16 => Kind::Int16,
-            DType::I8 => Kind::Int8,
-            DType::U8 => Kind::Uint8,
-            DType::Bool => Kind::Bool,
-        };
+        let kind = kind_of(self.dtype);
         let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
         let numel: usize = self.shape.iter().product();
         if numel * self.dtype.size_in_bytes() != self.data.len() {

@@ -32,6 +32,9 @@ pub fn disable_in_this_process() {
 /// more graphs cost little memory; the bound is for the pathological many-shapes run.
 const MAX_GRAPHS: usize = 16;
 
+/// Shapes remembered as seen once, at most.
+const MAX_SEEN: usize = 4096;
+
 /// What a graph was captured for: the computation (`tag`), every input's shape, and the
 /// addresses of the tensors it reads in place (weights, the trainable state), so a graph is
 /// never replayed over memory that moved.
@@ -125,6 +128,10 @@ impl StepGraphs {
         }
         if self.failed.contains(&key) {
             return body(micro, extra);
+        }
+        // Bounded like the graphs: a run of ever new shapes forgets the ones it saw once.
+        if self.seen.len() >= MAX_SEEN {
+            self.seen.clear();
         }
         let seen = self.seen.entry(key.clone()).or_insert(0);
         *seen += 1;
