@@ -100,6 +100,8 @@ fn coordinator_killed_five_times_resumes_bit_identical() {
     c.coordinator.as_mut().unwrap().kill9();
     c.start_coordinator();
     assert_eq!(c.export("r"), expected, "the ended run's export differs after a coordinator restart");
+    let stop = mezo_ok(&["run", "stop", "r", "--coordinator", &c.url()]);
+    assert_eq!(stop.trim(), "run r: already completed, nothing to stop");
     let logs: String = std::fs::read_dir(&c.dir)
         .unwrap()
         .filter_map(|e| e.ok())

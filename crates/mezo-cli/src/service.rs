@@ -353,7 +353,13 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                     .stop_run(pb::StopRunRequest { run_id: a.run_id.clone() })
                     .await
                     .map_err(|s| a.client.rpc_error(s))?;
-                println!("run {}: stopping (was {})", a.run_id, status_name(r.get_ref().status));
+                match status_name(r.get_ref().status) {
+                    ended @ ("completed" | "failed") => {
+                        println!("run {}: already {ended}, nothing to stop", a.run_id)
+                    }
+                    "stopped" => println!("run {}: stopped", a.run_id),
+                    was => println!("run {}: stopping (was {was})", a.run_id),
+                }
             }
             RunCommand::Export(a) => {
                 let r = a.client

@@ -803,11 +803,20 @@ impl pb::mezo_service_server::MezoService for MezoSvc {
         req: Request<pb::StopRunRequest>,
     ) -> Result<Response<pb::StopRunResponse>, Status> {
         let id = req.into_inner().run_id;
-        let run = self.0.run(&id)?;
-        run.cmds
-            .send(RunCmd::Stop)
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        match self.0.run(&id) {
+            Ok(run) => run
+                .cmds
+                .send(RunCmd::Stop)
+                .await
+                .map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
+            // A run that ended before this process started: nothing to stop; its status says how
+            // it ended (NotFound for a run that never existed).
+            Err(not_here) => {
+                if let Err(mezo_store::StoreError::NotFound { .. }) = self.0.store.status(&id) {
+                    return Err(not_here);
+                }
+            }
+        }
         let (s, _) = self.0.store.status(&id).map_err(store_status)?;
         Ok(Response::new(pb::StopRunResponse { status: pb_status(s) as i32 }))
     }
