@@ -111,7 +111,7 @@ fn checkpoint(file: &str, data: &[u8]) {
     let dir = scratch();
     write(&dir, file, data);
     if let Ok(mut ckpt) = mezo_model::checkpoint::Checkpoint::load(&dir) {
-        for (name, shape) in ckpt.shapes() {
+        for (name, shape) in ckpt.shapes().unwrap_or_default() {
             assert!(shape.iter().all(|&d| d >= 0), "{name}: {shape:?}");
             // Safetensors tensors are read when taken: the bytes must be there then. A dtype the
             // model cannot use (integers) is refused by name.

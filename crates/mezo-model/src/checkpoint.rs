@@ -21,6 +21,10 @@ use crate::torch_bin::{self, DType, RawTensor};
 pub struct Checkpoint {
     pub dir: PathBuf,
     tensors: HashMap<String, (Stored, PathBuf)>,
+    /// A sharded checkpoint's tensors whose shard is not read yet: by normalised name, the shard
+    /// and the index's own name for the tensor.
+    unread: HashMap<String, (PathBuf, String)>,
+    format: Format,
 }
 
 /// One tensor of a checkpoint: read, or still in its mapped file.
@@ -56,9 +60,11 @@ impl Stored {
 }
 
 impl Checkpoint {
-    /// Loads the weights of `dir`, preferring safetensors over `.bin`, single over sharded.
+    /// Opens the weights of `dir`, preferring safetensors over `.bin`, single over sharded. A
+    /// sharded checkpoint's shards are read (a `.bin`) or mapped (safetensors) when a tensor of
+    /// theirs is first taken: the model takes its tensors layer by layer, as the shards hold them,
+    /// so a `.bin` checkpoint needs host memory for about one shard at a time.
     pub fn load(dir: &Path) -> Result<Self> {
-        let mut ckpt = Checkpoint { dir: dir.to_path_buf(), tensors: HashMap::new() };
         let candidates: [(&str, Format, bool); 4] = [
             ("model.safetensors", Format::SafeTensors, false),
             ("model.safetensors.index.json", Format::SafeTensors, true),
@@ -69,26 +75,28 @@ impl Checkpoint {
         else {
             return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
         };
+        let mut ckpt =
+            Checkpoint { dir: dir.to_path_buf(), tensors: HashMap::new(), unread: HashMap::new(), format };
         let path = dir.join(file);
         if sharded {
             let map = read_index(&path)?;
+            // Every shard must be there now: a missing one is reported before any work is done.
             let shards: BTreeSet<&String> = map.values().collect();
             for shard in shards {
-                ckpt.load_file(&dir.join(shard), format)?;
+                let p = dir.join(shard);
+                std::fs::File::open(&p).map_err(io_err(&p))?;
             }
-            for (name, shard) in &map {
-                if !ckpt.tensors.contains_key(&normalise(name)) {
-                    return Err(ModelError::MissingTensor { path: dir.join(shard), tensor: name.clone() });
-                }
+            for (name, shard) in map {
+                ckpt.unread.insert(normalise(&name), (dir.join(shard), name));
             }
         } else {
-            ckpt.load_file(&path, format)?;
+            ckpt.load_file(&path)?;
         }
         Ok(ckpt)
     }
 
-    fn load_file(&mut self, path: &Path, format: Format) -> Result<()> {
-        let loaded = match format {
+    fn load_file(&mut self, path: &Path) -> Result<()> {
+        let loaded = match self.format {
             Format::SafeTensors => map_safetensors(path)?,
             Format::TorchBin => torch_bin::read_torch_bin(path)
                 .map_err(|e| ModelError::CorruptWeights { path: path.to_path_buf(), message: e.to_string() })?
@@ -102,8 +110,26 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Reads (or maps) a shard of a sharded checkpoint, which must hold every tensor the index
+    /// places in it.
+    fn read_shard(&mut self, shard: &Path) -> Result<()> {
+        self.load_file(shard)?;
+        let names: Vec<String> =
+            self.unread.iter().filter(|(_, (s, _))| s == shard).map(|(n, _)| n.clone()).collect();
+        for name in names {
+            let (_, indexed) = self.unread.remove(&name).expect("listed above");
+            if !self.tensors.contains_key(&name) {
+                return Err(ModelError::MissingTensor { path: shard.to_path_buf(), tensor: indexed });
+            }
+        }
+        Ok(())
+    }
+
     /// Takes a tensor out by its HF name, checking its shape against what config.json implies.
     pub fn take(&mut self, name: &str, expected: &[i64]) -> Result<Tensor> {
+        if let Some((shard, _)) = self.unread.get(name).filter(|_| !self.tensors.contains_key(name)) {
+            self.read_shard(&shard.clone())?;
+        }
         let Some((stored, path)) = self.tensors.remove(name) else {
             return Err(ModelError::MissingTensor { path: self.weights_path(), tensor: name.into() });
         };
@@ -126,20 +152,26 @@ impl Checkpoint {
         stored.read(&path, name)
     }
 
-    /// Every tensor still held, by name, with its shape (sorted by name).
-    pub fn shapes(&self) -> Vec<(String, Vec<i64>)> {
+    /// Every tensor not yet taken, by name, with its shape (sorted by name); reads the shards not
+    /// read yet.
+    pub fn shapes(&mut self) -> Result<Vec<(String, Vec<i64>)>> {
+        let shards: BTreeSet<PathBuf> = self.unread.values().map(|(s, _)| s.clone()).collect();
+        for shard in shards {
+            self.read_shard(&shard)?;
+        }
         let mut v: Vec<_> = self.tensors.iter().map(|(n, (t, _))| (n.clone(), t.shape())).collect();
         v.sort();
-        v
+        Ok(v)
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.unread.contains_key(name)
     }
 
     /// The file a message about a tensor that is absent everywhere should point at.
     fn weights_path(&self) -> PathBuf {
-        let mut files: Vec<&PathBuf> = self.tensors.values().map(|(_, p)| p).collect();
+        let mut files: Vec<&PathBuf> =
+            self.tensors.values().map(|(_, p)| p).chain(self.unread.values().map(|(s, _)| s)).collect();
         files.sort();
         files.dedup();
         match files.as_slice() {
