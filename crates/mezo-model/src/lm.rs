@@ -50,14 +50,17 @@ pub trait CausalLm {
         };
         let hidden = self.hidden_states(&ids, &mask, Padding::Right, tuning)?;
         let device = self.device();
-        let offsets = Tensor::arange(v, (Kind::Int64, device)) * b.rows;
-        let row_idx = (b.row_idx.unsqueeze(0) + offsets.unsqueeze(1)).flatten(0, 1);
+        // Variant i's copy of input row j is hidden row i * inputs + j; its score for row k is
+        // sum i * rows + k.
+        let variant = Tensor::arange(v, (Kind::Int64, device)).unsqueeze(1);
+        let src = (b.src_row.unsqueeze(0) + &variant * b.ids.size()[0]).flatten(0, 1);
+        let dst = (b.row_idx.unsqueeze(0) + &variant * b.rows).flatten(0, 1);
         let pos_idx = b.pos_idx.repeat([v]);
         let targets = b.targets.repeat([v]);
-        let picked = hidden.index(&[Some(&row_idx), Some(&pos_idx)]);
+        let picked = hidden.index(&[Some(&src), Some(&pos_idx)]);
         let logp = self.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
         let token_lp = logp.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1);
-        let sums = Tensor::zeros([v * b.rows], (Kind::Float, device)).index_add(0, &row_idx, &token_lp);
+        let sums = Tensor::zeros([v * b.rows], (Kind::Float, device)).index_add(0, &dst, &token_lp);
         Ok(sums.view([v, b.rows]))
     }
 

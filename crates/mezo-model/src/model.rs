@@ -478,6 +478,56 @@ mod tests {
         }
     }
 
+    /// Candidates that differ only in their last token share one input row, and score as if
+    /// each ran alone: for every architecture, with and without adapter variants and prefixes.
+    #[test]
+    fn candidates_sharing_their_inputs_score_as_if_each_ran_alone() {
+        let _g = tch::no_grad_guard();
+        let mut configs: Vec<serde_json::Value> = vec![opt_json(true, true), opt_json(false, false)];
+        configs.extend(["llama", "mistral"].map(llama_json));
+        for json in configs {
+            let cfg = parse(&json.to_string()).unwrap();
+            let m = Model::random(cfg.clone(), Device::Cpu, Kind::Double, 3).unwrap();
+            // Two examples with two one-token candidates each, one with a two-token candidate, and
+            // a row that repeats another exactly.
+            let rows = vec![
+                vec![3i64, 7, 9, 11, 20],
+                vec![3i64, 7, 9, 11, 21],
+                vec![4i64, 5, 6, 20],
+                vec![4i64, 5, 6, 21],
+                vec![4i64, 5, 6, 22, 23],
+                vec![3i64, 7, 9, 11, 20],
+            ];
+            let starts = [4, 4, 3, 3, 3, 4];
+            let b = ScoreBatch::new(&rows, &starts, m.pad_token_id(), Device::Cpu).unwrap();
+            assert_eq!(b.ids.size()[0], 3, "{json}: three distinct inputs");
+            assert_eq!(b.input_tokens, 5 + 4 + 5);
+            let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
+            let tensors = lc.tensors(&cfg).unwrap();
+            let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+            let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
+            let lora = Tuning::Lora(LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Double).unwrap());
+            let mut tunings = vec![None, Some(lora)];
+            if let ModelConfig::Opt(oc) = &cfg {
+                let pc = crate::PrefixConfig { num_prefix: 2 };
+                let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
+                let t = crate::PrefixBatch::from_flat(&flat, &pc, oc, Kind::Double).unwrap();
+                tunings.push(Some(Tuning::Prefix(t)));
+            }
+            for t in &tunings {
+                let shared = m.answer_logprob_sums(&b, t.as_ref()).unwrap();
+                for (r, row) in rows.iter().enumerate() {
+                    let one =
+                        ScoreBatch::new(&rows[r..=r], &starts[r..=r], m.pad_token_id(), Device::Cpu).unwrap();
+                    let alone = m.answer_logprob_sums(&one, t.as_ref()).unwrap();
+                    let diff =
+                        (shared.select(1, r as i64) - alone.select(1, 0)).abs().max().double_value(&[]);
+                    assert!(diff < 1e-9, "{json}: row {row:?} scores {diff} apart shared and alone");
+                }
+            }
+        }
+    }
+
     /// A model split over `[Cpu, Cpu]` runs the split's code path (per-layer devices, masks,
     /// adapters and rotary tables moved per device, the head back on the first device) and must
     /// give the unsplit model's bits: no pass, no tensor is lost or reordered by the split.

@@ -4,6 +4,7 @@
 //! a padding-aware causal mask; the LM head tied to the token embeddings unless config.json
 //! says otherwise. Inference only: callers hold a `tch::no_grad_guard()`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -621,25 +622,44 @@ pub(crate) fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&
     }
 }
 
-/// Token rows prepared for scoring on a device: right-padded ids and mask, and for every answer
-/// token its (row, position predicting it, token id).
+/// Token rows prepared for scoring on a device: right-padded input ids and mask, and for every
+/// answer token the input row and position whose hidden state predicts it, its token id and the
+/// row it counts for.
+///
+/// Rows that read the same inputs share one input row: two rows that differ only in their last
+/// token (the candidates of a classification prompt with one-token answers, such as SST-2's
+/// " great" and " terrible") need the hidden states of the same tokens, because a causal model's
+/// state at a position sees nothing after it. So a batch of SST-2 examples with two candidates
+/// each runs one row per example, not two, and every candidate's score is read from it.
 pub struct ScoreBatch {
+    /// `[inputs, width]`: one row per distinct input.
     pub ids: Tensor,
     pub mask: Tensor,
+    /// For every answer token: the input row that predicts it.
+    pub src_row: Tensor,
+    /// For every answer token: the scored row it counts for (`0..rows`).
     pub row_idx: Tensor,
     pub pos_idx: Tensor,
     pub targets: Tensor,
     /// Answer tokens per row, float32 `[rows]`.
     pub counts: Tensor,
+    /// Scored rows (the length of the scores).
     pub rows: i64,
+    /// Real (unpadded) tokens in the input rows: what one forward reads.
+    pub input_tokens: u64,
 }
 
 impl ScoreBatch {
     pub fn new(rows: &[Vec<i64>], answer_start: &[usize], pad: i64, device: Device) -> Result<Self> {
+        let mut src_row = Vec::new();
         let mut row_idx = Vec::new();
         let mut pos_idx = Vec::new();
         let mut targets = Vec::new();
         let mut counts = Vec::with_capacity(rows.len());
+        // Input rows by the tokens they are read at (all but the last): the first row with those
+        // tokens is the input of every row that has them.
+        let mut inputs: Vec<&[i64]> = Vec::new();
+        let mut by_reads: HashMap<&[i64], i64> = HashMap::new();
         for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
             if start == 0 || start >= row.len() {
                 return Err(crate::ModelError::InvalidArgument {
@@ -648,23 +668,30 @@ impl ScoreBatch {
                     expected: "at least one context token and at least one answer token",
                 });
             }
+            let src = *by_reads.entry(&row[..row.len() - 1]).or_insert_with(|| {
+                inputs.push(row);
+                inputs.len() as i64 - 1
+            });
             for p in start..row.len() {
+                src_row.push(src);
                 row_idx.push(r as i64);
                 pos_idx.push(p as i64 - 1);
                 targets.push(row[p]);
             }
             counts.push((row.len() - start) as f32);
         }
-        let (ids, mask) = pad_right(rows, pad, device)?;
+        let (ids, mask) = pad_right(&inputs, pad, device)?;
         let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         Ok(ScoreBatch {
             ids,
             mask,
+            src_row: dev(&src_row),
             row_idx: dev(&row_idx),
             pos_idx: dev(&pos_idx),
             targets: dev(&targets),
             counts: Tensor::from_slice(&counts).to_device(device),
             rows: rows.len() as i64,
+            input_tokens: inputs.iter().map(|r| r.len() as u64).sum(),
         })
     }
 }
@@ -685,11 +712,12 @@ impl ScoreBatch {
 }
 
 /// Right-pads rows into `[rows, longest]` ids and mask on `device`.
-pub fn pad_right(rows: &[Vec<i64>], pad: i64, device: Device) -> Result<(Tensor, Tensor)> {
-    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+pub fn pad_right<R: AsRef<[i64]>>(rows: &[R], pad: i64, device: Device) -> Result<(Tensor, Tensor)> {
+    let width = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(rows.len() * width);
     let mut mask = Vec::with_capacity(rows.len() * width);
     for row in rows {
+        let row = row.as_ref();
         ids.extend_from_slice(row);
         ids.extend(std::iter::repeat_n(pad, width - row.len()));
         mask.extend(std::iter::repeat_n(1i64, row.len()));

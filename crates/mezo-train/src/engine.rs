@@ -122,7 +122,8 @@ pub struct Prepared {
     examples: i64,
     /// The loss's denominator: examples, or answer tokens (answer-ce).
     pub weight: f64,
-    /// Tokens in the rows of one forward copy (no padding; prompts for the F1 objective).
+    /// Tokens in the input rows of one forward copy (no padding; candidates that share their
+    /// inputs count once; prompts for the F1 objective).
     pub tokens: u64,
     kind: LossKind,
 }
@@ -212,13 +213,13 @@ impl Prepared {
             }
         });
         let tokens: Vec<Vec<i64>> = picked.iter().map(|r| r.tokens.clone()).collect();
-        let n_tokens = tokens.iter().map(|t| t.len() as u64).sum();
         let starts: Vec<usize> = picked.iter().map(|r| r.answer_start).collect();
         let weight = match kind {
             LossKind::AnswerCe => picked.iter().map(|r| (r.tokens.len() - r.answer_start) as f64).sum(),
             _ => examples as f64,
         };
         let score = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), dev)?;
+        let n_tokens = score.input_tokens;
         Ok(Prepared {
             score: Some(score),
             cands,
@@ -260,7 +261,7 @@ impl Prepared {
         };
         push(&self.labels);
         if let Some(s) = &self.score {
-            for t in [&s.ids, &s.mask, &s.row_idx, &s.pos_idx, &s.targets, &s.counts] {
+            for t in [&s.ids, &s.mask, &s.src_row, &s.row_idx, &s.pos_idx, &s.targets, &s.counts] {
                 push(t);
             }
         }
@@ -278,11 +279,13 @@ impl Prepared {
             score: self.score.as_ref().map(|s| ScoreBatch {
                 ids: s.ids.copy(),
                 mask: s.mask.copy(),
+                src_row: s.src_row.copy(),
                 row_idx: s.row_idx.copy(),
                 pos_idx: s.pos_idx.copy(),
                 targets: s.targets.copy(),
                 counts: s.counts.copy(),
                 rows: s.rows,
+                input_tokens: s.input_tokens,
             }),
             cands: self.cands.as_ref().map(|c| Candidates {
                 idx: c.idx.copy(),
@@ -307,6 +310,7 @@ impl Prepared {
             for (a, b) in [
                 (&d.ids, &s.ids),
                 (&d.mask, &s.mask),
+                (&d.src_row, &s.src_row),
                 (&d.row_idx, &s.row_idx),
                 (&d.pos_idx, &s.pos_idx),
                 (&d.targets, &s.targets),
