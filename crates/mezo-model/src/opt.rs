@@ -694,9 +694,7 @@ impl ScoreBatch {
             input_tokens: inputs.iter().map(|r| r.len() as u64).sum(),
         })
     }
-}
 
-impl ScoreBatch {
     /// Pads `ids` and `mask` on the right to `width` columns (nothing when they are that wide
     /// already). The scores are the same function of the rows: padding is masked out of attention
     /// and the answer positions do not move (a wider matmul may round differently).

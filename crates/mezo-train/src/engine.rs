@@ -238,7 +238,7 @@ impl Prepared {
     /// narrower than they are): forwards replay CUDA graphs captured per batch shape, and a few
     /// widths that recur let every batch replay one, where a width per batch would capture anew
     /// most steps. Elsewhere (no graphs) the rows keep their width: padding would only cost time.
-    pub fn bucket_width(&mut self, max_width: usize, pad: i64) {
+    pub fn pad_to_bucket(&mut self, max_width: usize, pad: i64) {
         if let Some(s) = self.score.as_mut().filter(|s| s.ids.device().is_cuda()) {
             let now = s.ids.size()[1] as usize;
             s.widen(bucket_width(now).min(max_width).max(now) as i64, pad);

@@ -559,7 +559,7 @@ impl Session {
                     _ => 0,
                 };
                 let max = self.model.config().max_position_embeddings() as usize;
-                p.bucket_width(max.saturating_sub(prefix), self.model.pad_token_id());
+                p.pad_to_bucket(max.saturating_sub(prefix), self.model.pad_token_id());
                 Ok(p)
             })
             .collect()

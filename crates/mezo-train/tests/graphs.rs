@@ -112,8 +112,8 @@ fn bucketed_widths_share_a_shape_and_keep_the_losses() {
     let seeds: Vec<u64> = (0..2).map(|i| mezo_core::direction_seed(4, 0, i)).collect();
     let (plain, _) = engine("lora", &m, false).step(&m, std::slice::from_ref(&a), &seeds, 0.0).unwrap();
     assert_eq!((a.width(), b.width()), (Some(10), Some(13)));
-    a.bucket_width(64, m.pad_token_id());
-    b.bucket_width(64, m.pad_token_id());
+    a.pad_to_bucket(64, m.pad_token_id());
+    b.pad_to_bucket(64, m.pad_token_id());
     assert_eq!((a.width(), b.width()), (Some(16), Some(16)), "one bucket: one graph for both");
     let (padded, _) = engine("lora", &m, false).step(&m, std::slice::from_ref(&a), &seeds, 0.0).unwrap();
     for (p, q) in plain.iter().zip(&padded) {
