@@ -466,6 +466,18 @@ fn bench_prints_one_json_line_per_configuration() {
         assert!(v["ms_per_step"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
     }
+    // SST-2's shape: two one-token candidates an example, scored over one shared input row.
+    #[rustfmt::skip]
+    let out = mezo_ok(&[
+        "bench", "train", "--device", "cpu", "--dtype", "fp32", "--shape", "125m", "--mode", "lora",
+        "--batch", "2", "--seq", "8", "--iters", "2", "--warmup", "1", "--candidates", "2",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["candidates"], 2, "{v}");
+    assert!(v["steps_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let e =
+        mezo_err(&["bench", "train", "--device", "cpu", "--batch", "1", "--seq", "4", "--candidates", "1"]);
+    assert!(e.contains("--candidates"), "{e}");
     let out = mezo_ok(&[
         "bench", "forward", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8", "--iters",
         "2",

@@ -46,6 +46,12 @@ pub struct BenchArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
+    /// train: score classification candidates instead of the peer's answer tokens: each example
+    /// is a prompt of seq-1 tokens and this many one-token candidates, cross-entropy over them
+    /// (SST-2's shape with 2). The candidates share their prompt's input row, so this times the
+    /// same forward rows as the default, and a line with it shows what scoring them costs.
+    #[arg(long, default_value_t = 0)]
+    pub candidates: usize,
     /// train: every forward eager, no CUDA graphs (for comparison; the same as
     /// MEZO_CUDA_GRAPHS=0).
     #[arg(long)]
@@ -262,15 +268,29 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     let model = Model::random_on(config, devices, kind, 0)?;
     let device = model.device();
     let mut rng = mezo_core::HostRng::new(1);
+    let mut token = || 4 + rng.below((vocab - 4) as u64) as i64;
+    let seq = args.seq as usize;
+    if args.candidates == 1 || (args.candidates > 0 && seq < 2) {
+        bail!("--candidates takes 0 (the peer's loss) or at least 2, with --seq of at least 2");
+    }
     let rows: Vec<Vec<ScoringRow>> = (0..args.batch)
-        .map(|_| {
-            let tokens = (0..args.seq).map(|_| 4 + rng.below((vocab - 4) as u64) as i64).collect();
-            vec![ScoringRow { tokens, answer_start: args.seq as usize - 2 }]
+        .map(|_| match args.candidates {
+            0 => vec![ScoringRow { tokens: (0..seq).map(|_| token()).collect(), answer_start: seq - 2 }],
+            n => {
+                let prompt: Vec<i64> = (0..seq - 1).map(|_| token()).collect();
+                (0..n)
+                    .map(|c| ScoringRow {
+                        tokens: [prompt.as_slice(), &[4 + c as i64]].concat(),
+                        answer_start: seq - 1,
+                    })
+                    .collect()
+            }
         })
         .collect();
     let refs: Vec<&[ScoringRow]> = rows.iter().map(|r| r.as_slice()).collect();
     let labels = vec![0usize; rows.len()];
-    let micro = [Prepared::new(&refs, &labels, LossKind::AnswerCe, &model)?];
+    let loss = if args.candidates == 0 { LossKind::AnswerCe } else { LossKind::Classification };
+    let micro = [Prepared::new(&refs, &labels, loss, &model)?];
     let trainable = match args.mode.as_str() {
         "lora" => {
             let cfg = mezo_model::LoraConfig {
@@ -355,6 +375,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     let mut v = json!({
         "bench": "train", "impl": "mezo", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
         "device": args.device, "cuda_graphs": graphs, "deferred_update": !args.undeferred, "phases": phases, "batch": args.batch, "seq": args.seq, "directions": args.directions,
+        "candidates": args.candidates,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     });
