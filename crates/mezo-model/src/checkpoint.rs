@@ -16,8 +16,9 @@ use crate::torch_bin::{self, DType, RawTensor};
 /// can name it). Safetensors files are mapped, not read: a tensor's bytes are copied out when the
 /// model takes it, and the model moves it to its device before taking the next, so loading a model
 /// onto a GPU needs host memory for about one tensor (the mapped pages are the page cache's, which
-/// the kernel may drop), not for the whole model (123 GiB for OPT-66B in fp16). `.bin` files
-/// (a pickle inside a zip) are read whole.
+/// the kernel may drop), not for the whole model (123 GiB for OPT-66B in fp16). A `.bin` file (a
+/// pickle inside a zip) is read whole; a sharded checkpoint's shards are read one at a time, each
+/// when its first tensor is taken.
 pub struct Checkpoint {
     pub dir: PathBuf,
     tensors: HashMap<String, (Stored, PathBuf)>,
