@@ -198,12 +198,26 @@ impl Llama {
         }
         // Positions count real tokens only (as HF's generate derives them from the mask), so a
         // left-padded row is the same as the row alone.
-        let positions = (mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        let tree = (padding == Padding::Tree).then(|| crate::opt::tree_layout(mask));
+        if tree.is_some() && !self.supports_trees() {
+            return Err(ModelError::InvalidArgument {
+                what: "padding",
+                value: "tree rows".into(),
+                expected: "a model without sliding windows or dynamic RoPE scaling for tree rows",
+            });
+        }
+        let positions = match &tree {
+            Some((p, _)) => p.shallow_clone(),
+            None => (mask.cumsum(1, Kind::Int64) - 1).clamp_min(0),
+        };
         let rotary = self.rotary(&positions, mask);
         let mut masks: HashMap<Option<i64>, Option<Tensor>> = HashMap::new();
         for layer in &self.layers {
             let w = layer.self_attn.window;
-            masks.entry(w).or_insert_with(|| self.attention_mask(mask, seq, padding, w));
+            masks.entry(w).or_insert_with(|| match &tree {
+                Some((_, visible)) => Some(visible.shallow_clone()),
+                None => self.attention_mask(mask, seq, padding, w),
+            });
         }
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         if !self.placement.is_split() {
@@ -230,6 +244,14 @@ impl Llama {
         Ok(move_to(self.norm.forward(&x), self.device))
     }
 
+    /// Whether tree rows ([`Padding::Tree`]) read as their branches alone: not with sliding
+    /// windows (they count positions, not indices) nor dynamic RoPE scaling (one frequency set
+    /// per row, from its length; a tree's branches have lengths of their own).
+    pub fn supports_trees(&self) -> bool {
+        self.layers.iter().all(|l| l.self_attn.window.is_none())
+            && !matches!(self.config.rope.scaling, RopeScaling::Dynamic { .. })
+    }
+
     /// `None` where the causal flag of the fused kernel says everything (right padding, no
     /// window in reach); else a `[batch or 1, 1, seq, seq]` bool mask: causal, within the
     /// window, real keys only. A pad query may always see itself: a row with nothing to attend
@@ -254,7 +276,7 @@ impl Llama {
         let m = m.unsqueeze(0).unsqueeze(0);
         Some(match padding {
             Padding::Right => m,
-            Padding::Any => {
+            Padding::Any | Padding::Tree => {
                 let keys = mask.to_kind(Kind::Bool).unsqueeze(1).unsqueeze(1);
                 m.logical_and(&keys).logical_or(&Tensor::eye(seq, (Kind::Bool, self.device)))
             }

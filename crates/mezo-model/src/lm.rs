@@ -26,6 +26,21 @@ pub trait CausalLm {
     fn device(&self) -> Device;
     /// The longest sequence the model takes.
     fn max_positions(&self) -> usize;
+    /// Whether tree rows ([`Padding::Tree`]) read as their branches alone on this model.
+    fn supports_trees(&self) -> bool;
+
+    /// Candidate rows (answers from `answer_start[i]` on) prepared for scoring on the model's
+    /// device: candidates that share their inputs share a row, and, where the model supports
+    /// trees, candidates of several tokens after one prompt ride in one tree row. A tree is at most
+    /// half the model's positions long, so any prefix (at most 1024 of OPT's 2048) still fits.
+    fn score_batch(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<ScoreBatch> {
+        let (pad, device) = (self.pad_token_id(), self.device());
+        if self.supports_trees() {
+            ScoreBatch::with_trees(rows, answer_start, pad, device, self.max_positions() / 2)
+        } else {
+            ScoreBatch::new(rows, answer_start, pad, device)
+        }
+    }
 
     /// Logits after each row's last real token, `[rows, vocab]` float32, for right-padded `ids`
     /// and `mask` (`[rows, seq]`). With `tuning`, rows are grouped by adapter variant.
@@ -48,7 +63,8 @@ pub trait CausalLm {
         } else {
             (b.ids.repeat([v, 1]), b.mask.repeat([v, 1]))
         };
-        let hidden = self.hidden_states(&ids, &mask, Padding::Right, tuning)?;
+        let padding = if b.tree { Padding::Tree } else { Padding::Right };
+        let hidden = self.hidden_states(&ids, &mask, padding, tuning)?;
         let device = self.device();
         // Variant i's copy of input row j is hidden row i * inputs + j; its score for row k is
         // sum i * rows + k.
@@ -67,7 +83,7 @@ pub trait CausalLm {
     /// Mean log-probability of each row's answer tokens (rows from `answer_start[i]` on, given
     /// everything before): `[rows]` float32.
     fn answer_logprobs(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<Tensor> {
-        let b = ScoreBatch::new(rows, answer_start, self.pad_token_id(), self.device())?;
+        let b = self.score_batch(rows, answer_start)?;
         Ok(self.answer_logprob_sums(&b, None)?.squeeze_dim(0) / &b.counts)
     }
 }
@@ -103,5 +119,9 @@ impl CausalLm for Model {
 
     fn max_positions(&self) -> usize {
         self.config().max_position_embeddings() as usize
+    }
+
+    fn supports_trees(&self) -> bool {
+        Model::supports_trees(self)
     }
 }

@@ -310,6 +310,15 @@ impl Model {
         }
     }
 
+    /// Whether [`Padding::Tree`] rows read as their branches alone on this model (see
+    /// [`crate::ScoreBatch::with_trees`]).
+    pub fn supports_trees(&self) -> bool {
+        match self {
+            Model::Opt(_) => true,
+            Model::Llama(m) => m.supports_trees(),
+        }
+    }
+
     /// The LM head over any leading shape of hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         match self {
@@ -526,6 +535,77 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Candidates of several tokens after a shared prompt ride in one tree row (the prompt once,
+    /// each candidate as a branch) and score as each row alone: OPT (pre- and post-LN) with and
+    /// without LoRA variants and prefixes, and Llama; a batch mixing trees, shared one-token
+    /// candidates and plain rows.
+    #[test]
+    fn candidates_in_tree_rows_score_as_if_each_ran_alone() {
+        let _g = tch::no_grad_guard();
+        let mut configs: Vec<serde_json::Value> = vec![opt_json(true, true), opt_json(false, false)];
+        configs.push(llama_json("llama"));
+        for json in configs {
+            let cfg = parse(&json.to_string()).unwrap();
+            let m = Model::random(cfg.clone(), Device::Cpu, Kind::Double, 3).unwrap();
+            assert!(m.supports_trees(), "{json}");
+            let rows = vec![
+                // A COPA-like example: a prompt and three candidates of 3, 2 and 4 tokens.
+                vec![3i64, 7, 9, 11, 20, 21, 22],
+                vec![3i64, 7, 9, 11, 23, 24],
+                vec![3i64, 7, 9, 11, 20, 25, 26, 27],
+                // SST-2-like: two one-token candidates (one shared row, no tree).
+                vec![4i64, 5, 6, 20],
+                vec![4i64, 5, 6, 21],
+                // A lone row.
+                vec![8i64, 9, 10, 11, 12],
+            ];
+            let starts = [4, 4, 4, 3, 3, 3];
+            let b = ScoreBatch::with_trees(&rows, &starts, m.pad_token_id(), Device::Cpu, 64).unwrap();
+            assert!(b.tree);
+            assert_eq!(b.ids.size(), [3, 4 + 3 + 2 + 4], "{json}: the tree, the shared row, the lone row");
+            // A tree wider than allowed falls back to rows of their own.
+            let narrow = ScoreBatch::with_trees(&rows, &starts, m.pad_token_id(), Device::Cpu, 10).unwrap();
+            assert!(!narrow.tree && narrow.ids.size()[0] == 5, "{json}");
+            let mut tunings = vec![None];
+            if let ModelConfig::Opt(oc) = &cfg {
+                let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
+                let tensors = lc.tensors(&cfg).unwrap();
+                let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+                let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
+                tunings.push(Some(Tuning::Lora(
+                    LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Double).unwrap(),
+                )));
+                let pc = crate::PrefixConfig { num_prefix: 2 };
+                let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
+                let t = crate::PrefixBatch::from_flat(&flat, &pc, oc, Kind::Double).unwrap();
+                tunings.push(Some(Tuning::Prefix(t)));
+            } else {
+                let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
+                let tensors = lc.tensors(&cfg).unwrap();
+                let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+                let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
+                tunings.push(Some(Tuning::Lora(
+                    LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Double).unwrap(),
+                )));
+            }
+            for t in &tunings {
+                let treed = m.answer_logprob_sums(&b, t.as_ref()).unwrap();
+                for (r, row) in rows.iter().enumerate() {
+                    let one =
+                        ScoreBatch::new(&rows[r..=r], &starts[r..=r], m.pad_token_id(), Device::Cpu).unwrap();
+                    let alone = m.answer_logprob_sums(&one, t.as_ref()).unwrap();
+                    let diff = (treed.select(1, r as i64) - alone.select(1, 0)).abs().max().double_value(&[]);
+                    assert!(diff < 1e-9, "{json}: row {row:?} scores {diff} apart in a tree and alone");
+                }
+            }
+        }
+        // Sliding windows count positions: a windowed model takes no trees.
+        let mistral =
+            Model::random(parse(&llama_json("mistral").to_string()).unwrap(), Device::Cpu, Kind::Float, 3)
+                .unwrap();
+        assert!(!mistral.supports_trees());
     }
 
     /// A model split over `[Cpu, Cpu]` runs the split's code path (per-layer devices, masks,

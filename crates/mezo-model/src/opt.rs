@@ -112,6 +112,29 @@ pub enum Padding {
     Right,
     /// Pads anywhere (left padding, say): an explicit causal-and-key mask is built.
     Any,
+    /// Rows that are trees (see [`ScoreBatch`]): the mask is 1 on a shared trunk that comes first,
+    /// `k >= 2` on the tokens of branch `k`, 0 on padding. A branch token sees the trunk and the
+    /// earlier tokens of its own branch, and its position continues from the trunk's end, so
+    /// every branch reads as if it followed the trunk alone.
+    Tree,
+}
+
+/// A tree mask's positions (from 0; 0 at padding) and attention mask `[rows, 1, seq, seq]` bool,
+/// for [`Padding::Tree`]. A pad query may always see itself (no softmax over nothing).
+pub(crate) fn tree_layout(mask: &Tensor) -> (Tensor, Tensor) {
+    let seq = mask.size()[1];
+    let device = mask.device();
+    let causal = Tensor::ones([seq, seq], (Kind::Bool, device)).tril(0);
+    // same[r, i, j]: tokens i and j are in the same part (trunk, one branch, or padding).
+    let same = mask.unsqueeze(2).eq_tensor(&mask.unsqueeze(1));
+    let within = same.logical_and(&causal).sum_dim_intlist(-1, false, Kind::Int64) - 1;
+    let trunk = mask.eq(1).sum_dim_intlist(1, true, Kind::Int64);
+    let positions = within.where_self(&mask.le(1), &(&within + trunk)) * mask.gt(0);
+    let key_real = mask.gt(0).unsqueeze(1);
+    let key_trunk = mask.eq(1).unsqueeze(1);
+    let visible = same.logical_or(&key_trunk).logical_and(&key_real).logical_and(&causal);
+    let eye = Tensor::eye(seq, (Kind::Bool, device));
+    (positions, visible.logical_or(&eye).unsqueeze(1))
 }
 
 pub struct Opt {
@@ -338,15 +361,20 @@ impl Opt {
         }
         // HF: positions count real tokens only, so a left-padded row starts at position 0 too
         // (at `prefix` with a prefix, which PEFT counts as tokens read before the row).
-        let positions = ((mask.cumsum(1, Kind::Int64) + prefix) * mask - 1) + OPT_POSITION_OFFSET;
+        let tree = (padding == Padding::Tree).then(|| tree_layout(mask));
+        let positions = match &tree {
+            Some((pos, _)) => pos + prefix + OPT_POSITION_OFFSET,
+            None => ((mask.cumsum(1, Kind::Int64) + prefix) * mask - 1) + OPT_POSITION_OFFSET,
+        };
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         if let Some(p) = &self.project_in {
             x = p.forward(&x);
         }
         x = x + Tensor::embedding(&self.embed_positions, &positions, -1, false, false);
-        let attn_mask = match padding {
-            Padding::Right => None,
-            Padding::Any => Some(self.explicit_mask(mask, seq)),
+        let attn_mask = match (padding, tree) {
+            (Padding::Tree, Some((_, visible))) => Some(visible),
+            (Padding::Any, _) => Some(self.explicit_mask(mask, seq)),
+            _ => None,
         };
         // Every query sees the whole prefix: its columns go in front of an explicit mask (the
         // causal-only path handles the prefix in `attention`).
@@ -647,6 +675,8 @@ pub struct ScoreBatch {
     pub rows: i64,
     /// Real (unpadded) tokens in the input rows: what one forward reads.
     pub input_tokens: u64,
+    /// The input rows are trees ([`Padding::Tree`]; see [`Self::with_trees`]).
+    pub tree: bool,
 }
 
 impl ScoreBatch {
@@ -692,6 +722,130 @@ impl ScoreBatch {
             counts: Tensor::from_slice(&counts).to_device(device),
             rows: rows.len() as i64,
             input_tokens: inputs.iter().map(|r| r.len() as u64).sum(),
+            tree: false,
+        })
+    }
+
+    /// [`Self::new`], with candidates of several tokens that share their prompt (the tokens before
+    /// `answer_start`, such as COPA's premise or ReCoRD's passage) in one tree row: the prompt
+    /// once as the trunk, then each candidate's tokens as a branch that sees the trunk and
+    /// itself only ([`Padding::Tree`]), so the prompt is read once rather than once per
+    /// candidate. A tree is built only where it is at most `max_width` tokens and every member
+    /// is too (so the positions fit); other rows are as [`Self::new`] makes them. The model must
+    /// support trees (`Model::supports_trees`).
+    pub fn with_trees(
+        rows: &[Vec<i64>],
+        answer_start: &[usize],
+        pad: i64,
+        device: Device,
+        max_width: usize,
+    ) -> Result<Self> {
+        let bad = |r: usize| answer_start[r] == 0 || answer_start[r] >= rows[r].len();
+        if answer_start.len() != rows.len() || (0..rows.len()).any(bad) {
+            // `new` refuses these (naming the bad row) or scores the rows it pairs with starts.
+            return Self::new(rows, answer_start, pad, device);
+        }
+        // Candidates by prompt, in order of first appearance.
+        let mut groups: Vec<(&[i64], Vec<usize>)> = Vec::new();
+        let mut by_prompt: HashMap<&[i64], usize> = HashMap::new();
+        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
+            let g = *by_prompt.entry(&row[..start]).or_insert_with(|| {
+                groups.push((&row[..start], Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(r);
+        }
+        let treed = |(prompt, members): &(&[i64], Vec<usize>)| {
+            let width = prompt.len() + members.iter().map(|&r| rows[r].len() - prompt.len()).sum::<usize>();
+            members.len() > 1
+                && members.iter().any(|&r| rows[r].len() - prompt.len() > 1)
+                && width <= max_width
+                && members.iter().all(|&r| rows[r].len() <= max_width)
+        };
+        if !groups.iter().any(treed) {
+            return Self::new(rows, answer_start, pad, device);
+        }
+        // Input rows as (tokens, parts): parts 1 on a trunk, k >= 2 on branch k.
+        let mut inputs: Vec<(Vec<i64>, Vec<i64>)> = Vec::new();
+        let n_answers: usize = rows.iter().zip(answer_start).map(|(r, &s)| r.len() - s).sum();
+        let (mut src_row, mut row_idx) = (vec![0i64; n_answers], vec![0i64; n_answers]);
+        let (mut pos_idx, mut targets) = (vec![0i64; n_answers], vec![0i64; n_answers]);
+        // Where each row's answer tokens go in the flat lists (row order, as `new` lays them).
+        let mut first = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for (r, &s) in rows.iter().zip(answer_start) {
+            first.push(at);
+            at += r.len() - s;
+        }
+        let mut put = |r: usize, src: usize, positions: &mut dyn Iterator<Item = usize>| {
+            let (row, start) = (&rows[r], answer_start[r]);
+            for (k, (p, pos)) in (start..row.len()).zip(positions).enumerate() {
+                let i = first[r] + k;
+                (src_row[i], row_idx[i], pos_idx[i], targets[i]) = (src as i64, r as i64, pos as i64, row[p]);
+            }
+        };
+        for g in &groups {
+            let (prompt, members) = g;
+            if treed(g) {
+                let src = inputs.len();
+                let (mut tokens, mut parts) = (prompt.to_vec(), vec![1i64; prompt.len()]);
+                for (b, &r) in members.iter().enumerate() {
+                    let begin = tokens.len();
+                    let answer = &rows[r][prompt.len()..];
+                    tokens.extend_from_slice(answer);
+                    parts.extend(std::iter::repeat_n(2 + b as i64, answer.len()));
+                    // The first answer token is predicted by the trunk's last; each later one by
+                    // the branch token before it.
+                    let mut positions = std::iter::once(prompt.len() - 1).chain(begin..);
+                    put(r, src, &mut positions);
+                }
+                inputs.push((tokens, parts));
+            } else {
+                // As `new` does: rows read at the same tokens share one input row.
+                for &r in members {
+                    let row = &rows[r];
+                    let reads = &row[..row.len() - 1];
+                    let src = match inputs.iter().position(|(t, p)| {
+                        p[0] == 1
+                            && p.iter().all(|&x| x == 1)
+                            && t.len() == row.len()
+                            && &t[..t.len() - 1] == reads
+                    }) {
+                        Some(i) => i,
+                        None => {
+                            inputs.push((row.clone(), vec![1; row.len()]));
+                            inputs.len() - 1
+                        }
+                    };
+                    let mut positions = answer_start[r] - 1..;
+                    put(r, src, &mut positions);
+                }
+            }
+        }
+        let width = inputs.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
+        let (mut ids, mut mask) = (Vec::with_capacity(inputs.len() * width), Vec::new());
+        for (t, p) in &inputs {
+            ids.extend_from_slice(t);
+            ids.extend(std::iter::repeat_n(pad, width - t.len()));
+            mask.extend_from_slice(p);
+            mask.extend(std::iter::repeat_n(0i64, width - t.len()));
+        }
+        let shape = [inputs.len() as i64, width as i64];
+        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Ok(ScoreBatch {
+            ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+            mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+            src_row: dev(&src_row),
+            row_idx: dev(&row_idx),
+            pos_idx: dev(&pos_idx),
+            targets: dev(&targets),
+            counts: Tensor::from_slice(
+                &rows.iter().zip(answer_start).map(|(r, &s)| (r.len() - s) as f32).collect::<Vec<_>>(),
+            )
+            .to_device(device),
+            rows: rows.len() as i64,
+            input_tokens: inputs.iter().map(|(t, _)| t.len() as u64).sum(),
+            tree: true,
         })
     }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::generate::{answer_text, greedy, Decoding};
 use crate::CausalLm;
-use crate::{Model, ScoreBatch, TextTokenizer, Tuning};
+use crate::{Model, TextTokenizer, Tuning};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ExampleScore {
@@ -120,7 +120,7 @@ pub fn evaluate_rows(
         let flat: Vec<&ScoringRow> = chunk.iter().flat_map(|&i| rows[i].iter()).collect();
         let tokens: Vec<Vec<i64>> = flat.iter().map(|r| r.tokens.clone()).collect();
         let starts: Vec<usize> = flat.iter().map(|r| r.answer_start).collect();
-        let b = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), model.device())?;
+        let b = model.score_batch(&tokens, &starts)?;
         let lp = model.answer_logprob_sums(&b, tuning)?.squeeze_dim(0) / &b.counts;
         let values: Vec<f64> = Vec::<f32>::try_from(&lp.to_device(tch::Device::Cpu))
             .map_err(crate::ModelError::Torch)?

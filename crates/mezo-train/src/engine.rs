@@ -218,7 +218,7 @@ impl Prepared {
             LossKind::AnswerCe => picked.iter().map(|r| (r.tokens.len() - r.answer_start) as f64).sum(),
             _ => examples as f64,
         };
-        let score = ScoreBatch::new(&tokens, &starts, model.pad_token_id(), dev)?;
+        let score = model.score_batch(&tokens, &starts)?;
         let n_tokens = score.input_tokens;
         Ok(Prepared {
             score: Some(score),
@@ -254,7 +254,9 @@ impl Prepared {
         if self.gen.is_some() {
             return None;
         }
-        let mut out = vec![self.kind as i64, self.examples];
+        // Tree rows take another attention mask: never the graph of plain rows.
+        let tree = self.score.as_ref().is_some_and(|s| s.tree);
+        let mut out = vec![self.kind as i64, self.examples, i64::from(tree)];
         let mut push = |t: &Tensor| {
             out.push(t.dim() as i64);
             out.extend(t.size());
@@ -286,6 +288,7 @@ impl Prepared {
                 counts: s.counts.copy(),
                 rows: s.rows,
                 input_tokens: s.input_tokens,
+                tree: s.tree,
             }),
             cands: self.cands.as_ref().map(|c| Candidates {
                 idx: c.idx.copy(),
