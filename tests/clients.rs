@@ -259,7 +259,9 @@ fn progress_bars_of_train_and_watch_show_a_consistent_eta() {
 
     // `mezo run watch` joining a run mid-way: the replayed history is not taken for speed.
     let c = Cluster::new("clients", "watch-bar", 1);
-    c.start_run("w", 90, &["--eval-every", "30"]);
+    // Long enough that the bar shows seconds left at this machine's speed (a 90-step run's
+    // remaining steps took under a second once SST-2's candidates shared their rows).
+    c.start_run("w", 300, &["--eval-every", "100"]);
     c.wait_steps("w", 15, Duration::from_secs(120));
     let raw = on_a_terminal(&["run", "watch", "w", "--coordinator", &c.url()]);
     let f = frames(&raw);
