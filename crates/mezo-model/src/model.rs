@@ -487,6 +487,43 @@ mod tests {
         }
     }
 
+    /// No tuning, three LoRA variants, and (OPT) two prefix variants, random, as `kind`.
+    fn tunings(cfg: &ModelConfig, kind: Kind) -> Vec<Option<Tuning>> {
+        let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
+        let tensors = lc.tensors(cfg).unwrap();
+        let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+        let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
+        let lora = Tuning::Lora(LoraBatch::from_flat(&flat, &lc, &tensors, kind).unwrap());
+        let mut out = vec![None, Some(lora)];
+        if let ModelConfig::Opt(oc) = cfg {
+            let pc = crate::PrefixConfig { num_prefix: 2 };
+            let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
+            out.push(Some(Tuning::Prefix(crate::PrefixBatch::from_flat(&flat, &pc, oc, kind).unwrap())));
+        }
+        out
+    }
+
+    /// Every row of `b` (built from `rows`) scores, under every tuning, as the row scored alone.
+    fn assert_scores_as_alone(
+        m: &Model,
+        b: &ScoreBatch,
+        rows: &[Vec<i64>],
+        starts: &[usize],
+        tunings: &[Option<Tuning>],
+        what: &serde_json::Value,
+    ) {
+        for t in tunings {
+            let together = m.answer_logprob_sums(b, t.as_ref()).unwrap();
+            for (r, row) in rows.iter().enumerate() {
+                let one =
+                    ScoreBatch::new(&rows[r..=r], &starts[r..=r], m.pad_token_id(), Device::Cpu).unwrap();
+                let alone = m.answer_logprob_sums(&one, t.as_ref()).unwrap();
+                let diff = (together.select(1, r as i64) - alone.select(1, 0)).abs().max().double_value(&[]);
+                assert!(diff < 1e-9, "{what}: row {row:?} scores {diff} apart in the batch and alone");
+            }
+        }
+    }
+
     /// Candidates that differ only in their last token share one input row, and score as if
     /// each ran alone: for every architecture, with and without adapter variants and prefixes.
     #[test]
@@ -511,29 +548,7 @@ mod tests {
             let b = ScoreBatch::new(&rows, &starts, m.pad_token_id(), Device::Cpu).unwrap();
             assert_eq!(b.ids.size()[0], 3, "{json}: three distinct inputs");
             assert_eq!(b.input_tokens, 5 + 4 + 5);
-            let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-            let tensors = lc.tensors(&cfg).unwrap();
-            let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
-            let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
-            let lora = Tuning::Lora(LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Double).unwrap());
-            let mut tunings = vec![None, Some(lora)];
-            if let ModelConfig::Opt(oc) = &cfg {
-                let pc = crate::PrefixConfig { num_prefix: 2 };
-                let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
-                let t = crate::PrefixBatch::from_flat(&flat, &pc, oc, Kind::Double).unwrap();
-                tunings.push(Some(Tuning::Prefix(t)));
-            }
-            for t in &tunings {
-                let shared = m.answer_logprob_sums(&b, t.as_ref()).unwrap();
-                for (r, row) in rows.iter().enumerate() {
-                    let one =
-                        ScoreBatch::new(&rows[r..=r], &starts[r..=r], m.pad_token_id(), Device::Cpu).unwrap();
-                    let alone = m.answer_logprob_sums(&one, t.as_ref()).unwrap();
-                    let diff =
-                        (shared.select(1, r as i64) - alone.select(1, 0)).abs().max().double_value(&[]);
-                    assert!(diff < 1e-9, "{json}: row {row:?} scores {diff} apart shared and alone");
-                }
-            }
+            assert_scores_as_alone(&m, &b, &rows, &starts, &tunings(&cfg, Kind::Double), &json);
         }
     }
 
@@ -568,38 +583,7 @@ mod tests {
             // A tree wider than allowed falls back to rows of their own.
             let narrow = ScoreBatch::with_trees(&rows, &starts, m.pad_token_id(), Device::Cpu, 10).unwrap();
             assert!(!narrow.tree && narrow.ids.size()[0] == 5, "{json}");
-            let mut tunings = vec![None];
-            if let ModelConfig::Opt(oc) = &cfg {
-                let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-                let tensors = lc.tensors(&cfg).unwrap();
-                let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
-                let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
-                tunings.push(Some(Tuning::Lora(
-                    LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Double).unwrap(),
-                )));
-                let pc = crate::PrefixConfig { num_prefix: 2 };
-                let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
-                let t = crate::PrefixBatch::from_flat(&flat, &pc, oc, Kind::Double).unwrap();
-                tunings.push(Some(Tuning::Prefix(t)));
-            } else {
-                let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-                let tensors = lc.tensors(&cfg).unwrap();
-                let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
-                let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
-                tunings.push(Some(Tuning::Lora(
-                    LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Double).unwrap(),
-                )));
-            }
-            for t in &tunings {
-                let treed = m.answer_logprob_sums(&b, t.as_ref()).unwrap();
-                for (r, row) in rows.iter().enumerate() {
-                    let one =
-                        ScoreBatch::new(&rows[r..=r], &starts[r..=r], m.pad_token_id(), Device::Cpu).unwrap();
-                    let alone = m.answer_logprob_sums(&one, t.as_ref()).unwrap();
-                    let diff = (treed.select(1, r as i64) - alone.select(1, 0)).abs().max().double_value(&[]);
-                    assert!(diff < 1e-9, "{json}: row {row:?} scores {diff} apart in a tree and alone");
-                }
-            }
+            assert_scores_as_alone(&m, &b, &rows, &starts, &tunings(&cfg, Kind::Double), &json);
         }
         // Sliding windows count positions: a windowed model takes no trees.
         let mistral =
@@ -632,19 +616,7 @@ mod tests {
             }
             let rows = vec![vec![3i64, 7, 9, 11, 20, 21, 5], vec![4i64, 5, 6]];
             let b = ScoreBatch::new(&rows, &[5, 1], one.pad_token_id(), Device::Cpu).unwrap();
-            let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: vec![Target::Q, Target::V] };
-            let tensors = lc.tensors(&cfg).unwrap();
-            let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
-            let flat = Tensor::randn([3, p], (Kind::Float, Device::Cpu)) * 0.1;
-            let lora = Tuning::Lora(LoraBatch::from_flat(&flat, &lc, &tensors, Kind::Float).unwrap());
-            let mut tunings = vec![None, Some(lora)];
-            if let ModelConfig::Opt(oc) = &cfg {
-                let pc = crate::PrefixConfig { num_prefix: 2 };
-                let flat = Tensor::randn([2, pc.numel(oc)], (Kind::Float, Device::Cpu));
-                let t = crate::PrefixBatch::from_flat(&flat, &pc, oc, Kind::Float).unwrap();
-                tunings.push(Some(Tuning::Prefix(t)));
-            }
-            for t in &tunings {
+            for t in &tunings(&cfg, Kind::Float) {
                 let a = one.answer_logprob_sums(&b, t.as_ref()).unwrap();
                 let c = two.answer_logprob_sums(&b, t.as_ref()).unwrap();
                 assert!(a.equal(&c), "{json}: split scores differ: {a} vs {c}");
