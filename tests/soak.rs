@@ -198,7 +198,7 @@ fn all_logs(c: &Cluster) -> String {
 
 #[test]
 fn soak_kills_and_network_faults_end_bit_identical() {
-    let steps = env_u64("MEZO_SOAK_STEPS", 40);
+    let steps = env_u64("MEZO_SOAK_STEPS", 80);
     let seed = env_u64("MEZO_SOAK_SEED", 7);
     let spec = run_spec(steps);
     let spec: Vec<&str> = spec.iter().map(String::as_str).collect();
@@ -224,6 +224,9 @@ fn soak_kills_and_network_faults_end_bit_identical() {
     c.start_run_args("r", &spec);
 
     let mut rng = Rng(seed);
+    // The first three faults are one of each kind (a worker kill, a coordinator kill, a reset), so
+    // a run that trains fast still meets every kind; the rest follow the seeded schedule.
+    let mut first = [0u64, 3, 4].into_iter();
     let (mut worker_kills, mut coordinator_kills, mut resets, mut stalls) = (0u64, 0u64, 0u64, 0u64);
     let start = Instant::now();
     let limit = Duration::from_secs(240 + steps * 30);
@@ -236,7 +239,8 @@ fn soak_kills_and_network_faults_end_bit_identical() {
             }
         }
         assert!(start.elapsed() < limit, "the soaked run did not end in {limit:?}:\n{}", all_logs(&c));
-        match rng.below(10) {
+        let fault = first.next().unwrap_or_else(|| rng.below(10));
+        match fault {
             0..=2 => {
                 // A worker dies without warning; a replacement joins (a fleet keeps its size).
                 let alive: Vec<usize> = (0..c.workers.len())
@@ -289,6 +293,7 @@ fn soak_kills_and_network_faults_end_bit_identical() {
         writeln!(f, "{report}").unwrap();
     }
     // A soak that injected nothing proves nothing: the schedule must have hit every fault kind
-    // at least once (it does for the default seed; a longer run only adds more).
+    // at least once (its first three faults are one of each; a reset of no live connection
+    // counts none, so this still checks).
     assert!(worker_kills > 0 && coordinator_kills > 0 && resets + stalls > 0, "{report}");
 }
