@@ -4,7 +4,7 @@
 //! (a partition longer than the task lease) and resets connections mid-stream. The run must end
 //! with an adapter bit-identical to an uninterrupted run's, and no process may panic.
 //!
-//! The test is bounded (`MEZO_SOAK_STEPS`, default 40 steps, a few minutes on 2 cores); the
+//! The test is bounded (`MEZO_SOAK_STEPS`, default 80 steps, under a minute on 2 cores); the
 //! longer runs reported in docs/reliability.md set a larger step count and `MEZO_SOAK_REPORT`
 //! (a file the figures are appended to as one JSON line).
 
