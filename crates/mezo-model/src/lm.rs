@@ -11,7 +11,8 @@ use crate::{Model, Padding, ScoreBatch, Tuning};
 
 pub trait CausalLm {
     /// The last hidden states, `[batch, seq, width]`. `ids` and `mask` are `[batch, seq]` int64,
-    /// `mask` 1 on tokens and 0 on padding. With `tuning`, rows are grouped by adapter variant.
+    /// `mask` 1 on tokens and 0 on padding (for [`Padding::Tree`], `k >= 2` on branch `k`). With
+    /// `tuning`, rows are grouped by adapter variant.
     fn hidden_states(
         &self,
         ids: &Tensor,

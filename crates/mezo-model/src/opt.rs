@@ -681,49 +681,7 @@ pub struct ScoreBatch {
 
 impl ScoreBatch {
     pub fn new(rows: &[Vec<i64>], answer_start: &[usize], pad: i64, device: Device) -> Result<Self> {
-        let mut src_row = Vec::new();
-        let mut row_idx = Vec::new();
-        let mut pos_idx = Vec::new();
-        let mut targets = Vec::new();
-        let mut counts = Vec::with_capacity(rows.len());
-        // Input rows by the tokens they are read at (all but the last): the first row with those
-        // tokens is the input of every row that has them.
-        let mut inputs: Vec<&[i64]> = Vec::new();
-        let mut by_reads: HashMap<&[i64], i64> = HashMap::new();
-        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
-            if start == 0 || start >= row.len() {
-                return Err(crate::ModelError::InvalidArgument {
-                    what: "answer start",
-                    value: format!("{start} in a row of {} tokens", row.len()),
-                    expected: "at least one context token and at least one answer token",
-                });
-            }
-            let src = *by_reads.entry(&row[..row.len() - 1]).or_insert_with(|| {
-                inputs.push(row);
-                inputs.len() as i64 - 1
-            });
-            for p in start..row.len() {
-                src_row.push(src);
-                row_idx.push(r as i64);
-                pos_idx.push(p as i64 - 1);
-                targets.push(row[p]);
-            }
-            counts.push((row.len() - start) as f32);
-        }
-        let (ids, mask) = pad_right(&inputs, pad, device)?;
-        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        Ok(ScoreBatch {
-            ids,
-            mask,
-            src_row: dev(&src_row),
-            row_idx: dev(&row_idx),
-            pos_idx: dev(&pos_idx),
-            targets: dev(&targets),
-            counts: Tensor::from_slice(&counts).to_device(device),
-            rows: rows.len() as i64,
-            input_tokens: inputs.iter().map(|r| r.len() as u64).sum(),
-            tree: false,
-        })
+        Self::build(rows, answer_start, pad, device, None)
     }
 
     /// [`Self::new`], with candidates of several tokens that share their prompt (the tokens before
@@ -740,112 +698,107 @@ impl ScoreBatch {
         device: Device,
         max_width: usize,
     ) -> Result<Self> {
-        let bad = |r: usize| answer_start[r] == 0 || answer_start[r] >= rows[r].len();
-        if answer_start.len() != rows.len() || (0..rows.len()).any(bad) {
-            // `new` refuses these (naming the bad row) or scores the rows it pairs with starts.
-            return Self::new(rows, answer_start, pad, device);
-        }
-        // Candidates by prompt, in order of first appearance.
-        let mut groups: Vec<(&[i64], Vec<usize>)> = Vec::new();
-        let mut by_prompt: HashMap<&[i64], usize> = HashMap::new();
-        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
-            let g = *by_prompt.entry(&row[..start]).or_insert_with(|| {
-                groups.push((&row[..start], Vec::new()));
-                groups.len() - 1
+        Self::build(rows, answer_start, pad, device, Some(max_width))
+    }
+
+    fn build(
+        rows: &[Vec<i64>],
+        answer_start: &[usize],
+        pad: i64,
+        device: Device,
+        max_tree_width: Option<usize>,
+    ) -> Result<Self> {
+        let rows = &rows[..rows.len().min(answer_start.len())];
+        if let Some((row, &start)) = rows.iter().zip(answer_start).find(|(r, &s)| s == 0 || s >= r.len()) {
+            return Err(crate::ModelError::InvalidArgument {
+                what: "answer start",
+                value: format!("{start} in a row of {} tokens", row.len()),
+                expected: "at least one context token and at least one answer token",
             });
-            groups[g].1.push(r);
         }
-        let treed = |(prompt, members): &(&[i64], Vec<usize>)| {
-            let width = prompt.len() + members.iter().map(|&r| rows[r].len() - prompt.len()).sum::<usize>();
-            members.len() > 1
-                && members.iter().any(|&r| rows[r].len() - prompt.len() > 1)
-                && width <= max_width
-                && members.iter().all(|&r| rows[r].len() <= max_width)
-        };
-        if !groups.iter().any(treed) {
-            return Self::new(rows, answer_start, pad, device);
+        // Which rows ride in a tree: the candidates of one prompt, when one of them has several
+        // answer tokens and the tree and its members fit `max_tree_width`.
+        let mut tree_of: Vec<Option<usize>> = vec![None; rows.len()];
+        if let Some(max_width) = max_tree_width {
+            let mut groups: HashMap<&[i64], Vec<usize>> = HashMap::new();
+            for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
+                groups.entry(&row[..start]).or_default().push(r);
+            }
+            for (prompt, members) in &groups {
+                let answers = members.iter().map(|&r| rows[r].len() - prompt.len());
+                let width = prompt.len() + answers.clone().sum::<usize>();
+                if members.len() > 1
+                    && answers.clone().any(|n| n > 1)
+                    && width <= max_width
+                    && members.iter().all(|&r| rows[r].len() <= max_width)
+                {
+                    members.iter().for_each(|&r| tree_of[r] = Some(members[0]));
+                }
+            }
         }
-        // Input rows as (tokens, parts): parts 1 on a trunk, k >= 2 on branch k.
+        let mut src_row = Vec::new();
+        let mut row_idx = Vec::new();
+        let mut pos_idx = Vec::new();
+        let mut targets = Vec::new();
+        let mut counts = Vec::with_capacity(rows.len());
+        // Input rows as (tokens, parts): parts 1 on a plain row or a tree's trunk, k >= 2 on a
+        // tree's branch k. A plain row is the first row read at its tokens (all but the last),
+        // and every row read at the same tokens takes it; a tree is made by its first member.
         let mut inputs: Vec<(Vec<i64>, Vec<i64>)> = Vec::new();
-        let n_answers: usize = rows.iter().zip(answer_start).map(|(r, &s)| r.len() - s).sum();
-        let (mut src_row, mut row_idx) = (vec![0i64; n_answers], vec![0i64; n_answers]);
-        let (mut pos_idx, mut targets) = (vec![0i64; n_answers], vec![0i64; n_answers]);
-        // Where each row's answer tokens go in the flat lists (row order, as `new` lays them).
-        let mut first = Vec::with_capacity(rows.len());
-        let mut at = 0;
-        for (r, &s) in rows.iter().zip(answer_start) {
-            first.push(at);
-            at += r.len() - s;
-        }
-        let mut put = |r: usize, src: usize, positions: &mut dyn Iterator<Item = usize>| {
-            let (row, start) = (&rows[r], answer_start[r]);
-            for (k, (p, pos)) in (start..row.len()).zip(positions).enumerate() {
-                let i = first[r] + k;
-                (src_row[i], row_idx[i], pos_idx[i], targets[i]) = (src as i64, r as i64, pos as i64, row[p]);
-            }
-        };
-        for g in &groups {
-            let (prompt, members) = g;
-            if treed(g) {
-                let src = inputs.len();
-                let (mut tokens, mut parts) = (prompt.to_vec(), vec![1i64; prompt.len()]);
-                for (b, &r) in members.iter().enumerate() {
-                    let begin = tokens.len();
-                    let answer = &rows[r][prompt.len()..];
-                    tokens.extend_from_slice(answer);
-                    parts.extend(std::iter::repeat_n(2 + b as i64, answer.len()));
-                    // The first answer token is predicted by the trunk's last; each later one by
-                    // the branch token before it.
-                    let mut positions = std::iter::once(prompt.len() - 1).chain(begin..);
-                    put(r, src, &mut positions);
+        let mut by_reads: HashMap<&[i64], usize> = HashMap::new();
+        let mut trees: HashMap<usize, usize> = HashMap::new();
+        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
+            let (src, predicted_at): (usize, Vec<usize>) = match tree_of[r] {
+                Some(first) => {
+                    let src = *trees.entry(first).or_insert_with(|| {
+                        inputs.push((row[..start].to_vec(), vec![1; start]));
+                        inputs.len() - 1
+                    });
+                    let (tokens, parts) = &mut inputs[src];
+                    let (begin, branch) = (tokens.len(), parts.last().map_or(2, |&k| k.max(1) + 1));
+                    tokens.extend_from_slice(&row[start..]);
+                    parts.extend(std::iter::repeat_n(branch, row.len() - start));
+                    // The first answer token is predicted by the trunk's last; each later one
+                    // by the branch token before it.
+                    let at = std::iter::once(start - 1).chain(begin..).take(row.len() - start).collect();
+                    (src, at)
                 }
-                inputs.push((tokens, parts));
-            } else {
-                // As `new` does: rows read at the same tokens share one input row.
-                for &r in members {
-                    let row = &rows[r];
-                    let reads = &row[..row.len() - 1];
-                    let src = match inputs.iter().position(|(t, p)| {
-                        p[0] == 1
-                            && p.iter().all(|&x| x == 1)
-                            && t.len() == row.len()
-                            && &t[..t.len() - 1] == reads
-                    }) {
-                        Some(i) => i,
-                        None => {
-                            inputs.push((row.clone(), vec![1; row.len()]));
-                            inputs.len() - 1
-                        }
-                    };
-                    let mut positions = answer_start[r] - 1..;
-                    put(r, src, &mut positions);
+                None => {
+                    let src = *by_reads.entry(&row[..row.len() - 1]).or_insert_with(|| {
+                        inputs.push((row.clone(), vec![1; row.len()]));
+                        inputs.len() - 1
+                    });
+                    (src, (start - 1..row.len() - 1).collect())
                 }
+            };
+            for (p, at) in (start..row.len()).zip(predicted_at) {
+                src_row.push(src as i64);
+                row_idx.push(r as i64);
+                pos_idx.push(at as i64);
+                targets.push(row[p]);
             }
+            counts.push((row.len() - start) as f32);
         }
-        let width = inputs.iter().map(|(t, _)| t.len()).max().unwrap_or(0);
-        let (mut ids, mut mask) = (Vec::with_capacity(inputs.len() * width), Vec::new());
-        for (t, p) in &inputs {
-            ids.extend_from_slice(t);
-            ids.extend(std::iter::repeat_n(pad, width - t.len()));
-            mask.extend_from_slice(p);
-            mask.extend(std::iter::repeat_n(0i64, width - t.len()));
+        let tokens: Vec<&[i64]> = inputs.iter().map(|(t, _)| t.as_slice()).collect();
+        let (ids, mut mask) = pad_right(&tokens, pad, device)?;
+        let tree = !trees.is_empty();
+        if tree {
+            let parts: Vec<&[i64]> = inputs.iter().map(|(_, p)| p.as_slice()).collect();
+            // The same padding with the parts' labels in place of the ones.
+            mask = pad_right(&parts, 0, device)?.0;
         }
-        let shape = [inputs.len() as i64, width as i64];
         let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         Ok(ScoreBatch {
-            ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+            ids,
+            mask,
             src_row: dev(&src_row),
             row_idx: dev(&row_idx),
             pos_idx: dev(&pos_idx),
             targets: dev(&targets),
-            counts: Tensor::from_slice(
-                &rows.iter().zip(answer_start).map(|(r, &s)| (r.len() - s) as f32).collect::<Vec<_>>(),
-            )
-            .to_device(device),
+            counts: Tensor::from_slice(&counts).to_device(device),
             rows: rows.len() as i64,
-            input_tokens: inputs.iter().map(|(t, _)| t.len() as u64).sum(),
-            tree: true,
+            input_tokens: tokens.iter().map(|t| t.len() as u64).sum(),
+            tree,
         })
     }
 
