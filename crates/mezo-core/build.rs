@@ -2,7 +2,38 @@ include!("../torch_link.rs");
 
 fn main() {
     link_libtorch();
+    build_ops_shim();
     build_graph_shim();
+}
+
+/// Compiles `csrc/ops.cpp` (operators tch does not bind as mezo needs them; see that file) when
+/// libtorch's headers are found, setting the `mezo_ops` cfg; without it `ops` falls back to
+/// tch's unfused operators, with one kernel more each.
+fn build_ops_shim() {
+    println!("cargo::rustc-check-cfg=cfg(mezo_ops)");
+    println!("cargo:rerun-if-changed=csrc/ops.cpp");
+    let Some(lib) = torch_lib_dir() else { return };
+    let Some(torch) = lib.parent().map(std::path::Path::to_path_buf) else { return };
+    if !torch.join("include/ATen/ATen.h").exists() {
+        return;
+    }
+    let abi = python_value("import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))").unwrap_or("1".into());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/ops.cpp")
+        .compile("mezo_ops");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    for l in ["torch_cpu", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={l}");
+    }
+    println!("cargo:rustc-cfg=mezo_ops");
 }
 
 /// Compiles `csrc/graph.cpp`, the C++ shim over libtorch's CUDA graphs, when this libtorch has

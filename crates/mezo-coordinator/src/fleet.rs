@@ -14,6 +14,12 @@ use tonic::Status;
 use crate::dispatch::{Completion, Dispatcher, TaskKind, TaskResult, TaskSpec, WorkerId};
 use crate::metrics::{Metrics, WorkerMemory};
 
+/// Tasks a worker holds at once: the one it computes and the next, which waits in its stream so
+/// that the worker starts it the moment it finishes the first, instead of idling for a round
+/// trip (result to the coordinator, next task back). A worker's tasks run one after the other on
+/// its GPU, so more would only keep work from a worker that frees up sooner.
+pub const TASKS_IN_FLIGHT_PER_WORKER: usize = 2;
+
 type Group = (String, u64, TaskKind);
 pub(crate) type StepResults = Vec<(TaskSpec, TaskResult)>;
 
@@ -234,10 +240,10 @@ impl Actor {
         }
     }
 
-    /// Hands queued tasks to free workers' streams; a closed or full stream fails the task back
+    /// Hands queued tasks to workers' streams, up to [`TASKS_IN_FLIGHT_PER_WORKER`] each; a closed or full stream fails the task back
     /// to the queue (the worker's lease runs out on its own if it is really gone).
     fn pump(&mut self) {
-        let assigned = self.dispatch.assign(Instant::now(), 1);
+        let assigned = self.dispatch.assign(Instant::now(), TASKS_IN_FLIGHT_PER_WORKER);
         for (wid, t) in assigned {
             let context = self.contexts.get(&(t.run_id.clone(), t.step, t.kind)).cloned().unwrap_or_default();
             let task = pb::Task {

@@ -34,6 +34,9 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 // exact f64 difference; tested on the host for every j). So z keeps the host's bits while the
 // gather stays on chip: reading a 512 KB table from L2 per element bounded these kernels.
 #define HALF 32768u
+#ifndef MEZO_SWEEP
+#define MEZO_SWEEP 0
+#endif
 __device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
   u32 k = mix32(mix32(i ^ b) ^ a);
   if (dist) return (k >> 31) ? -1.0f : 1.0f;
@@ -160,7 +163,29 @@ __device__ __forceinline__ void sweep_many(const Desc* __restrict__ D, const u64
       op.load(D[j]);
     }
     u32 q = (u32)(u - start);  // < 2^30: a tensor has at most 2^32 elements
+#if MEZO_SWEEP == 1
+    // Two units of one tensor at once (this one and this thread's next), both loaded before
+    // either is computed: twice the loads in flight.
+    u64 u2 = u + stride;
+    if (q < full && u2 < end && (u32)(u2 - start) < full) {
+      u32 q2 = (u32)(u2 - start);
+      float v[4], w[4];
+      void* pq = (char*)p + (u64)q * ub;
+      void* pq2 = (char*)p + (u64)q2 * ub;
+      ld4(pq, dt, v);
+      ld4(pq2, dt, w);
+      op.apply4(v, q << 2);
+      st4(pq, dt, v);
+      op.apply4(w, q2 << 2);
+      st4(pq2, dt, w);
+      u = u2;
+    } else
+#endif
     if (q < full) {
+#if MEZO_SWEEP == 2 && !defined(MEZO_HOST_EMULATION)
+      // This thread's next unit of the tensor, towards L2 while this one computes.
+      if (u + stride < end) asm volatile("prefetch.global.L2 [%0];" :: "l"((char*)p + (u64)(q + (u32)stride) * ub));
+#endif
       float v[4];
       void* pq = (char*)p + (u64)q * ub;
       ld4(pq, dt, v);
@@ -631,7 +656,10 @@ impl Kernels {
         // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76, MULTIPROCESSOR_COUNT = 16.
         let (major, minor) = (attr(75, "compute capability")?, attr(76, "compute capability")?);
         let sms = attr(16, "multiprocessor count")?;
-        let (ptx, _) = nvrtc()?.compile(&format!("compute_{major}{minor}"), &[])?;
+        // MEZO_SWEEP: an experimental scheduling of the sweeps' loop (see SOURCE), for timing.
+        let sweep = std::env::var("MEZO_SWEEP").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        let define = format!("-DMEZO_SWEEP={sweep}");
+        let (ptx, _) = nvrtc()?.compile(&format!("compute_{major}{minor}"), &[define.as_str()])?;
         let mut module = std::ptr::null_mut();
         d.check(
             unsafe { (d.module_load_data)(&mut module, ptx.as_ptr() as *const c_void) },
@@ -1107,6 +1135,12 @@ mod tests {
         let spills: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
         assert_eq!(spills.len(), 3, "{log}");
         assert!(spills.iter().all(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads")), "{log}");
+        // The experimental loop schedulings (MEZO_SWEEP) compile, and without spills.
+        for v in ["-DMEZO_SWEEP=1", "-DMEZO_SWEEP=2"] {
+            let (_, log) = nv.compile("sm_90", &["--ptxas-options=-v", v]).expect(v);
+            println!("ptxas (sm_90, {v}): {log}");
+            assert!(log.lines().filter(|l| l.contains("spill stores")).all(|l| l.contains(" 0 bytes spill stores")), "{v}: {log}");
+        }
         // Before sm_80 the packed half conversions take the scalar path.
         nv.compile("compute_75", &[]).expect("PTX for compute_75");
     }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fused;
 pub mod graph;
 pub mod normal;
+pub mod ops;
 pub mod rng;
 pub mod seeds;
 pub mod ztensor;

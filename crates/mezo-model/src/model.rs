@@ -634,6 +634,54 @@ mod tests {
         }
     }
 
+    /// On a GPU, the adapter forward (q, k, v deltas into the fused projection in place, their
+    /// `A`s stacked; fc1 and its ReLU as one cuBLASLt GEMM) scores as the CPU's within float
+    /// rounding, for adapters on q and v, on q, k and v, and on q and fc1 (which unfuses fc1).
+    /// `cargo test --release -p mezo-model lora_on_cuda -- --ignored`.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn lora_on_cuda_scores_as_on_cpu() {
+        if !tch::Cuda::is_available() {
+            eprintln!("lora_on_cuda_scores_as_on_cpu: skipped, no CUDA device");
+            return;
+        }
+        let _g = tch::no_grad_guard();
+        let gpu = Device::Cuda(0);
+        for json in [opt_json(true, true), opt_json(false, false), llama_json("llama")] {
+            let cfg = parse(&json.to_string()).unwrap();
+            let cpu_model = Model::random(cfg.clone(), Device::Cpu, Kind::Float, 7).unwrap();
+            let gpu_model = Model::random(cfg.clone(), gpu, Kind::Float, 7).unwrap();
+            // Every tensor random, biases included (a dropped bias must show).
+            for ((_, a), (_, b)) in cpu_model.named_parameters().into_iter().zip(gpu_model.named_parameters()) {
+                a.shallow_clone().copy_(&(Tensor::randn_like(a) * 0.3));
+                b.shallow_clone().copy_(a);
+            }
+            let opt = matches!(cfg, ModelConfig::Opt(_));
+            let mut sets = vec![vec![Target::Q, Target::V], vec![Target::Q, Target::K, Target::V]];
+            if opt {
+                sets.push(vec![Target::Q, Target::Fc1]);
+            }
+            let rows = vec![vec![3i64, 7, 9, 11, 20, 21, 5], vec![4i64, 5, 6], vec![8i64, 2, 2, 9], vec![1i64, 30]];
+            let starts = [5, 1, 2, 1];
+            for targets in sets {
+                let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: targets.clone() };
+                let tensors = lc.tensors(&cfg).unwrap();
+                let p: i64 = tensors.iter().map(crate::LoraTensor::numel).sum();
+                // Two variants (rows grouped by them), every matrix nonzero.
+                let flat = Tensor::randn([2, p], (Kind::Float, Device::Cpu)) * 0.1;
+                let score = |m: &Model, dev: Device| {
+                    let lora = LoraBatch::from_flat(&flat.to_device(dev), &lc, &tensors, Kind::Float).unwrap();
+                    let b = ScoreBatch::new(&rows, &starts, m.pad_token_id(), dev).unwrap();
+                    m.answer_logprob_sums(&b, Some(&Tuning::Lora(lora))).unwrap().to_device(Device::Cpu)
+                };
+                let (c, g) = (score(&cpu_model, Device::Cpu), score(&gpu_model, gpu));
+                let diff = (&c - &g).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "{json} with LoRA on {targets:?}: CUDA scores differ by {diff}");
+                assert!(c.abs().max().double_value(&[]) > 0.1, "scores too small to compare");
+            }
+        }
+    }
+
     /// A model split over two GPUs gives the one-GPU model's scores within float rounding. Run on
     /// a machine with 2 GPUs: `cargo test --release -p mezo-model split_over_two_gpus -- --ignored`
     /// (or the compiled test binary with `split_over_two_gpus --ignored`).

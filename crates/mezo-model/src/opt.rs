@@ -447,7 +447,19 @@ impl Opt {
         }
         let residual = &x;
         let h = if pre { layer.final_layer_norm.forward(&x) } else { x.shallow_clone() };
-        let h = self.activation(&proj(i, Target::Fc1, &layer.fc1, &h, lora));
+        let fc1_adapted = lora.is_some_and(|l| l.adapts(i, Target::Fc1));
+        let h = match (&self.config.activation, &layer.fc1.bias) {
+            // fc1 and its ReLU as one GEMM on CUDA (the bias and ReLU in cuBLASLt's epilogue): a
+            // kernel fewer per layer. It has no autograd derivative: first-order training, which
+            // needs one, takes the unfused path.
+            (Activation::Relu, Some(bias))
+                if !fc1_adapted && ![&h, &layer.fc1.weight, bias].iter().any(|t| t.requires_grad()) =>
+            {
+                let (r, t, w) = h.size3().expect("[rows, seq, width]");
+                mezo_core::ops::linear_relu(&h.reshape([r * t, w]), &layer.fc1.weight, bias).view([r, t, -1])
+            }
+            _ => self.activation(&proj(i, Target::Fc1, &layer.fc1, &h, lora)),
+        };
         let h = proj(i, Target::Fc2, &layer.fc2, &h, lora);
         let mut x = residual + h;
         if !pre {
@@ -482,14 +494,10 @@ impl Opt {
         let (mut q, mut k, mut v) = if a.fused() {
             let qkv = a.qkv.forward(x);
             let h = a.heads * a.head_dim;
-            let part = |j: i64, target: Target| {
-                let y = qkv.narrow(2, j * h, h);
-                match lora {
-                    Some(l) => l.add_delta(i, target, x, y),
-                    None => y,
-                }
-            };
-            (part(0, Target::Q), part(1, Target::K), part(2, Target::V))
+            if let Some(l) = lora {
+                l.add_qkv_delta(i, x, &qkv, h);
+            }
+            (qkv.narrow(2, 0, h), qkv.narrow(2, h, h), qkv.narrow(2, 2 * h, h))
         } else {
             (
                 proj(i, Target::Q, &a.q_proj, x, lora),

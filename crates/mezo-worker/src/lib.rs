@@ -200,7 +200,10 @@ fn engine_thread(
     let mut replicas: HashMap<String, Replica> = HashMap::new();
     let mut corrupt = corrupt_at();
     quiet_caught_panics();
+    let trace = std::env::var_os("MEZO_WORKER_TRACE").is_some_and(|v| v != "0");
+    let mut last_end = std::time::Instant::now();
     while let Some((task, reply)) = jobs.blocking_recv() {
+        let begun = std::time::Instant::now();
         let mut r = pb::SubmitResultRequest {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),
@@ -216,6 +219,22 @@ fn engine_thread(
         }))
         .unwrap_or_else(|payload| Err(anyhow!("{}", panic_text(payload.as_ref()))));
         SERVING.set(false);
+        if trace {
+            // Where a task's time on this worker goes (see README, "Tracing a worker"): idle
+            // before it, then the whole task, then the forward alone (batch preparation included).
+            let forward = match &served {
+                Ok(Outcome::Losses { seconds, .. }) => format!("{:.2}", seconds * 1e3),
+                _ => "-".into(),
+            };
+            eprintln!(
+                "worker trace: run {} step {} task {}: idle {:.2} ms, task {:.2} ms, forward {forward} ms",
+                task.run_id,
+                task.step,
+                task.task_id,
+                (begun - last_end).as_secs_f64() * 1e3,
+                begun.elapsed().as_secs_f64() * 1e3,
+            );
+        }
         match served {
             Ok(Outcome::Losses { per_seed, weight, tokens, seconds }) => {
                 r.loss_plus = per_seed.iter().map(|p| p.0).collect();
@@ -242,6 +261,7 @@ fn engine_thread(
             }
         }
         let _ = reply.send(r);
+        last_end = std::time::Instant::now();
     }
 }
 

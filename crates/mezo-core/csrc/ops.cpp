@@ -1,0 +1,52 @@
+// libtorch operators mezo needs in a form tch does not bind: an in-place batched GEMM with a
+// scale (tch's `baddbmm_` has no beta or alpha) and a GEMM with its bias and ReLU in cuBLASLt's
+// epilogue (tch's `internal_addmm_activation` passes its `use_gelu` argument where libtorch
+// expects `beta`). A tensor crosses as tch's handle, which is an `at::Tensor*`.
+//
+// Every function returns nullptr on success or a malloc'd message (free it with
+// mezo_ops_free_error); no C++ exception crosses into Rust.
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace {
+
+char* message(const std::string& s) {
+  char* p = static_cast<char*>(std::malloc(s.size() + 1));
+  if (p != nullptr) std::memcpy(p, s.c_str(), s.size() + 1);
+  return p;
+}
+
+}  // namespace
+
+#define MEZO_TRY(body)                                  \
+  try {                                                 \
+    body;                                               \
+    return nullptr;                                     \
+  } catch (const std::exception& e) {                   \
+    return message(e.what());                           \
+  } catch (...) {                                       \
+    return message("unknown C++ exception in libtorch"); \
+  }
+
+extern "C" {
+
+void mezo_ops_free_error(char* e) { std::free(e); }
+
+// self <- beta self + alpha (b1 @ b2), batched, in place. A strided self (a column block of a
+// wider output, say) is written where it lies when its rows are unit-stride, as cuBLAS allows.
+char* mezo_baddbmm_(at::Tensor* self, const at::Tensor* b1, const at::Tensor* b2, double beta,
+                    double alpha) {
+  MEZO_TRY(self->baddbmm_(*b1, *b2, beta, alpha))
+}
+
+// relu(x @ w^T + bias) as one GEMM where libtorch has the epilogue (CUDA, cuBLASLt).
+char* mezo_linear_relu(const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
+                       at::Tensor** out) {
+  MEZO_TRY(*out = new at::Tensor(at::_addmm_activation(*bias, *x, w->t(), 1, 1, false)))
+}
+
+}  // extern "C"
