@@ -34,9 +34,6 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 // exact f64 difference; tested on the host for every j). So z keeps the host's bits while the
 // gather stays on chip: reading a 512 KB table from L2 per element bounded these kernels.
 #define HALF 32768u
-#ifndef MEZO_SWEEP
-#define MEZO_SWEEP 0
-#endif
 __device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
   u32 k = mix32(mix32(i ^ b) ^ a);
   if (dist) return (k >> 31) ? -1.0f : 1.0f;
@@ -163,29 +160,7 @@ __device__ __forceinline__ void sweep_many(const Desc* __restrict__ D, const u64
       op.load(D[j]);
     }
     u32 q = (u32)(u - start);  // < 2^30: a tensor has at most 2^32 elements
-#if MEZO_SWEEP == 1
-    // Two units of one tensor at once (this one and this thread's next), both loaded before
-    // either is computed: twice the loads in flight.
-    u64 u2 = u + stride;
-    if (q < full && u2 < end && (u32)(u2 - start) < full) {
-      u32 q2 = (u32)(u2 - start);
-      float v[4], w[4];
-      void* pq = (char*)p + (u64)q * ub;
-      void* pq2 = (char*)p + (u64)q2 * ub;
-      ld4(pq, dt, v);
-      ld4(pq2, dt, w);
-      op.apply4(v, q << 2);
-      st4(pq, dt, v);
-      op.apply4(w, q2 << 2);
-      st4(pq2, dt, w);
-      u = u2;
-    } else
-#endif
     if (q < full) {
-#if MEZO_SWEEP == 2 && !defined(MEZO_HOST_EMULATION)
-      // This thread's next unit of the tensor, towards L2 while this one computes.
-      if (u + stride < end) asm volatile("prefetch.global.L2 [%0];" :: "l"((char*)p + (u64)(q + (u32)stride) * ub));
-#endif
       float v[4];
       void* pq = (char*)p + (u64)q * ub;
       ld4(pq, dt, v);
@@ -303,6 +278,70 @@ extern "C" __global__ void mezo_flat_variants(float* __restrict__ out, const flo
     out[(2 * r + 1) * P + j] = __fsub_rn(t, ze);
   }
 }
+// s = x + y rounded to the dtype (libtorch's add), then layer_norm(s) * w + b, over rows of n
+// elements: one warp a row. The statistics are f32 over the rounded s, as libtorch's layer norm
+// reads its input: the mean, then the centred sum of squares (no cancellation). Each lane reads
+// back only the sums it stored. One kernel where the residual add and the norm were two.
+// (Warp shuffles: not part of the host emulation.)
+#ifndef MEZO_HOST_EMULATION
+__device__ __forceinline__ void* elt(const void* p, u64 i, int dt) { return (char*)p + i * (dt == 0 ? 4 : 2); }
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+extern "C" __global__ void mezo_add_layer_norm(void* sum, void* __restrict__ out, const void* __restrict__ x,
+    const void* __restrict__ y, const void* __restrict__ w, const void* __restrict__ b, u64 rows, u32 n,
+    float eps, int dt, int vec) {
+  u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+  u32 lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  u64 base = row * n;
+  float acc = 0.0f;
+  if (vec) {
+    for (u32 i = lane * 4; i < n; i += 128) {
+      float a[4], c[4];
+      ld4(elt(x, base + i, dt), dt, a);
+      ld4(elt(y, base + i, dt), dt, c);
+      for (int k = 0; k < 4; k++) { a[k] = rnd(__fadd_rn(a[k], c[k]), dt); acc = __fadd_rn(acc, a[k]); }
+      st4(elt(sum, base + i, dt), dt, a);
+    }
+  } else {
+    for (u32 i = lane; i < n; i += 32) {
+      float v = rnd(__fadd_rn(ld(x, base + i, dt), ld(y, base + i, dt)), dt);
+      st(sum, base + i, dt, v);
+      acc = __fadd_rn(acc, v);
+    }
+  }
+  float inv_n = __fdiv_rn(1.0f, (float)n);
+  float mean = __fmul_rn(warp_sum(acc), inv_n);
+  float sq = 0.0f;
+  if (vec) {
+    for (u32 i = lane * 4; i < n; i += 128) {
+      float a[4];
+      ld4(elt(sum, base + i, dt), dt, a);
+      for (int k = 0; k < 4; k++) { float d = __fsub_rn(a[k], mean); sq = __fadd_rn(sq, __fmul_rn(d, d)); }
+    }
+  } else {
+    for (u32 i = lane; i < n; i += 32) { float d = __fsub_rn(ld(sum, base + i, dt), mean); sq = __fadd_rn(sq, __fmul_rn(d, d)); }
+  }
+  float rstd = rsqrtf(__fadd_rn(__fmul_rn(warp_sum(sq), inv_n), eps));
+  if (vec) {
+    for (u32 i = lane * 4; i < n; i += 128) {
+      float a[4], g[4], h[4];
+      ld4(elt(sum, base + i, dt), dt, a);
+      ld4(elt(w, i, dt), dt, g);
+      ld4(elt(b, i, dt), dt, h);
+      for (int k = 0; k < 4; k++) a[k] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(a[k], mean), rstd), g[k]), h[k]);
+      st4(elt(out, base + i, dt), dt, a);
+    }
+  } else {
+    for (u32 i = lane; i < n; i += 32) {
+      float v = __fmul_rn(__fsub_rn(ld(sum, base + i, dt), mean), rstd);
+      st(out, base + i, dt, __fadd_rn(__fmul_rn(v, ld(w, i, dt)), ld(b, i, dt)));
+    }
+  }
+}
+#endif
 "#;
 
 type CuResult = c_int;
@@ -582,6 +621,7 @@ struct DeviceKernels {
     perturb: usize,
     update: usize,
     variants: usize,
+    add_layer_norm: usize,
     /// One block each (the shared table takes most of an SM's shared memory, and fewer blocks
     /// load it fewer times).
     sms: u32,
@@ -656,10 +696,7 @@ impl Kernels {
         // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76, MULTIPROCESSOR_COUNT = 16.
         let (major, minor) = (attr(75, "compute capability")?, attr(76, "compute capability")?);
         let sms = attr(16, "multiprocessor count")?;
-        // MEZO_SWEEP: an experimental scheduling of the sweeps' loop (see SOURCE), for timing.
-        let sweep = std::env::var("MEZO_SWEEP").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
-        let define = format!("-DMEZO_SWEEP={sweep}");
-        let (ptx, _) = nvrtc()?.compile(&format!("compute_{major}{minor}"), &[define.as_str()])?;
+        let (ptx, _) = nvrtc()?.compile(&format!("compute_{major}{minor}"), &[])?;
         let mut module = std::ptr::null_mut();
         d.check(
             unsafe { (d.module_load_data)(&mut module, ptx.as_ptr() as *const c_void) },
@@ -691,6 +728,7 @@ impl Kernels {
             perturb: get("mezo_perturb_many")?,
             update: get("mezo_sgd_update_many")?,
             variants: get("mezo_flat_variants")?,
+            add_layer_norm: get("mezo_add_layer_norm")?,
             sms: sms.max(1) as u32,
             table,
             staging: Mutex::new(Staging { slots: [StagingSlot::default(); STAGING_SLOTS], next: 0 }),
@@ -997,6 +1035,84 @@ pub fn flat_variants(
     drv.check(r, "cuLaunchKernel (flat variants)")
 }
 
+/// The residual add and layer norm of a transformer block as one launch on libtorch's current
+/// stream (so a CUDA graph captures it): `s = x + y` and `layer_norm(s) * w + b` over the last
+/// dimension, both in x's dtype. `x`, `y` contiguous of one shape; `w`, `b` the norm's `[n]`
+/// weight and bias; all f32, f16 or bf16 of one dtype on one CUDA device. The sum rounds as
+/// libtorch's add; the norm's statistics are f32, as libtorch's (its rounding may differ in the
+/// last place). Returns `(s, norm)`.
+pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let index = cuda_index(x.device())?;
+    let size = x.size();
+    let n = size.last().copied().unwrap_or(0);
+    let ok = matches!(x.kind(), Kind::Float | Kind::Half | Kind::BFloat16)
+        && y.size() == size
+        && w.size() == [n]
+        && b.size() == [n]
+        && n > 0
+        && n < 1 << 31
+        && [x, y, w, b].iter().all(|t| t.kind() == x.kind() && t.device() == x.device() && t.is_contiguous());
+    if !ok {
+        return Err(CoreError::InvalidArgument {
+            what: "add + layer norm",
+            value: format!("x {:?} {:?}, y {:?}, w {:?}, b {:?}", x.kind(), size, y.size(), w.size(), b.size()),
+            expected: "contiguous x, y of one shape and [n] w, b, one float dtype, one CUDA device",
+        });
+    }
+    let sum = x.empty_like();
+    let out = x.empty_like();
+    let rows = (x.numel() as u64) / n as u64;
+    if rows == 0 {
+        return Ok((sum, out));
+    }
+    let dt = dtype_code(x);
+    let ptrs = [&sum, &out, x, y, w, b].map(|t| t.data_ptr());
+    let vec = (n % 4 == 0 && ptrs.iter().all(|&p| vector_aligned(p, dt) == 1)) as c_int;
+    let stream = crate::graph::current_stream(x.device())?;
+    let ks = kernels()?;
+    let k = ks.device(index)?;
+    let [mut ps, mut po, mut px, mut py, mut pw, mut pb] = ptrs.map(|p| p as u64);
+    let (mut r, mut nn, mut e, mut d) = (rows, n as u32, eps as f32, dt as c_int);
+    let mut v = vec;
+    let mut args: Vec<*mut c_void> = vec![
+        &mut ps as *mut _ as *mut c_void,
+        &mut po as *mut _ as *mut c_void,
+        &mut px as *mut _ as *mut c_void,
+        &mut py as *mut _ as *mut c_void,
+        &mut pw as *mut _ as *mut c_void,
+        &mut pb as *mut _ as *mut c_void,
+        &mut r as *mut _ as *mut c_void,
+        &mut nn as *mut _ as *mut c_void,
+        &mut e as *mut _ as *mut c_void,
+        &mut d as *mut _ as *mut c_void,
+        &mut v as *mut _ as *mut c_void,
+    ];
+    // Eight warps (rows) a block.
+    let threads = 256u32;
+    let blocks = u32::try_from(rows.div_ceil(8)).map_err(|_| CoreError::Cuda(format!("{rows} rows")))?;
+    let drv = &ks.driver;
+    let _guard = drv.enter(k.ctx)?;
+    // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the tensors
+    // outlive the launch (the caller holds them until the stream has run it).
+    let res = unsafe {
+        (drv.launch_kernel)(
+            k.add_layer_norm as *mut c_void,
+            blocks,
+            1,
+            1,
+            threads,
+            1,
+            1,
+            0,
+            stream,
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    drv.check(res, "cuLaunchKernel (add + layer norm)")?;
+    Ok((sum, out))
+}
+
 /// Whether the kernels may move four elements at a time: 16 bytes (f32) or 8 (f16/bf16) aligned.
 fn vector_aligned(ptr: *mut c_void, dt: u32) -> u32 {
     let align = if dt == 0 { 16 } else { 8 };
@@ -1114,6 +1230,41 @@ pub fn available(device: Device) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The fused residual add and layer norm against libtorch's two operators: the sums equal
+    /// bit for bit, the norms within a rounding of the dtype; vector (n % 4 == 0) and scalar rows.
+    /// `cargo test --release -p mezo-core add_layer_norm -- --ignored`.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn add_layer_norm_matches_libtorch() {
+        assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
+        let dev = Device::Cuda(0);
+        tch::manual_seed(5);
+        // Relative to max(1, |value|): two roundings of the dtype.
+        for (kind, tol) in [(Kind::Float, 1e-5), (Kind::Half, 2e-3), (Kind::BFloat16, 1.6e-2)] {
+            for shape in [vec![4i64, 7, 768], vec![3, 30], vec![2, 5, 2048]] {
+                let n = *shape.last().unwrap();
+                let x = Tensor::randn(shape.as_slice(), (Kind::Float, dev)).to_kind(kind);
+                let y = (Tensor::randn(shape.as_slice(), (Kind::Float, dev)) * 3.0 + 1.0).to_kind(kind);
+                let w = (Tensor::randn([n], (Kind::Float, dev)) * 0.5 + 1.0).to_kind(kind);
+                let b = (Tensor::randn([n], (Kind::Float, dev)) * 0.5).to_kind(kind);
+                let (sum, norm) = add_layer_norm(&x, &y, &w, &b, 1e-5).unwrap();
+                let want_sum = &x + &y;
+                assert!(sum.equal(&want_sum), "{kind:?} {shape:?}: sums differ");
+                let want = want_sum.layer_norm([n], Some(&w), Some(&b), 1e-5, false);
+                let want = want.to_kind(Kind::Float);
+                let diff = ((norm.to_kind(Kind::Float) - &want).abs() / want.abs().clamp_min(1.0))
+                    .max()
+                    .double_value(&[]);
+                assert!(diff <= tol, "{kind:?} {shape:?}: norms differ by {diff}");
+            }
+        }
+        // Refused: mixed dtypes, a weight of the wrong length.
+        let x = Tensor::randn([2, 8], (Kind::Float, dev));
+        let w = Tensor::ones([8], (Kind::Float, dev));
+        assert!(add_layer_norm(&x, &x.to_kind(Kind::Half), &w, &w, 1e-5).is_err());
+        assert!(add_layer_norm(&x, &x, &w.narrow(0, 0, 4), &w, 1e-5).is_err());
+    }
+
     /// The kernels compile with NVRTC, for the H100 (sm_90: NVRTC runs ptxas too, so register
     /// or shared-memory limits would fail here) and as PTX as at run time. Needs only libnvrtc
     /// (the venv's torch ships it), no GPU.
@@ -1122,7 +1273,7 @@ mod tests {
         let nv = nvrtc().expect("libnvrtc loads (from the venv's torch: nvidia/cu13/lib)");
         let (ptx, _) = nv.compile("compute_90", &[]).expect("PTX for compute_90");
         let ptx = String::from_utf8_lossy(&ptx);
-        for f in ["mezo_perturb_many", "mezo_sgd_update_many", "mezo_flat_variants"] {
+        for f in ["mezo_perturb_many", "mezo_sgd_update_many", "mezo_flat_variants", "mezo_add_layer_norm"] {
             assert!(ptx.contains(&format!(".entry {f}")), "{f} missing from the PTX");
         }
         // --fmad=false must hold: no fused multiply-add anywhere in the arithmetic.
@@ -1130,17 +1281,11 @@ mod tests {
         let (cubin, log) = nv.compile("sm_90", &["--ptxas-options=-v"]).expect("CUBIN for sm_90");
         println!("ptxas (sm_90): {log}");
         assert!(cubin.len() > 1000, "a CUBIN of {} bytes", cubin.len());
-        // Every kernel (perturb, update, flat variants) compiles without spilling; the two sweeps
-        // fit the 64 registers a 1024-thread block allows.
+        // Every kernel (perturb, update, flat variants, add + layer norm) compiles without
+        // spilling; the two sweeps fit the 64 registers a 1024-thread block allows.
         let spills: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
-        assert_eq!(spills.len(), 3, "{log}");
+        assert_eq!(spills.len(), 4, "{log}");
         assert!(spills.iter().all(|l| l.contains(" 0 bytes spill stores, 0 bytes spill loads")), "{log}");
-        // The experimental loop schedulings (MEZO_SWEEP) compile, and without spills.
-        for v in ["-DMEZO_SWEEP=1", "-DMEZO_SWEEP=2"] {
-            let (_, log) = nv.compile("sm_90", &["--ptxas-options=-v", v]).expect(v);
-            println!("ptxas (sm_90, {v}): {log}");
-            assert!(log.lines().filter(|l| l.contains("spill stores")).all(|l| l.contains(" 0 bytes spill stores")), "{v}: {log}");
-        }
         // Before sm_80 the packed half conversions take the scalar path.
         nv.compile("compute_75", &[]).expect("PTX for compute_75");
     }

@@ -40,6 +40,22 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.layer_norm([self.width], self.weight.as_ref(), self.bias.as_ref(), Self::EPS, true)
     }
+
+    /// `(x + y, norm(x + y))`: a residual add and the norm after it. On CUDA one fused kernel
+    /// (`mezo_core::cuda::add_layer_norm`) where there were two; elsewhere, or when autograd
+    /// needs the graph, libtorch's two operators.
+    pub fn add_forward(&self, x: &Tensor, y: &Tensor) -> (Tensor, Tensor) {
+        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
+            if x.device().is_cuda() && ![x, y, w, b].iter().any(|t| t.requires_grad()) {
+                if let Ok(r) = mezo_core::cuda::add_layer_norm(x, y, w, b, Self::EPS) {
+                    return r;
+                }
+            }
+        }
+        let s = x + y;
+        let n = self.forward(&s);
+        (s, n)
+    }
 }
 
 pub struct Attention {
@@ -403,14 +419,24 @@ impl Opt {
         };
         let tuning = placed.as_ref().or(tuning);
         let mut masks = OnDevices::default();
+        // Pre-LN: each layer's last residual add runs fused with the norm that follows it (the
+        // next layer's input norm, or the final norm), handed on in `normed`; not across a
+        // device boundary, where the next layer's norm lives on another device.
+        let pre = self.config.do_layer_norm_before;
+        let mut normed: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let dev = self.placement.layer(i);
             x = move_to(x, dev);
             let m = attn_mask.as_ref().map(|m| masks.get(m, dev));
-            x = self.layer_forward(i, layer, &x, m.as_ref(), tuning);
+            let next = match self.layers.get(i + 1) {
+                _ if !pre => None,
+                Some(l) => (self.placement.layer(i + 1) == dev).then_some(&l.self_attn_layer_norm),
+                None => self.final_layer_norm.as_ref(),
+            };
+            (x, normed) = self.layer_forward(i, layer, &x, normed.take(), next, m.as_ref(), tuning);
         }
         if let Some(n) = &self.final_layer_norm {
-            x = n.forward(&x);
+            x = normed.take().unwrap_or_else(|| n.forward(&x));
         }
         if let Some(p) = &self.project_out {
             x = p.forward(&x);
@@ -428,44 +454,60 @@ impl Opt {
         causal.logical_and(&keys).logical_or(&eye)
     }
 
+    /// One decoder layer. `normed`: this layer's input norm of `x` if the previous layer computed
+    /// it (pre-LN, fused with its last residual add); `next`: the norm that follows this layer
+    /// (pre-LN), computed here fused with the last residual add. Returns the layer's output and,
+    /// with `next`, its norm.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         i: usize,
         layer: &DecoderLayer,
         x: &Tensor,
+        normed: Option<Tensor>,
+        next: Option<&LayerNorm>,
         mask: Option<&Tensor>,
         tuning: Option<&Tuning>,
-    ) -> Tensor {
+    ) -> (Tensor, Option<Tensor>) {
         let lora = tuning.and_then(Tuning::lora);
-        let pre = self.config.do_layer_norm_before;
-        let residual = x;
-        let h = if pre { layer.self_attn_layer_norm.forward(x) } else { x.shallow_clone() };
-        let h = self.attention(i, &layer.self_attn, &h, mask, tuning);
-        let mut x = residual + h;
-        if !pre {
-            x = layer.self_attn_layer_norm.forward(&x);
+        if self.config.do_layer_norm_before {
+            let h = normed.unwrap_or_else(|| layer.self_attn_layer_norm.forward(x));
+            let a = self.attention(i, &layer.self_attn, &h, mask, tuning);
+            let (x, h) = layer.final_layer_norm.add_forward(x, &a);
+            let f = self.mlp(i, layer, &h, lora);
+            match next {
+                Some(n) => {
+                    let (x, h) = n.add_forward(&x, &f);
+                    (x, Some(h))
+                }
+                None => (x + f, None),
+            }
+        } else {
+            // Post-LN (OPT-350m): each norm takes its residual sum; the sum itself is not kept.
+            let a = self.attention(i, &layer.self_attn, x, mask, tuning);
+            let (_, x) = layer.self_attn_layer_norm.add_forward(x, &a);
+            let f = self.mlp(i, layer, &x, lora);
+            let (_, x) = layer.final_layer_norm.add_forward(&x, &f);
+            (x, None)
         }
-        let residual = &x;
-        let h = if pre { layer.final_layer_norm.forward(&x) } else { x.shallow_clone() };
+    }
+
+    /// fc2(act(fc1(h))), with their adapters.
+    fn mlp(&self, i: usize, layer: &DecoderLayer, h: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
         let fc1_adapted = lora.is_some_and(|l| l.adapts(i, Target::Fc1));
         let h = match (&self.config.activation, &layer.fc1.bias) {
             // fc1 and its ReLU as one GEMM on CUDA (the bias and ReLU in cuBLASLt's epilogue): a
             // kernel fewer per layer. It has no autograd derivative: first-order training, which
             // needs one, takes the unfused path.
             (Activation::Relu, Some(bias))
-                if !fc1_adapted && ![&h, &layer.fc1.weight, bias].iter().any(|t| t.requires_grad()) =>
+                if !fc1_adapted && ![h, &layer.fc1.weight, bias].iter().any(|t| t.requires_grad()) =>
             {
                 let (r, t, w) = h.size3().expect("[rows, seq, width]");
                 mezo_core::ops::linear_relu(&h.reshape([r * t, w]), &layer.fc1.weight, bias).view([r, t, -1])
             }
-            _ => self.activation(&proj(i, Target::Fc1, &layer.fc1, &h, lora)),
+            _ => self.activation(&proj(i, Target::Fc1, &layer.fc1, h, lora)),
         };
-        let h = proj(i, Target::Fc2, &layer.fc2, &h, lora);
-        let mut x = residual + h;
-        if !pre {
-            x = layer.final_layer_norm.forward(&x);
-        }
-        x
+        proj(i, Target::Fc2, &layer.fc2, &h, lora)
     }
 
     fn activation(&self, x: &Tensor) -> Tensor {
@@ -567,7 +609,7 @@ impl Opt {
             let v = layer.self_attn.v_proj.forward(&h);
             // [n, 2, hidden], gathered on the first device.
             per_layer.push(move_to(Tensor::stack(&[k.squeeze_dim(0), v.squeeze_dim(0)], 1), self.device));
-            x = self.layer_forward(i, layer, &x, None, None);
+            x = self.layer_forward(i, layer, &x, None, None, None, None).0;
         }
         Ok(Tensor::stack(&per_layer, 1).to_kind(Kind::Float).flatten(0, -1))
     }
