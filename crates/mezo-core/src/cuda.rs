@@ -279,65 +279,93 @@ extern "C" __global__ void mezo_flat_variants(float* __restrict__ out, const flo
   }
 }
 // s = x + y rounded to the dtype (libtorch's add), then layer_norm(s) * w + b, over rows of n
-// elements: one warp a row. The statistics are f32 over the rounded s, as libtorch's layer norm
-// reads its input: the mean, then the centred sum of squares (no cancellation). Each lane reads
-// back only the sums it stored. One kernel where the residual add and the norm were two.
-// (Warp shuffles: not part of the host emulation.)
+// elements: one block a row, each thread holding at most LN_MAX of the row's sums in registers
+// (the host picks the block size). The statistics are f32 over the rounded s, as libtorch's
+// layer norm reads its input: the mean, then the centred sum of squares (no cancellation). One
+// kernel where the residual add and the norm were two. (Warp shuffles: not in the host emulation.)
 #ifndef MEZO_HOST_EMULATION
+#define LN_MAX 16
 __device__ __forceinline__ void* elt(const void* p, u64 i, int dt) { return (char*)p + i * (dt == 0 ? 4 : 2); }
-__device__ __forceinline__ float warp_sum(float v) {
+// The sum of v over the block, on every thread; `red` holds a value per warp.
+__device__ __forceinline__ float block_sum(float v, float* red) {
   for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+  u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? red[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) red[32] = v;
+  }
+  __syncthreads();
+  v = red[32];
+  __syncthreads();  // `red` is free again for the next sum
   return v;
 }
-extern "C" __global__ void mezo_add_layer_norm(void* sum, void* __restrict__ out, const void* __restrict__ x,
-    const void* __restrict__ y, const void* __restrict__ w, const void* __restrict__ b, u64 rows, u32 n,
-    float eps, int dt, int vec) {
-  u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
-  u32 lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  u64 base = row * n;
+extern "C" __global__ void mezo_add_layer_norm(void* __restrict__ sum, void* __restrict__ out,
+    const void* __restrict__ x, const void* __restrict__ y, const void* __restrict__ w,
+    const void* __restrict__ b, u32 n, float eps, int dt, int vec) {
+  __shared__ float red[33];
+  u64 base = (u64)blockIdx.x * n;
+  u32 t = threadIdx.x, T = blockDim.x;
+  float v[LN_MAX];
   float acc = 0.0f;
-  if (vec) {
-    for (u32 i = lane * 4; i < n; i += 128) {
-      float a[4], c[4];
-      ld4(elt(x, base + i, dt), dt, a);
-      ld4(elt(y, base + i, dt), dt, c);
-      for (int k = 0; k < 4; k++) { a[k] = rnd(__fadd_rn(a[k], c[k]), dt); acc = __fadd_rn(acc, a[k]); }
-      st4(elt(sum, base + i, dt), dt, a);
-    }
-  } else {
-    for (u32 i = lane; i < n; i += 32) {
-      float v = rnd(__fadd_rn(ld(x, base + i, dt), ld(y, base + i, dt)), dt);
-      st(sum, base + i, dt, v);
-      acc = __fadd_rn(acc, v);
+  // Element j of this thread: index (t + c T) 4 + k on the vector path (chunk c, lane k of
+  // four), t + j T on the scalar one.
+#pragma unroll
+  for (int c = 0; c < LN_MAX / 4; c++) {
+    if (vec) {
+      u32 i = (t + c * T) * 4;
+      if (i < n) {
+        float a[4], d[4];
+        ld4(elt(x, base + i, dt), dt, a);
+        ld4(elt(y, base + i, dt), dt, d);
+#pragma unroll
+        for (int k = 0; k < 4; k++) { v[c * 4 + k] = rnd(__fadd_rn(a[k], d[k]), dt); acc = __fadd_rn(acc, v[c * 4 + k]); }
+        st4(elt(sum, base + i, dt), dt, &v[c * 4]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        u32 i = t + (c * 4 + k) * T;
+        if (i < n) {
+          v[c * 4 + k] = rnd(__fadd_rn(ld(x, base + i, dt), ld(y, base + i, dt)), dt);
+          st(sum, base + i, dt, v[c * 4 + k]);
+          acc = __fadd_rn(acc, v[c * 4 + k]);
+        }
+      }
     }
   }
   float inv_n = __fdiv_rn(1.0f, (float)n);
-  float mean = __fmul_rn(warp_sum(acc), inv_n);
+  float mean = __fmul_rn(block_sum(acc, red), inv_n);
   float sq = 0.0f;
-  if (vec) {
-    for (u32 i = lane * 4; i < n; i += 128) {
-      float a[4];
-      ld4(elt(sum, base + i, dt), dt, a);
-      for (int k = 0; k < 4; k++) { float d = __fsub_rn(a[k], mean); sq = __fadd_rn(sq, __fmul_rn(d, d)); }
+#pragma unroll
+  for (int c = 0; c < LN_MAX / 4; c++) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      u32 i = vec ? (t + c * T) * 4 + k : t + (c * 4 + k) * T;
+      if (i < n) { float d = __fsub_rn(v[c * 4 + k], mean); sq = __fadd_rn(sq, __fmul_rn(d, d)); }
     }
-  } else {
-    for (u32 i = lane; i < n; i += 32) { float d = __fsub_rn(ld(sum, base + i, dt), mean); sq = __fadd_rn(sq, __fmul_rn(d, d)); }
   }
-  float rstd = rsqrtf(__fadd_rn(__fmul_rn(warp_sum(sq), inv_n), eps));
-  if (vec) {
-    for (u32 i = lane * 4; i < n; i += 128) {
-      float a[4], g[4], h[4];
-      ld4(elt(sum, base + i, dt), dt, a);
-      ld4(elt(w, i, dt), dt, g);
-      ld4(elt(b, i, dt), dt, h);
-      for (int k = 0; k < 4; k++) a[k] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(a[k], mean), rstd), g[k]), h[k]);
-      st4(elt(out, base + i, dt), dt, a);
-    }
-  } else {
-    for (u32 i = lane; i < n; i += 32) {
-      float v = __fmul_rn(__fsub_rn(ld(sum, base + i, dt), mean), rstd);
-      st(out, base + i, dt, __fadd_rn(__fmul_rn(v, ld(w, i, dt)), ld(b, i, dt)));
+  float rstd = rsqrtf(__fadd_rn(__fmul_rn(block_sum(sq, red), inv_n), eps));
+#pragma unroll
+  for (int c = 0; c < LN_MAX / 4; c++) {
+    if (vec) {
+      u32 i = (t + c * T) * 4;
+      if (i < n) {
+        float g[4], h[4], o[4];
+        ld4(elt(w, i, dt), dt, g);
+        ld4(elt(b, i, dt), dt, h);
+#pragma unroll
+        for (int k = 0; k < 4; k++) o[k] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(v[c * 4 + k], mean), rstd), g[k]), h[k]);
+        st4(elt(out, base + i, dt), dt, o);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        u32 i = t + (c * 4 + k) * T;
+        if (i < n) st(out, base + i, dt, __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(v[c * 4 + k], mean), rstd), ld(w, i, dt)), ld(b, i, dt)));
+      }
     }
   }
 }
@@ -1059,12 +1087,22 @@ pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) 
             expected: "contiguous x, y of one shape and [n] w, b, one float dtype, one CUDA device",
         });
     }
+    // A block a row: a multiple of 32 threads, each holding at most 16 of the row's values.
+    let threads = (n as u64).div_ceil(16).div_ceil(32).max(1) * 32;
+    if threads > 1024 {
+        return Err(CoreError::InvalidArgument {
+            what: "add + layer norm",
+            value: format!("rows of {n}"),
+            expected: "at most 16384 elements a row",
+        });
+    }
     let sum = x.empty_like();
     let out = x.empty_like();
     let rows = (x.numel() as u64) / n as u64;
     if rows == 0 {
         return Ok((sum, out));
     }
+    let blocks = u32::try_from(rows).map_err(|_| CoreError::Cuda(format!("{rows} rows")))?;
     let dt = dtype_code(x);
     let ptrs = [&sum, &out, x, y, w, b].map(|t| t.data_ptr());
     let vec = (n % 4 == 0 && ptrs.iter().all(|&p| vector_aligned(p, dt) == 1)) as c_int;
@@ -1072,7 +1110,7 @@ pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) 
     let ks = kernels()?;
     let k = ks.device(index)?;
     let [mut ps, mut po, mut px, mut py, mut pw, mut pb] = ptrs.map(|p| p as u64);
-    let (mut r, mut nn, mut e, mut d) = (rows, n as u32, eps as f32, dt as c_int);
+    let (mut nn, mut e, mut d) = (n as u32, eps as f32, dt as c_int);
     let mut v = vec;
     let mut args: Vec<*mut c_void> = vec![
         &mut ps as *mut _ as *mut c_void,
@@ -1081,15 +1119,11 @@ pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) 
         &mut py as *mut _ as *mut c_void,
         &mut pw as *mut _ as *mut c_void,
         &mut pb as *mut _ as *mut c_void,
-        &mut r as *mut _ as *mut c_void,
         &mut nn as *mut _ as *mut c_void,
         &mut e as *mut _ as *mut c_void,
         &mut d as *mut _ as *mut c_void,
         &mut v as *mut _ as *mut c_void,
     ];
-    // Eight warps (rows) a block.
-    let threads = 256u32;
-    let blocks = u32::try_from(rows.div_ceil(8)).map_err(|_| CoreError::Cuda(format!("{rows} rows")))?;
     let drv = &ks.driver;
     let _guard = drv.enter(k.ctx)?;
     // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the tensors
@@ -1100,7 +1134,7 @@ pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) 
             blocks,
             1,
             1,
-            threads,
+            threads as u32,
             1,
             1,
             0,
@@ -1152,6 +1186,49 @@ pub(crate) fn sgd_update_many(
     dist: Distribution,
 ) -> Result<()> {
     let (descs, dirs) = update_descs(ps, us, then);
+    launch_many(index, Sweep::Update, &descs, &dirs, dist)
+}
+
+/// The update of a contiguous f32 vector made of segments laid end to end (a flat LoRA or prefix
+/// state on CUDA device `index`), one launch: each segment is described by its address in the
+/// vector, so no tensor view is made per segment (libtorch's dispatcher costs about a
+/// microsecond a view, and the update runs between two forwards with the GPU waiting).
+pub(crate) fn sgd_update_segments(
+    index: usize,
+    flat: &Tensor,
+    segs: &[crate::fused::Segment],
+    grads: &[f32],
+    lr: f32,
+    weight_decay: Option<f32>,
+    dist: Distribution,
+) -> Result<()> {
+    let base = flat.data_ptr() as u64;
+    let dt = dtype_code(flat);
+    // As `SgdUpdate::inv_n`: the mean over directions as a multiply by the f32 reciprocal.
+    let inv_n = (grads.len() > 1).then(|| (1.0 / grads.len() as f64) as f32);
+    let flags = if inv_n.is_some() { F_INV } else { 0 } | if weight_decay.is_some() { F_WD } else { 0 };
+    let mut dirs = Vec::with_capacity(segs.len() * grads.len());
+    let descs: Vec<Desc> = segs
+        .iter()
+        .map(|s| {
+            let ptr = base + 4 * s.offset as u64;
+            let d = Desc {
+                ptr,
+                n: s.len as u64,
+                dt,
+                vec: vector_aligned(ptr as *mut c_void, dt),
+                flags,
+                m: s.keys.len() as u32,
+                inv_n: inv_n.unwrap_or(1.0),
+                wd: weight_decay.unwrap_or(0.0),
+                lr,
+                kofs: dirs.len() as u32,
+                ..Desc::default()
+            };
+            dirs.extend(s.keys.iter().copied().zip(grads.iter().copied()));
+            d
+        })
+        .collect();
     launch_many(index, Sweep::Update, &descs, &dirs, dist)
 }
 

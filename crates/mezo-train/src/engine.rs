@@ -1073,35 +1073,15 @@ impl Engine {
         let inv_n = (1.0 / seeds.len() as f64) as f32 as f64;
         let StepSettings { dist, rule, weight_decay, .. } = self.settings;
         if let Some(l) = self.trainable.flat_state_mut() {
-            if rule == Rule::Sgd && l.flat.device() == Device::Cpu {
-                // The coordinator's copy (and CPU runs): one fused pass on every core, the same
-                // bits as the tensor ops below (tested).
+            if rule == Rule::Sgd && fused::supported(&l.flat) {
+                // One fused pass: on the CPU (the coordinator's copy, CPU runs) on every core, on
+                // CUDA one launch over the segments; z drawn on the fly, the same bits on both
+                // (the kernels are tested against the CPU pass) as the tensor ops below.
                 l.slot.count_step();
                 let segs = l.fused_segments(seeds);
                 let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
                 let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
                 fused::sgd_update_segments_(&l.flat, &segs, &g, lr as f32, wd, dist)?;
-            } else if rule == Rule::Sgd && l.flat.device().is_cuda() && fused::supported(&l.flat) {
-                // One fused launch over every segment (a view each), z drawn on the fly: the same
-                // bits as the CPU pass above (the kernels are tested against it).
-                l.slot.count_step();
-                let g: Vec<f32> = grads.iter().map(|&g| g as f32).collect();
-                let wd = (weight_decay != 0.0).then_some(weight_decay as f32);
-                let segs = l.fused_segments(seeds);
-                let views: Vec<Tensor> =
-                    segs.iter().map(|s| l.flat.narrow(0, s.offset as i64, s.len as i64)).collect();
-                let refs: Vec<&Tensor> = views.iter().collect();
-                let us: Vec<SgdUpdate> = segs
-                    .into_iter()
-                    .map(|s| SgdUpdate {
-                        keys: s.keys,
-                        grads: g.clone(),
-                        lr: lr as f32,
-                        weight_decay: wd,
-                        restore: None,
-                    })
-                    .collect();
-                fused::sgd_update_many_(&refs, &us, dist)?;
             } else {
                 let table = self.table.on(l.flat.device());
                 flat_update_tensor(l, seeds, grads, lr, rule, weight_decay, dist, &table)

@@ -445,6 +445,10 @@ pub struct Session {
     pub engine: Engine,
     /// First-order Adam state (only with `--optimizer adam`).
     fo_slots: Vec<Slot>,
+    /// The last training batch [`Self::train_losses`] prepared, by its examples: a step's
+    /// directions, served as one task each, all read one batch, so its host work and uploads
+    /// happen once a step rather than once a task.
+    last_batch: std::sync::Mutex<Option<(Vec<usize>, Vec<Prepared>)>>,
 }
 
 impl Session {
@@ -468,7 +472,19 @@ impl Session {
         let trainable = init_trainable(&cfg, &model)?;
         let settings = cfg.step_settings()?;
         let engine = Engine::new(trainable, settings, model.device());
-        Ok(Session { cfg, task, gen, model, kind, train, dev, test, engine, fo_slots: Vec::new() })
+        Ok(Session {
+            cfg,
+            task,
+            gen,
+            model,
+            kind,
+            train,
+            dev,
+            test,
+            engine,
+            fo_slots: Vec::new(),
+            last_batch: std::sync::Mutex::new(None),
+        })
     }
 
     pub fn trainable_params(&self) -> i64 {
@@ -751,10 +767,15 @@ impl Session {
     /// `(L+, L-)` per seed over the given training examples, the loss's weight, and the tokens
     /// the forward passes processed (two signs per seed).
     pub fn train_losses(&self, seeds: &[u64], examples: &[usize]) -> Result<(Vec<(f64, f64)>, f64, u64)> {
-        let micro = self.prepare(examples)?;
+        let mut cache = self.last_batch.lock().expect("batch cache");
+        if cache.as_ref().is_none_or(|(idx, _)| idx.as_slice() != examples) {
+            *cache = None; // a failed prepare keeps nothing stale
+            *cache = Some((examples.to_vec(), self.prepare(examples)?));
+        }
+        let micro = &cache.as_ref().expect("prepared above").1;
         let weight = micro.iter().map(|p| p.weight).sum();
         let tokens = micro.iter().map(|p| p.tokens).sum::<u64>() * 2 * seeds.len() as u64;
-        Ok((self.engine.direction_losses(&self.model, &micro, seeds)?, weight, tokens))
+        Ok((self.engine.direction_losses(&self.model, micro, seeds)?, weight, tokens))
     }
 
     /// The sum of the task's metric over the given examples of `set` (correct predictions, or
