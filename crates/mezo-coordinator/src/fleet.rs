@@ -30,6 +30,8 @@ pub struct StepContext {
     pub previous: Option<pb::StepUpdate>,
     /// The coordinator's state checksum at `version`, at snapshot steps (empty otherwise).
     pub expected_checksum: String,
+    /// The next training step's examples, for workers to prepare ahead (empty: unknown).
+    pub next_examples: Vec<u32>,
 }
 
 enum Cmd {
@@ -261,6 +263,7 @@ impl Actor {
                 } as i32,
                 previous: context.previous,
                 expected_checksum: context.expected_checksum,
+                next_examples: context.next_examples,
             };
             if !self.streams.get(&wid).is_some_and(|s| s.try_send(Ok(task)).is_ok()) {
                 self.dispatch.unassign(wid, t.task_id);

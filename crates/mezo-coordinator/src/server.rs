@@ -449,7 +449,14 @@ impl RunActor {
         let batch: Vec<u32> = batcher.next_batch().into_iter().map(|i| i as u32).collect();
         let seeds: Vec<u64> = (0..cfg.directions as u32).map(|i| direction_seed(cfg.seed, step, i)).collect();
         let parts = plan_train(&seeds, &batch, self.stored.data_parallel, cfg.grad_accum.max(2));
-        let context = StepContext { previous, expected_checksum };
+        // Direction-parallel tasks each read the whole batch, so the next step's batch is what
+        // every worker will read next (data-parallel shards are not known to a worker ahead).
+        let next_examples = if self.stored.data_parallel || step + 1 >= cfg.steps {
+            Vec::new()
+        } else {
+            batcher.peek().iter().map(|&i| i as u32).collect()
+        };
+        let context = StepContext { previous, expected_checksum, next_examples };
         let (fleet, id) = (self.inner.fleet.clone(), self.id.clone());
         InFlight(tokio::spawn(async move {
             fleet.run_step(&id, step, TaskKind::Train, step, context, parts).await
@@ -500,14 +507,20 @@ impl RunActor {
         let mut bytes = bytes;
         // The next step, dispatched before this one's bookkeeping (see below).
         let mut next: Option<(Instant, InFlight)> = None;
+        let mut verify_checksum: Option<String> = None;
         // A step in flight always completes and is logged, as a step that was waited for does.
         while step < cfg.steps && (next.is_some() || !self.stop) {
             let (started, mut in_flight) = match next.take() {
                 Some(n) => n,
                 None => {
-                    // At snapshot steps the workers check their replica against this state.
+                    // At snapshot steps the workers check their replica against this state (its
+                    // checksum, computed with the update in the background when it was due).
                     let verify = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
-                    let checksum = if verify { state_checksum(&bytes) } else { String::new() };
+                    let checksum = match verify_checksum.take() {
+                        Some(c) if verify => c,
+                        _ if verify => state_checksum(&bytes),
+                        _ => String::new(),
+                    };
                     let previous = last.as_ref().map(step_update);
                     (Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum))
                 }
@@ -557,16 +570,19 @@ impl RunActor {
                         None => Ok(()),
                     };
                     let bytes = flat_state_bytes(&e.trainable);
-                    (e, applied.map(|()| bytes))
+                    let checksum = verify_due.then(|| state_checksum(&bytes));
+                    (e, applied.map(|()| (bytes, checksum)))
                 });
                 let (e, done) = self.serving(work).await.map_err(|e| format!("step {}'s update: {e}", step - 1))?;
-                bytes = Arc::new(done?);
+                let (b, checksum) = done?;
+                bytes = Arc::new(b);
+                verify_checksum = checksum;
                 engine = Some(e);
             } else {
                 bytes = Arc::new(Vec::new());
             }
             let duration = started.elapsed();
-            let context = StepContext { previous: Some(step_update(&rec)), expected_checksum: String::new() };
+            let context = StepContext { previous: Some(step_update(&rec)), ..Default::default() };
             last = Some(rec.clone());
             let mut p = Pending { seq, rec, version: step, bytes: bytes.clone(), dev: None, duration };
             if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {

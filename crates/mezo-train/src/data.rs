@@ -100,6 +100,15 @@ impl Batcher {
         }
         self.queue.pop().expect("refill yields at least one batch")
     }
+
+    /// The batch [`Self::next_batch`] returns next, without taking it (starting the next epoch's
+    /// shuffle if this one is used up, as `next_batch` would).
+    pub fn peek(&mut self) -> &[usize] {
+        if self.queue.is_empty() {
+            self.refill();
+        }
+        self.queue.last().expect("refill yields at least one batch")
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +137,11 @@ mod tests {
             Batcher::new((0..100).map(|i| (i * 37) % 23).collect(), 16, 7).unwrap().next_batch()
         );
         assert_eq!(next.len(), 16);
+        // Peeking shows the next batch without taking it, across an epoch's end too.
+        for _ in 0..8 {
+            let peeked = a.peek().to_vec();
+            assert_eq!(peeked, a.next_batch());
+        }
     }
 
     #[test]

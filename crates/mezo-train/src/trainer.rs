@@ -432,6 +432,9 @@ fn tokenise(tok: &TextTokenizer, examples: Vec<TaskExample>, task: &Task) -> Res
 }
 
 /// Everything [`train`] loads before its first step.
+/// Training batches a [`Session`] keeps prepared: the current step's and the next one's.
+const BATCHES_KEPT: usize = 2;
+
 pub struct Session {
     pub cfg: TrainConfig,
     pub task: Task,
@@ -445,10 +448,11 @@ pub struct Session {
     pub engine: Engine,
     /// First-order Adam state (only with `--optimizer adam`).
     fo_slots: Vec<Slot>,
-    /// The last training batch [`Self::train_losses`] prepared, by its examples: a step's
-    /// directions, served as one task each, all read one batch, so its host work and uploads
-    /// happen once a step rather than once a task.
-    last_batch: std::sync::Mutex<Option<(Vec<usize>, Vec<Prepared>)>>,
+    /// The last training batches prepared (newest first, at most [`BATCHES_KEPT`]), by their
+    /// examples: a step's directions, served as one task each, all read one batch, so its host
+    /// work and uploads happen once a step rather than once a task; and a worker prepares the
+    /// next step's batch ahead ([`Self::prefetch`]) while it waits for that step's tasks.
+    batches: std::sync::Mutex<Vec<(Vec<usize>, Vec<Prepared>)>>,
 }
 
 impl Session {
@@ -483,7 +487,7 @@ impl Session {
             test,
             engine,
             fo_slots: Vec::new(),
-            last_batch: std::sync::Mutex::new(None),
+            batches: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -767,15 +771,41 @@ impl Session {
     /// `(L+, L-)` per seed over the given training examples, the loss's weight, and the tokens
     /// the forward passes processed (two signs per seed).
     pub fn train_losses(&self, seeds: &[u64], examples: &[usize]) -> Result<(Vec<(f64, f64)>, f64, u64)> {
-        let mut cache = self.last_batch.lock().expect("batch cache");
-        if cache.as_ref().is_none_or(|(idx, _)| idx.as_slice() != examples) {
-            *cache = None; // a failed prepare keeps nothing stale
-            *cache = Some((examples.to_vec(), self.prepare(examples)?));
-        }
-        let micro = &cache.as_ref().expect("prepared above").1;
+        let mut cache = self.batches.lock().expect("batch cache");
+        let micro = &self.cached_batch(&mut cache, examples)?.1;
         let weight = micro.iter().map(|p| p.weight).sum();
         let tokens = micro.iter().map(|p| p.tokens).sum::<u64>() * 2 * seeds.len() as u64;
         Ok((self.engine.direction_losses(&self.model, micro, seeds)?, weight, tokens))
+    }
+
+    /// Prepares the training batch of `examples` (tokens to device tensors) and keeps it for
+    /// the [`Self::train_losses`] that will read it: a worker calls this with the next step's
+    /// examples while it waits for that step's tasks, taking the batch's host work and uploads
+    /// off the step's critical path.
+    pub fn prefetch(&self, examples: &[usize]) -> Result<()> {
+        let mut cache = self.batches.lock().expect("batch cache");
+        self.cached_batch(&mut cache, examples).map(|_| ())
+    }
+
+    /// The cached batch of `examples`, prepared and cached (newest first) if it is not there.
+    fn cached_batch<'c>(
+        &self,
+        cache: &'c mut Vec<(Vec<usize>, Vec<Prepared>)>,
+        examples: &[usize],
+    ) -> Result<&'c (Vec<usize>, Vec<Prepared>)> {
+        match cache.iter().position(|(idx, _)| idx.as_slice() == examples) {
+            Some(0) => {}
+            Some(j) => {
+                let hit = cache.remove(j);
+                cache.insert(0, hit);
+            }
+            None => {
+                let prepared = self.prepare(examples)?;
+                cache.insert(0, (examples.to_vec(), prepared));
+                cache.truncate(BATCHES_KEPT);
+            }
+        }
+        Ok(&cache[0])
     }
 
     /// The sum of the task's metric over the given examples of `set` (correct predictions, or
