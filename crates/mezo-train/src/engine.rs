@@ -126,6 +126,16 @@ pub struct Prepared {
     /// inputs count once; prompts for the F1 objective).
     pub tokens: u64,
     kind: LossKind,
+    /// Unique for this content: a CUDA graph last filled from the batch with this id still holds
+    /// its inputs and skips copying them again (a step's directions, served one task each, read
+    /// one batch). Never reused; a batch that changes takes a new one.
+    id: u64,
+}
+
+/// The next [`Prepared::id`].
+fn next_batch_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Prepared {
@@ -185,6 +195,7 @@ impl Prepared {
                 examples,
                 weight: examples as f64,
                 kind,
+                id: next_batch_id(),
             });
         }
         let picked: Vec<&ScoringRow> = match kind {
@@ -229,6 +240,7 @@ impl Prepared {
             weight,
             tokens: n_tokens,
             kind,
+            id: next_batch_id(),
         })
     }
 
@@ -242,6 +254,7 @@ impl Prepared {
         if let Some(s) = self.score.as_mut().filter(|s| s.ids.device().is_cuda()) {
             let now = s.ids.size()[1] as usize;
             s.widen(bucket_width(now).min(max_width).max(now) as i64, pad);
+            self.id = next_batch_id();
         }
     }
 
@@ -302,7 +315,13 @@ impl Prepared {
             weight: self.weight,
             tokens: self.tokens,
             kind: self.kind,
+            id: next_batch_id(),
         }
+    }
+
+    /// See the field: equal ids, equal contents.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// Copies `src`'s tensors into this batch's (same shapes: [`Self::graph_shapes`] equal).
@@ -467,7 +486,7 @@ impl FlatState {
     }
 
     /// Every segment's stream key under each seed: `a` and `b`, int64 `[seeds, segments]` on
-    /// the state's device (one small host-to-device copy each).
+    /// the state's device (one small host-to-device copy for both).
     fn keys(&self, seeds: &[u64]) -> (Tensor, Tensor) {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for &s in seeds {
@@ -477,9 +496,11 @@ impl FlatState {
                 b.push(k.b as i64);
             }
         }
-        let shape = [seeds.len() as i64, self.segments.len() as i64];
-        let dev = self.flat.device();
-        (Tensor::from_slice(&a).view(shape).to_device(dev), Tensor::from_slice(&b).view(shape).to_device(dev))
+        // One upload for both (a copy from pageable memory waits for the stream: one wait).
+        let shape = [2, seeds.len() as i64, self.segments.len() as i64];
+        a.extend(b);
+        let both = Tensor::from_slice(&a).view(shape).to_device(self.flat.device());
+        (both.get(0), both.get(1))
     }
 
     /// Z from keys already on the device ([`Self::keys`]): no host data, so a CUDA graph can

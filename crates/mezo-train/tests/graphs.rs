@@ -28,8 +28,13 @@ fn model(device: Device, kind: Kind) -> Model {
 
 /// Four examples with two candidates each; `shift` changes the prompt lengths (another shape).
 fn batch(model: &Model, shift: i64) -> Prepared {
+    tokens_batch(model, shift, 7)
+}
+
+/// As [`batch`], with the tokens drawn by another stride: the same shape, other contents.
+fn tokens_batch(model: &Model, shift: i64, stride: i64) -> Prepared {
     two_candidate_batch(model, 0..4, |e| {
-        (0..5 + e + shift).map(|i| (7 * i + 3 * e + shift + 1) % 90 + 4).collect()
+        (0..5 + e + shift).map(|i| (stride * i + 3 * e + shift + 1) % 90 + 4).collect()
     })
 }
 
@@ -70,12 +75,20 @@ fn graphed_steps_equal_eager_steps() {
             let mut graphed = engine(mode, &m_graph, true);
             assert!(graphed.cuda_graphs(), "this build has no CUDA graphs");
             assert!(!eager.cuda_graphs());
-            let shapes = [0, 0, 3, 0, 3, 3, 0, 3, 0, 0];
-            let (a_eager, b_eager) = (batch(&m_eager, 0), batch(&m_eager, 3));
-            let (a_graph, b_graph) = (batch(&m_graph, 0), batch(&m_graph, 3));
-            for (t, &shift) in shapes.iter().enumerate() {
+            // Batches a and c share a shape (one graph), b has another. A batch replayed again on
+            // its graph skips the input copy; a and c alternating must refill it.
+            let shapes = [0, 0, 3, 0, 3, 3, 0, 3, 0, 0, 9, 0, 9, 9, 0, 3, 9];
+            let (a_eager, b_eager, c_eager) =
+                (batch(&m_eager, 0), batch(&m_eager, 3), tokens_batch(&m_eager, 0, 11));
+            let (a_graph, b_graph, c_graph) =
+                (batch(&m_graph, 0), batch(&m_graph, 3), tokens_batch(&m_graph, 0, 11));
+            for (t, &which) in shapes.iter().enumerate() {
                 let seeds: Vec<u64> = (0..2).map(|i| mezo_core::direction_seed(9, t as u64, i)).collect();
-                let (pe, pg) = if shift == 0 { (&a_eager, &a_graph) } else { (&b_eager, &b_graph) };
+                let (pe, pg) = match which {
+                    0 => (&a_eager, &a_graph),
+                    3 => (&b_eager, &b_graph),
+                    _ => (&c_eager, &c_graph),
+                };
                 let (le, ge) = eager.step(&m_eager, std::slice::from_ref(pe), &seeds, 1e-3).unwrap();
                 let (lg, gg) = graphed.step(&m_graph, std::slice::from_ref(pg), &seeds, 1e-3).unwrap();
                 assert_eq!(le, lg, "{mode} {kind:?}: losses of step {t}");
