@@ -133,6 +133,20 @@ fn pb_status(s: RunStatus) -> pb::RunStatus {
     }
 }
 
+
+/// `MEZO_COORDINATOR_TRACE=1`: each step's timeline on stderr (when its results were all in,
+/// logged, the next step sent, the own update done; each publication and snapshot write), in ms
+/// since the step was sent. For finding what keeps workers waiting between steps.
+fn trace_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MEZO_COORDINATOR_TRACE").is_some_and(|v| v != "0"))
+}
+
+/// Milliseconds since the process's first trace line (each line starts with it).
+fn trace_clock() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3
+}
 /// Runs CPU-heavy work (the coordinator's own copy of the state, updated each step) on a thread
 /// of its own at a lower CPU priority, which the threads it fans out to inherit (Linux: nice is
 /// per thread). On a host shared with workers, and with this coordinator's runtime, the short
@@ -530,6 +544,7 @@ impl RunActor {
                 .await
                 .map_err(|e| format!("step {step}'s dispatch: {e}"))?
                 .map_err(|e| e.message().to_string())?;
+            let t_results = started.elapsed();
             let agg = aggregate(&results)?;
             let lr = cfg.schedule.lr(cfg.lr, step, cfg.steps);
             let grads = projected_grads(&agg.losses, cfg.eps);
@@ -543,6 +558,7 @@ impl RunActor {
             };
             self.inner.store.log_step(&self.id, &rec).map_err(|e| e.to_string())?;
             let seq = self.inner.commit.logged();
+            let t_logged = started.elapsed();
             step += 1;
             // The next step needs only this step's logged scalars (the workers replay them), so
             // it goes out now and the coordinator's own copy of the state catches up while the
@@ -582,6 +598,19 @@ impl RunActor {
                 bytes = Arc::new(Vec::new());
             }
             let duration = started.elapsed();
+            if trace_on() {
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                eprintln!(
+                    "coordinator trace {:.2}: run {} step {}: results {:.2} ms, logged {:.2}, next sent {}, own update done {:.2}",
+                    trace_clock(),
+                    self.id,
+                    step - 1,
+                    ms(t_results),
+                    ms(t_logged),
+                    if next.is_some() { "yes" } else { "no (eval, check or stop)" },
+                    ms(duration)
+                );
+            }
             let context = StepContext { previous: Some(step_update(&rec)), ..Default::default() };
             last = Some(rec.clone());
             let mut p = Pending { seq, rec, version: step, bytes: bytes.clone(), dev: None, duration };
@@ -646,6 +675,18 @@ impl RunActor {
                 Err(e) => eprintln!("run {}: writing the snapshot at step {}: {e}", self.id, p.version),
             }
             m.checkpoint_duration.observe(t.elapsed().as_secs_f64());
+            if trace_on() {
+                eprintln!(
+                    "coordinator trace {:.2}: run {} snapshot at step {} written in {:.2} ms",
+                    trace_clock(),
+                    self.id,
+                    p.version,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
+        if trace_on() {
+            eprintln!("coordinator trace {:.2}: run {} step {} published", trace_clock(), self.id, p.rec.step);
         }
         m.steps.inc();
         if p.rec.skipped {
