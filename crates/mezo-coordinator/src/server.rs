@@ -230,6 +230,7 @@ impl Inner {
             pending: VecDeque::new(),
             durable: self.commit.subscribe(),
             snapshot_every: 0,
+            snapshot_write: None,
         };
         tokio::spawn(actor.run());
     }
@@ -349,11 +350,17 @@ struct RunActor {
     pending: VecDeque<Pending>,
     durable: watch::Receiver<crate::commit::Durable>,
     snapshot_every: u64,
+    /// The snapshot being written, off the actor (see `publish`).
+    snapshot_write: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunActor {
     async fn run(mut self) {
         let result = self.drive().await;
+        // The last snapshot lands before the run reports its end.
+        if let Some(h) = self.snapshot_write.take() {
+            let _ = h.await;
+        }
         let (status, message, test) = match result {
             Ok((s, test)) => (s, String::new(), test),
             Err(e) => (RunStatus::Failed, e, None),
@@ -664,26 +671,33 @@ impl RunActor {
         self.state.send_replace(Published { ready: true, version: p.version, bytes: p.bytes.clone() });
         let m = &self.inner.metrics;
         let every = self.snapshot_every;
-        if every > 0 && p.version % every == 0 && !p.bytes.is_empty() {
-            let t = Instant::now();
+        let busy = self.snapshot_write.as_ref().is_some_and(|h| !h.is_finished());
+        if every > 0 && p.version % every == 0 && !p.bytes.is_empty() && busy {
+            // Still writing the one before (a disk far slower than the run): skip this one.
+            eprintln!("run {}: the snapshot at step {} is skipped, the previous one is still being written", self.id, p.version);
+        } else if every > 0 && p.version % every == 0 && !p.bytes.is_empty() {
             // A snapshot only shortens a replay (the log is the truth): a failed one is reported
             // and the run goes on; recovery falls back to an older snapshot or the whole log.
-            match self.inner.store.write_snapshot(&self.id, p.version, &p.bytes) {
-                Ok(_) => {
-                    let _ = self.inner.store.prune_snapshots(&self.id, 3);
+            // Written off the actor: an fsync of the state (tens of ms, once 400 ms on the device
+            // machine's disk) stalled the next step's dispatch while every worker waited.
+            let (inner, id, version, bytes) = (self.inner.clone(), self.id.clone(), p.version, p.bytes.clone());
+            self.snapshot_write = Some(tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                match inner.store.write_snapshot(&id, version, &bytes) {
+                    Ok(_) => {
+                        let _ = inner.store.prune_snapshots(&id, 3);
+                    }
+                    Err(e) => eprintln!("run {id}: writing the snapshot at step {version}: {e}"),
                 }
-                Err(e) => eprintln!("run {}: writing the snapshot at step {}: {e}", self.id, p.version),
-            }
-            m.checkpoint_duration.observe(t.elapsed().as_secs_f64());
-            if trace_on() {
-                eprintln!(
-                    "coordinator trace {:.2}: run {} snapshot at step {} written in {:.2} ms",
-                    trace_clock(),
-                    self.id,
-                    p.version,
-                    t.elapsed().as_secs_f64() * 1e3
-                );
-            }
+                inner.metrics.checkpoint_duration.observe(t.elapsed().as_secs_f64());
+                if trace_on() {
+                    eprintln!(
+                        "coordinator trace {:.2}: run {id} snapshot at step {version} written in {:.2} ms",
+                        trace_clock(),
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+            }));
         }
         if trace_on() {
             eprintln!("coordinator trace {:.2}: run {} step {} published", trace_clock(), self.id, p.rec.step);
