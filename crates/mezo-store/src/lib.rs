@@ -554,7 +554,9 @@ impl Store {
     /// the earlier one.
     pub fn write_snapshot(&self, run_id: &str, step: u64, data: &[u8]) -> Result<SnapshotMeta> {
         self.require_run(run_id)?;
-        let _guard = self.lock();
+        // The file (written, synced, renamed into place) is this step's alone: only the index
+        // entry takes the store's lock, so a slow disk does not hold up `log_step` (the
+        // coordinator writes snapshots beside a running step).
         let dir = self.run_snapshot_dir(run_id);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let file_name = snapshot_file_name(step);
@@ -570,7 +572,10 @@ impl Store {
         let sha256 = sha256_hex(data);
         let entry = IndexEntry { step, file_name, bytes: data.len() as u64, sha256: sha256.clone() };
         let v = serde_json::to_vec(&entry).expect("index entry serialises");
-        self.snapshots.insert(step_key(run_id, step), v).map_err(|e| self.db_err(e))?;
+        {
+            let _guard = self.lock();
+            self.snapshots.insert(step_key(run_id, step), v).map_err(|e| self.db_err(e))?;
+        }
         self.flush()?;
         Ok(SnapshotMeta { run_id: run_id.into(), step, file: path, bytes: data.len() as u64, sha256 })
     }
@@ -641,7 +646,9 @@ impl Store {
 
     /// Deletes snapshot files and index entries older than the newest `keep` valid ones (corrupt
     /// ones among those older go too), and temp files left by interrupted writes. With fewer than
-    /// `keep` valid snapshots nothing is deleted.
+    /// `keep` valid snapshots nothing is deleted. Not while a [`Store::write_snapshot`] of the
+    /// same run is under way (its temp file would count as left over): the coordinator writes
+    /// and prunes a run's snapshots one after the other on one thread.
     pub fn prune_snapshots(&self, run_id: &str, keep: usize) -> Result<()> {
         self.require_run(run_id)?;
         if keep == 0 {
@@ -651,7 +658,8 @@ impl Store {
                 expected: "at least 1 (recovery needs a snapshot)".into(),
             });
         }
-        let _guard = self.lock();
+        // Which snapshots to keep is decided without the store's lock (verifying reads and hashes
+        // every kept file); a snapshot indexed meanwhile is newer than all of them and stays.
         let dir = self.run_snapshot_dir(run_id);
         let index = self.index_newest_first(run_id)?;
         let mut valid = 0;
@@ -668,6 +676,7 @@ impl Store {
             }
         }
         if let Some(cut) = cut {
+            let _guard = self.lock();
             for (k, entry) in &index[cut..] {
                 // Index first, then the file: a crash in between leaves an orphan file, never an
                 // index entry pointing at nothing.
