@@ -134,6 +134,18 @@ fn pb_status(s: RunStatus) -> pb::RunStatus {
 }
 
 
+
+/// The checksum the tasks of `step` carry: the state's at version `step - 1`, when that version
+/// was a snapshot version (computed with its update); empty otherwise.
+fn check_for(verify: &mut Option<(u64, String)>, step: u64) -> String {
+    match verify.take() {
+        Some((version, c)) if version + 1 == step => c,
+        other => {
+            *verify = other.filter(|(version, _)| *version >= step);
+            String::new()
+        }
+    }
+}
 /// `MEZO_COORDINATOR_TRACE=1`: each step's timeline on stderr (when its results were all in,
 /// logged, the next step sent, the own update done; each publication and snapshot write), in ms
 /// since the step was sent. For finding what keeps workers waiting between steps.
@@ -528,20 +540,14 @@ impl RunActor {
         let mut bytes = bytes;
         // The next step, dispatched before this one's bookkeeping (see below).
         let mut next: Option<(Instant, InFlight)> = None;
-        let mut verify_checksum: Option<String> = None;
+        // The checksum of the state at a snapshot version, for the tasks of the step after it.
+        let mut verify_checksum: Option<(u64, String)> = None;
         // A step in flight always completes and is logged, as a step that was waited for does.
         while step < cfg.steps && (next.is_some() || !self.stop) {
             let (started, mut in_flight) = match next.take() {
                 Some(n) => n,
                 None => {
-                    // At snapshot steps the workers check their replica against this state (its
-                    // checksum, computed with the update in the background when it was due).
-                    let verify = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
-                    let checksum = match verify_checksum.take() {
-                        Some(c) if verify => c,
-                        _ if verify => state_checksum(&bytes),
-                        _ => String::new(),
-                    };
+                    let checksum = check_for(&mut verify_checksum, step);
                     let previous = last.as_ref().map(step_update);
                     (Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum))
                 }
@@ -569,17 +575,17 @@ impl RunActor {
             step += 1;
             // The next step needs only this step's logged scalars (the workers replay them), so
             // it goes out now and the coordinator's own copy of the state catches up while the
-            // workers compute. Not before an evaluation or a snapshot check, which read this
-            // state, nor after a stop.
+            // workers compute. Not before an evaluation, which reads this state, nor after a stop.
             let eval_due = cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps);
-            let verify_due = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
-            if step < cfg.steps && !eval_due && !verify_due && !self.stop {
+            if step < cfg.steps && !eval_due && !self.stop {
                 let previous = Some(step_update(&rec));
-                next = Some((
-                    Instant::now(),
-                    self.dispatch_step(&cfg, step, &mut batcher, previous, String::new()),
-                ));
+                let checksum = check_for(&mut verify_checksum, step);
+                next = Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum)));
             }
+            // At snapshot versions the workers check their replicas against this state: its
+            // checksum is computed with the update, below, and goes out with the next step's tasks
+            // (a replica checks it before applying that step's update: no wait for it).
+            let verify_due = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
             // The update and the state's bytes are CPU work (a fused pass on every core, ~10 ms
             // for 1.3B's LoRA with 8 directions): off the runtime's threads, at a lower priority
             // (see `background`). Run inline, they held up the tasks of the next step just spawned
@@ -599,7 +605,7 @@ impl RunActor {
                 let (e, done) = self.serving(work).await.map_err(|e| format!("step {}'s update: {e}", step - 1))?;
                 let (b, checksum) = done?;
                 bytes = Arc::new(b);
-                verify_checksum = checksum;
+                verify_checksum = checksum.map(|c| (step, c));
                 engine = Some(e);
             } else {
                 bytes = Arc::new(Vec::new());

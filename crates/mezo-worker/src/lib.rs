@@ -174,8 +174,9 @@ struct Replica {
     /// `previous` update a task carries, so a step the coordinator recomputed after a restart
     /// (different from what this replica applied) is noticed.
     last: Option<pb::StepUpdate>,
-    /// The version whose state matched the coordinator's checksum: the step's other tasks carry
-    /// the same checksum and skip recomputing it (hashing a 1.3B model's LoRA state takes ~10 ms).
+    /// The version whose state matched the coordinator's checksum ([`verify_replica`]): the
+    /// step's other tasks carry the same checksum and skip recomputing it (hashing a 1.3B
+    /// model's LoRA state takes ~10 ms).
     verified: Option<u64>,
 }
 
@@ -192,8 +193,8 @@ impl Replica {
 }
 
 /// Test hook (fault injection): `MEZO_FAULT_CORRUPT_REPLICA_AT=N` flips one value of this
-/// worker's LoRA replica at its first checksum-verified task at version N or later, once, so the tests can watch the
-/// checksum comparison catch it. Unset in normal use.
+/// worker's LoRA replica at its first checksum check of a replica at version N or later, once, so
+/// the tests can watch the check catch it. Unset in normal use.
 fn corrupt_at() -> Option<u64> {
     std::env::var("MEZO_FAULT_CORRUPT_REPLICA_AT").ok()?.parse().ok()
 }
@@ -366,43 +367,7 @@ fn serve_task(
     corrupt: &mut Option<u64>,
     resynced: &mut bool,
 ) -> Result<Outcome> {
-    prepare_replica(task, replicas, client, rt, device)?;
-    let verified = replicas.get(&task.run_id).is_some_and(|r| r.verified == Some(r.version));
-    if !task.expected_checksum.is_empty() && !verified {
-        let rep = replicas.get_mut(&task.run_id).expect("prepared");
-        if corrupt.is_some_and(|v| rep.version >= v) {
-            *corrupt = None;
-            let mut bytes = rep.session.state_bytes();
-            if let Some(b) = bytes.first_mut() {
-                *b ^= 0x40;
-                rep.session.set_state_bytes(&bytes)?;
-                eprintln!(
-                    "worker: fault injection: corrupted the replica of run {} at version {}",
-                    task.run_id, rep.version
-                );
-            }
-        }
-        if state_checksum(&rep.session.state_bytes()) != task.expected_checksum {
-            // Resync: rebuild from the coordinator's snapshot and log, and check again.
-            eprintln!(
-                "worker: replica of run {} differs from the coordinator's at step {}; resyncing",
-                task.run_id, task.version
-            );
-            replicas.remove(&task.run_id);
-            *resynced = true;
-            prepare_replica(task, replicas, client, rt, device)?;
-            let rep = replicas.get_mut(&task.run_id).expect("prepared");
-            if state_checksum(&rep.session.state_bytes()) != task.expected_checksum {
-                return Err(anyhow!(
-                    "replica of run {} still differs from the coordinator's at step {} after a resync",
-                    task.run_id,
-                    task.version
-                ));
-            }
-        }
-        let rep = replicas.get_mut(&task.run_id).expect("prepared");
-        rep.verified = Some(rep.version);
-    }
+    prepare_replica(task, replicas, client, rt, device, corrupt, resynced)?;
     let rep = replicas.get_mut(&task.run_id).expect("prepared");
     let idx: Vec<usize> = task.examples.iter().map(|&i| i as usize).collect();
     match pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Train) {
@@ -423,6 +388,37 @@ fn serve_task(
     }
 }
 
+/// The snapshot-step check of a replica against the coordinator's state: a task that carries a
+/// checksum names the state at `version - 1`, which a replica one step behind still holds (it
+/// checks before applying the task's `previous` update, so a bad replica never computes the
+/// task). The coordinator has that checksum when it sends the task, so the check costs the run
+/// no wait. A replica already at `version` checked it in an earlier task of the step (or came
+/// from a snapshot, itself checked). True when the replica differs.
+fn verify_replica(task: &pb::Task, rep: &mut Replica, corrupt: &mut Option<u64>) -> bool {
+    let due = !task.expected_checksum.is_empty() && rep.version + 1 == task.version;
+    if !due || rep.verified == Some(rep.version) {
+        return false;
+    }
+    if corrupt.is_some_and(|v| rep.version >= v) {
+        *corrupt = None;
+        let mut bytes = rep.session.state_bytes();
+        if let Some(b) = bytes.first_mut() {
+            *b ^= 0x40;
+            if rep.session.set_state_bytes(&bytes).is_ok() {
+                eprintln!(
+                    "worker: fault injection: corrupted the replica of run {} at version {}",
+                    task.run_id, rep.version
+                );
+            }
+        }
+    }
+    if state_checksum(&rep.session.state_bytes()) != task.expected_checksum {
+        return true;
+    }
+    rep.verified = Some(rep.version);
+    false
+}
+
 /// Brings the run's replica to the task's version: keeps it when it is there (and the last update
 /// it applied is the one the task names), applies the task's `previous` update when it is one step
 /// behind, and otherwise rebuilds it from the coordinator's snapshot and log.
@@ -432,7 +428,22 @@ fn prepare_replica(
     client: &Client,
     rt: &tokio::runtime::Handle,
     device: &str,
+    corrupt: &mut Option<u64>,
+    resynced: &mut bool,
 ) -> Result<()> {
+    if let Some(rep) = replicas.get_mut(&task.run_id) {
+        if verify_replica(task, rep, corrupt) {
+            // Rebuilt below from the coordinator's snapshot and log (the coordinator's own
+            // data: nothing to check it against at the task's version).
+            eprintln!(
+                "worker: replica of run {} differs from the coordinator's at step {}; resyncing",
+                task.run_id,
+                rep.version
+            );
+            replicas.remove(&task.run_id);
+            *resynced = true;
+        }
+    }
     let prev = task.previous.as_ref();
     let stale = replicas.get(&task.run_id).is_some_and(|r| {
         r.version > task.version
