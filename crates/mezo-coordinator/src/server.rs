@@ -133,8 +133,6 @@ fn pb_status(s: RunStatus) -> pb::RunStatus {
     }
 }
 
-
-
 /// The checksum the tasks of `step` carry: the state's at version `step - 1`, when that version
 /// was a snapshot version (computed with its update); empty otherwise.
 fn check_for(verify: &mut Option<(u64, String)>, step: u64) -> String {
@@ -580,7 +578,8 @@ impl RunActor {
             if step < cfg.steps && !eval_due && !self.stop {
                 let previous = Some(step_update(&rec));
                 let checksum = check_for(&mut verify_checksum, step);
-                next = Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum)));
+                next =
+                    Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum)));
             }
             // At snapshot versions the workers check their replicas against this state: its
             // checksum is computed with the update, below, and goes out with the next step's tasks
@@ -602,7 +601,8 @@ impl RunActor {
                     let checksum = verify_due.then(|| state_checksum(&bytes));
                     (e, applied.map(|()| (bytes, checksum)))
                 });
-                let (e, done) = self.serving(work).await.map_err(|e| format!("step {}'s update: {e}", step - 1))?;
+                let (e, done) =
+                    self.serving(work).await.map_err(|e| format!("step {}'s update: {e}", step - 1))?;
                 let (b, checksum) = done?;
                 bytes = Arc::new(b);
                 verify_checksum = checksum.map(|c| (step, c));
@@ -680,13 +680,17 @@ impl RunActor {
         let busy = self.snapshot_write.as_ref().is_some_and(|h| !h.is_finished());
         if every > 0 && p.version % every == 0 && !p.bytes.is_empty() && busy {
             // Still writing the one before (a disk far slower than the run): skip this one.
-            eprintln!("run {}: the snapshot at step {} is skipped, the previous one is still being written", self.id, p.version);
+            eprintln!(
+                "run {}: the snapshot at step {} is skipped, the previous one is still being written",
+                self.id, p.version
+            );
         } else if every > 0 && p.version % every == 0 && !p.bytes.is_empty() {
             // A snapshot only shortens a replay (the log is the truth): a failed one is reported
             // and the run goes on; recovery falls back to an older snapshot or the whole log.
             // Written off the actor: an fsync of the state (tens of ms, once 400 ms on the device
             // machine's disk) stalled the next step's dispatch while every worker waited.
-            let (inner, id, version, bytes) = (self.inner.clone(), self.id.clone(), p.version, p.bytes.clone());
+            let (inner, id, version, bytes) =
+                (self.inner.clone(), self.id.clone(), p.version, p.bytes.clone());
             self.snapshot_write = Some(tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
                 match inner.store.write_snapshot(&id, version, &bytes) {
@@ -706,7 +710,12 @@ impl RunActor {
             }));
         }
         if trace_on() {
-            eprintln!("coordinator trace {:.2}: run {} step {} published", trace_clock(), self.id, p.rec.step);
+            eprintln!(
+                "coordinator trace {:.2}: run {} step {} published",
+                trace_clock(),
+                self.id,
+                p.rec.step
+            );
         }
         m.steps.inc();
         if p.rec.skipped {

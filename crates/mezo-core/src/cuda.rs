@@ -1083,7 +1083,14 @@ pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) 
     if !ok {
         return Err(CoreError::InvalidArgument {
             what: "add + layer norm",
-            value: format!("x {:?} {:?}, y {:?}, w {:?}, b {:?}", x.kind(), size, y.size(), w.size(), b.size()),
+            value: format!(
+                "x {:?} {:?}, y {:?}, w {:?}, b {:?}",
+                x.kind(),
+                size,
+                y.size(),
+                w.size(),
+                b.size()
+            ),
             expected: "contiguous x, y of one shape and [n] w, b, one float dtype, one CUDA device",
         });
     }

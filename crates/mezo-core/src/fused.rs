@@ -756,7 +756,10 @@ mod cuda_tests {
                     sgd_update_segments_(&c, &segs, &grads, 1e-2, wd, dist).unwrap();
                     sgd_update_segments_(&g, &segs, &grads, 1e-2, wd, dist).unwrap();
                     assert!(!c.equal(&flat), "the update changed nothing");
-                    assert!(g.to_device(Device::Cpu).equal(&c), "{dist} {seeds:?} {wd:?}: CUDA differs from the CPU");
+                    assert!(
+                        g.to_device(Device::Cpu).equal(&c),
+                        "{dist} {seeds:?} {wd:?}: CUDA differs from the CPU"
+                    );
                 }
             }
         }

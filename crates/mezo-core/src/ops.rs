@@ -52,13 +52,7 @@ pub fn baddbmm_(y: &mut Tensor, b1: &Tensor, b2: &Tensor, beta: f64, alpha: f64)
         // SAFETY: tch's handles are `at::Tensor*`, valid for the call; the shim catches every
         // C++ exception.
         let e = unsafe {
-            ffi::mezo_baddbmm_(
-                y.as_mut_ptr().cast(),
-                b1.as_ptr().cast(),
-                b2.as_ptr().cast(),
-                beta,
-                alpha,
-            )
+            ffi::mezo_baddbmm_(y.as_mut_ptr().cast(), b1.as_ptr().cast(), b2.as_ptr().cast(), beta, alpha)
         };
         check(e, "baddbmm_");
     }

@@ -652,7 +652,8 @@ mod tests {
             let cpu_model = Model::random(cfg.clone(), Device::Cpu, Kind::Float, 7).unwrap();
             let gpu_model = Model::random(cfg.clone(), gpu, Kind::Float, 7).unwrap();
             // Every tensor random, biases included (a dropped bias must show).
-            for ((_, a), (_, b)) in cpu_model.named_parameters().into_iter().zip(gpu_model.named_parameters()) {
+            for ((_, a), (_, b)) in cpu_model.named_parameters().into_iter().zip(gpu_model.named_parameters())
+            {
                 a.shallow_clone().copy_(&(Tensor::randn_like(a) * 0.3));
                 b.shallow_clone().copy_(a);
             }
@@ -661,7 +662,8 @@ mod tests {
             if opt {
                 sets.push(vec![Target::Q, Target::Fc1]);
             }
-            let rows = vec![vec![3i64, 7, 9, 11, 20, 21, 5], vec![4i64, 5, 6], vec![8i64, 2, 2, 9], vec![1i64, 30]];
+            let rows =
+                vec![vec![3i64, 7, 9, 11, 20, 21, 5], vec![4i64, 5, 6], vec![8i64, 2, 2, 9], vec![1i64, 30]];
             let starts = [5, 1, 2, 1];
             for targets in sets {
                 let lc = crate::LoraConfig { r: 2, alpha: 4.0, targets: targets.clone() };
@@ -670,7 +672,8 @@ mod tests {
                 // Two variants (rows grouped by them), every matrix nonzero.
                 let flat = Tensor::randn([2, p], (Kind::Float, Device::Cpu)) * 0.1;
                 let score = |m: &Model, dev: Device| {
-                    let lora = LoraBatch::from_flat(&flat.to_device(dev), &lc, &tensors, Kind::Float).unwrap();
+                    let lora =
+                        LoraBatch::from_flat(&flat.to_device(dev), &lc, &tensors, Kind::Float).unwrap();
                     let b = ScoreBatch::new(&rows, &starts, m.pad_token_id(), dev).unwrap();
                     m.answer_logprob_sums(&b, Some(&Tuning::Lora(lora))).unwrap().to_device(Device::Cpu)
                 };

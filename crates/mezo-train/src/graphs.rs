@@ -159,7 +159,14 @@ impl StepGraphs {
                     self.entries.pop_front();
                 }
                 let filled_from = micro.iter().map(Prepared::id).collect();
-                self.entries.push_back(Entry { key, graph, micro: static_micro, extra: static_extra, out, filled_from });
+                self.entries.push_back(Entry {
+                    key,
+                    graph,
+                    micro: static_micro,
+                    extra: static_extra,
+                    out,
+                    filled_from,
+                });
                 Ok(result)
             }
             Err(e) => {

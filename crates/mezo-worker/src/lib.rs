@@ -284,7 +284,8 @@ fn engine_thread(
                     let idx: Vec<usize> = task.next_examples.iter().map(|&i| i as usize).collect();
                     let started = std::time::Instant::now();
                     SERVING.set(true); // a panic here is caught, not a crash: keep it quiet
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rep.session.prefetch(&idx)));
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rep.session.prefetch(&idx)));
                     SERVING.set(false);
                     if trace {
                         eprintln!(
@@ -437,8 +438,7 @@ fn prepare_replica(
             // data: nothing to check it against at the task's version).
             eprintln!(
                 "worker: replica of run {} differs from the coordinator's at step {}; resyncing",
-                task.run_id,
-                rep.version
+                task.run_id, rep.version
             );
             replicas.remove(&task.run_id);
             *resynced = true;
@@ -467,7 +467,8 @@ fn prepare_replica(
             return Err(anyhow!("snapshot of run {} arrived corrupt (checksum mismatch)", task.run_id));
         }
         eprintln!("worker: replica of run {} from the snapshot at step {}", task.run_id, snap.step);
-        replicas.insert(task.run_id.clone(), Replica { session, version: snap.step, last: None, verified: None });
+        replicas
+            .insert(task.run_id.clone(), Replica { session, version: snap.step, last: None, verified: None });
     }
     let rep = replicas.get_mut(&task.run_id).expect("inserted above");
     // The common case: one step behind, and the task carries that step's update.
