@@ -17,18 +17,7 @@ fn build_ops_shim() {
     if !torch.join("include/ATen/ATen.h").exists() {
         return;
     }
-    let abi = python_value("import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))").unwrap_or("1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/ops.cpp")
-        .compile("mezo_ops");
+    shim(&torch).file("csrc/ops.cpp").compile("mezo_ops");
     println!("cargo:rustc-link-search=native={}", lib.display());
     for l in ["torch_cpu", "c10"] {
         println!("cargo:rustc-link-lib=dylib={l}");
@@ -73,25 +62,28 @@ fn build_graph_shim() {
         println!("cargo:warning=no CUDA crt/ headers beside libtorch: building without CUDA graphs");
         return;
     };
-    let abi = python_value("import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))").unwrap_or("1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
-        .include(&cuda_include)
-        .include(&crt)
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/graph.cpp")
-        .compile("mezo_graph");
+    shim(&torch).include(&cuda_include).include(&crt).file("csrc/graph.cpp").compile("mezo_graph");
     println!("cargo:rustc-link-search=native={}", lib.display());
     for l in ["torch_cuda", "c10_cuda", "torch_cpu", "c10"] {
         println!("cargo:rustc-link-lib=dylib={l}");
     }
     println!("cargo:rustc-cfg=mezo_cuda_graphs");
+}
+
+/// A C++ build against libtorch's headers, with the C++ ABI libtorch was built with.
+fn shim(torch: &std::path::Path) -> cc::Build {
+    println!("cargo:rerun-if-changed=csrc/try.h");
+    let abi = python_value("import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))").unwrap_or("1".into());
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT");
+    b
 }
 
 fn python_value(code: &str) -> Option<String> {

@@ -11,34 +11,17 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
-#include <string>
+
+#include "try.h"
 
 namespace {
-
-char* message(const std::string& s) {
-  char* p = static_cast<char*>(std::malloc(s.size() + 1));
-  if (p != nullptr) std::memcpy(p, s.c_str(), s.size() + 1);
-  return p;
-}
 
 // The stream and device that were current before mezo_side_stream_begin, per thread.
 thread_local std::optional<c10::cuda::CUDAStream> previous_stream;
 thread_local c10::DeviceIndex previous_device = 0;
 
 }  // namespace
-
-#define MEZO_TRY(body)                                  \
-  try {                                                 \
-    body;                                               \
-    return nullptr;                                     \
-  } catch (const std::exception& e) {                   \
-    return message(e.what());                           \
-  } catch (...) {                                       \
-    return message("unknown C++ exception in libtorch"); \
-  }
 
 extern "C" {
 

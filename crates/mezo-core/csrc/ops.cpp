@@ -8,29 +8,7 @@
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <string>
-
-namespace {
-
-char* message(const std::string& s) {
-  char* p = static_cast<char*>(std::malloc(s.size() + 1));
-  if (p != nullptr) std::memcpy(p, s.c_str(), s.size() + 1);
-  return p;
-}
-
-}  // namespace
-
-#define MEZO_TRY(body)                                  \
-  try {                                                 \
-    body;                                               \
-    return nullptr;                                     \
-  } catch (const std::exception& e) {                   \
-    return message(e.what());                           \
-  } catch (...) {                                       \
-    return message("unknown C++ exception in libtorch"); \
-  }
+#include "try.h"
 
 extern "C" {
 
