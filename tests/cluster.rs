@@ -11,8 +11,24 @@ use serde_json::Value;
 
 use crate::common::*;
 
+/// A port nothing listens on, for a server a test starts. Picked below Linux's ephemeral range
+/// (32768-60999), where outgoing connections take their source ports: a port the kernel hands
+/// out for a bind to port 0 and that the test then releases can be taken by any client
+/// connection of the tests running beside it before the server binds it (CI saw "Address already
+/// in use"). Each process walks its own stretch of 20000-31999 (by pid), never reusing a port,
+/// and skips ports in use.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id().wrapping_mul(7919)) % 12_000;
+    loop {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(k < 12_000, "no free port left in 20000-31999");
+        let port = 20_000 + ((start + k) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A fresh folder for one test (`$MEZO_TEST_TMPDIR` or cargo's target tmp dir).
