@@ -584,7 +584,7 @@ impl RunActor {
             // At snapshot versions the workers check their replicas against this state: its
             // checksum is computed with the update, below, and goes out with the next step's tasks
             // (a replica checks it before applying that step's update: no wait for it).
-            let verify_due = snapshot_every > 0 && step % snapshot_every == 0 && !bytes.is_empty();
+            let verify_due = snapshot_every > 0 && step.is_multiple_of(snapshot_every) && !bytes.is_empty();
             // The update and the state's bytes are CPU work (a fused pass on every core, ~10 ms
             // for 1.3B's LoRA with 8 directions): off the runtime's threads, at a lower priority
             // (see `background`). Run inline, they held up the tasks of the next step just spawned
@@ -677,14 +677,15 @@ impl RunActor {
         self.state.send_replace(Published { ready: true, version: p.version, bytes: p.bytes.clone() });
         let m = &self.inner.metrics;
         let every = self.snapshot_every;
+        let due = every > 0 && p.version.is_multiple_of(every) && !p.bytes.is_empty();
         let busy = self.snapshot_write.as_ref().is_some_and(|h| !h.is_finished());
-        if every > 0 && p.version % every == 0 && !p.bytes.is_empty() && busy {
+        if due && busy {
             // Still writing the one before (a disk far slower than the run): skip this one.
             eprintln!(
                 "run {}: the snapshot at step {} is skipped, the previous one is still being written",
                 self.id, p.version
             );
-        } else if every > 0 && p.version % every == 0 && !p.bytes.is_empty() {
+        } else if due {
             // A snapshot only shortens a replay (the log is the truth): a failed one is reported
             // and the run goes on; recovery falls back to an older snapshot or the whole log.
             // Written off the actor: an fsync of the state (tens of ms, once 400 ms on the device
