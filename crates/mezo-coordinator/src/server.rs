@@ -1231,3 +1231,24 @@ pub async fn serve_secured(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_for;
+
+    /// A snapshot version's checksum goes with the next step's tasks only, is kept while that
+    /// step is still to come (an evaluation can put a non-pipelined dispatch in between), and is
+    /// dropped once it is past.
+    #[test]
+    fn a_checksum_rides_on_the_step_after_its_version() {
+        let mut v = Some((50, "c50".to_string()));
+        assert_eq!(check_for(&mut v, 50), "", "not with the version's own step");
+        assert_eq!(check_for(&mut v, 51), "c50");
+        assert_eq!(v, None, "used once");
+        let mut v = Some((50, "c50".to_string()));
+        assert_eq!(check_for(&mut v, 53), "", "too late for it");
+        assert_eq!(v, None, "a checksum past its step is dropped");
+        let mut v = None;
+        assert_eq!(check_for(&mut v, 7), "");
+    }
+}
