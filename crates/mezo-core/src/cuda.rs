@@ -621,6 +621,39 @@ impl Driver {
         Err(CoreError::Cuda(format!("{what}: {msg}")))
     }
 
+    /// Launches `f` on a 1-D grid, `(blocks, threads, shared bytes)`, on `stream` (null: the
+    /// legacy default stream) in the thread's current context.
+    ///
+    /// # Safety
+    /// `args` point at live values of the kernel's parameter types, in order, and everything
+    /// the kernel reads or writes stays allocated until the stream has run it.
+    unsafe fn launch(
+        &self,
+        f: usize,
+        (blocks, threads, shared): (u32, u32, u32),
+        stream: *mut c_void,
+        args: &mut [*mut c_void],
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: the caller's promise (above); the grid's other dimensions are 1.
+        let r = unsafe {
+            (self.launch_kernel)(
+                f as *mut c_void,
+                blocks,
+                1,
+                1,
+                threads,
+                1,
+                1,
+                shared,
+                stream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        self.check(r, what)
+    }
+
     /// Makes `ctx` current on this thread until the guard drops (then the previous context is
     /// current again, so libtorch's view of the thread is untouched).
     fn enter(&self, ctx: usize) -> Result<CtxGuard<'_>> {
@@ -958,22 +991,9 @@ fn launch_many(
         ks.upload(k, &plan.buf, base)?;
         // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the
         // buffer and every tensor stay allocated until the work queued on this stream has run.
-        let r = unsafe {
-            (drv.launch_kernel)(
-                f as *mut c_void,
-                blocks,
-                1,
-                1,
-                THREADS,
-                1,
-                1,
-                shared,
-                std::ptr::null_mut(),
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
+        unsafe {
+            drv.launch(f, (blocks, THREADS, shared), std::ptr::null_mut(), &mut args, "cuLaunchKernel")?
         };
-        drv.check(r, "cuLaunchKernel")?;
         // The thread's own context again before libtorch frees the buffer.
         drop(guard);
         drop(dev_buf);
@@ -1045,22 +1065,9 @@ pub fn flat_variants(
     let _guard = drv.enter(k.ctx)?;
     // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the tensors
     // outlive the launch (the caller holds them until the stream has run it).
-    let r = unsafe {
-        (drv.launch_kernel)(
-            k.variants as *mut c_void,
-            blocks,
-            1,
-            1,
-            threads,
-            1,
-            1,
-            0,
-            stream,
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    drv.check(r, "cuLaunchKernel (flat variants)")
+    unsafe {
+        drv.launch(k.variants, (blocks, threads, 0), stream, &mut args, "cuLaunchKernel (flat variants)")
+    }
 }
 
 /// The residual add and layer norm of a transformer block as one launch on libtorch's current
@@ -1135,22 +1142,8 @@ pub fn add_layer_norm(x: &Tensor, y: &Tensor, w: &Tensor, b: &Tensor, eps: f64) 
     let _guard = drv.enter(k.ctx)?;
     // SAFETY: `args` point at live locals of the kernel's parameter types, in order; the tensors
     // outlive the launch (the caller holds them until the stream has run it).
-    let res = unsafe {
-        (drv.launch_kernel)(
-            k.add_layer_norm as *mut c_void,
-            blocks,
-            1,
-            1,
-            threads as u32,
-            1,
-            1,
-            0,
-            stream,
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    drv.check(res, "cuLaunchKernel (add + layer norm)")?;
+    let what = "cuLaunchKernel (add + layer norm)";
+    unsafe { drv.launch(k.add_layer_norm, (blocks, threads as u32, 0), stream, &mut args, what)? };
     Ok((sum, out))
 }
 
@@ -1209,34 +1202,71 @@ pub(crate) fn sgd_update_segments(
     weight_decay: Option<f32>,
     dist: Distribution,
 ) -> Result<()> {
+    let (descs, dirs) = segment_descs(flat, segs, grads, lr, weight_decay);
+    launch_many(index, Sweep::Update, &descs, &dirs, dist)
+}
+
+/// [`sgd_update_segments`]' descriptors: those that views of the segments would give.
+fn segment_descs(
+    flat: &Tensor,
+    segs: &[crate::fused::Segment],
+    grads: &[f32],
+    lr: f32,
+    weight_decay: Option<f32>,
+) -> (Vec<Desc>, Vec<(StreamKey, f32)>) {
     let base = flat.data_ptr() as u64;
     let dt = dtype_code(flat);
-    // As `SgdUpdate::inv_n`: the mean over directions as a multiply by the f32 reciprocal.
-    let inv_n = (grads.len() > 1).then(|| (1.0 / grads.len() as f64) as f32);
-    let flags = if inv_n.is_some() { F_INV } else { 0 } | if weight_decay.is_some() { F_WD } else { 0 };
+    // Every segment shares the gradients and settings; only its keys are its own.
+    let u = SgdUpdate { keys: Vec::new(), grads: grads.to_vec(), lr, weight_decay, restore: None };
     let mut dirs = Vec::with_capacity(segs.len() * grads.len());
-    let descs: Vec<Desc> = segs
+    let descs = segs
         .iter()
         .map(|s| {
             let ptr = base + 4 * s.offset as u64;
-            let d = Desc {
+            let of = Desc {
                 ptr,
                 n: s.len as u64,
                 dt,
                 vec: vector_aligned(ptr as *mut c_void, dt),
-                flags,
-                m: s.keys.len() as u32,
-                inv_n: inv_n.unwrap_or(1.0),
-                wd: weight_decay.unwrap_or(0.0),
-                lr,
-                kofs: dirs.len() as u32,
                 ..Desc::default()
             };
-            dirs.extend(s.keys.iter().copied().zip(grads.iter().copied()));
-            d
+            update_desc(of, &s.keys, &u, None, &mut dirs)
         })
         .collect();
-    launch_many(index, Sweep::Update, &descs, &dirs, dist)
+    (descs, dirs)
+}
+
+/// One tensor's update descriptor (`of`: where it is, as [`Desc::of`] says) under the directions
+/// `keys` with `u`'s gradients and settings, its directions appended to `dirs`; `then`: the
+/// trailing perturbation's key and scale (flag `F_THEN`), one more direction entry after them.
+fn update_desc(
+    of: Desc,
+    keys: &[StreamKey],
+    u: &SgdUpdate,
+    then: Option<(StreamKey, f32)>,
+    dirs: &mut Vec<(StreamKey, f32)>,
+) -> Desc {
+    let inv_n = crate::fused::mean_factor(keys.len());
+    let (ra, rb, rs) = u.restore.map_or((0, 0, 0.0), |(k, s)| (k.a, k.b, s));
+    let flags = if inv_n.is_some() { F_INV } else { 0 }
+        | if u.weight_decay.is_some() { F_WD } else { 0 }
+        | if u.restore.is_some() { F_RESTORE } else { 0 }
+        | if then.is_some() { F_THEN } else { 0 };
+    let d = Desc {
+        flags,
+        m: keys.len() as u32,
+        a: ra,
+        b: rb,
+        scale: rs,
+        inv_n: inv_n.unwrap_or(1.0),
+        wd: u.weight_decay.unwrap_or(0.0),
+        lr: u.lr,
+        kofs: dirs.len() as u32,
+        ..of
+    };
+    dirs.extend(keys.iter().copied().zip(u.grads.iter().copied()));
+    dirs.extend(then);
+    d
 }
 
 /// The update's descriptors and its directions; a trailing perturbation (`then`: one key per
@@ -1248,31 +1278,14 @@ fn update_descs(
     then: Option<(&[StreamKey], f32)>,
 ) -> (Vec<Desc>, Vec<(StreamKey, f32)>) {
     let mut dirs = Vec::new();
-    let mut descs = Vec::with_capacity(ps.len());
-    for (j, (p, u)) in ps.iter().zip(us).enumerate() {
-        let inv_n = u.inv_n();
-        let (ra, rb, rs) = u.restore.map_or((0, 0, 0.0), |(k, s)| (k.a, k.b, s));
-        let flags = if inv_n.is_some() { F_INV } else { 0 }
-            | if u.weight_decay.is_some() { F_WD } else { 0 }
-            | if u.restore.is_some() { F_RESTORE } else { 0 }
-            | if then.is_some() { F_THEN } else { 0 };
-        descs.push(Desc {
-            flags,
-            m: u.keys.len() as u32,
-            a: ra,
-            b: rb,
-            scale: rs,
-            inv_n: inv_n.unwrap_or(1.0),
-            wd: u.weight_decay.unwrap_or(0.0),
-            lr: u.lr,
-            kofs: dirs.len() as u32,
-            ..Desc::of(p)
-        });
-        dirs.extend(u.keys.iter().copied().zip(u.grads.iter().copied()));
-        if let Some((keys, scale)) = then {
-            dirs.push((keys[j], scale));
-        }
-    }
+    let descs = ps
+        .iter()
+        .zip(us)
+        .enumerate()
+        .map(|(j, (p, u))| {
+            update_desc(Desc::of(p), &u.keys, u, then.map(|(keys, s)| (keys[j], s)), &mut dirs)
+        })
+        .collect();
     (descs, dirs)
 }
 
@@ -1347,6 +1360,52 @@ mod tests {
         let w = Tensor::ones([8], (Kind::Float, dev));
         assert!(add_layer_norm(&x, &x.to_kind(Kind::Half), &w, &w, 1e-5).is_err());
         assert!(add_layer_norm(&x, &x, &w.narrow(0, 0, 4), &w, 1e-5).is_err());
+    }
+
+    /// A flat state's update descriptors, made from segment addresses, are byte for byte those
+    /// of tensor views of the segments (what the GPU-tested multi-tensor update launches): odd
+    /// lengths and offsets (the scalar path), one and three directions, weight decay or not.
+    #[test]
+    fn segment_descriptors_equal_those_of_views() {
+        let lens = [300usize, 1, 4097, 77];
+        let flat = Tensor::zeros([lens.iter().sum::<usize>() as i64], (Kind::Float, Device::Cpu));
+        for n in [1u64, 3] {
+            for wd in [None, Some(0.01f32)] {
+                let mut offset = 0;
+                let segs: Vec<crate::fused::Segment> = lens
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &len)| {
+                        let keys = (0..n).map(|s| StreamKey::new(s, &format!("s{j}"))).collect();
+                        offset += len;
+                        crate::fused::Segment { offset: offset - len, len, keys }
+                    })
+                    .collect();
+                let grads: Vec<f32> = (0..n).map(|i| 0.5 - i as f32).collect();
+                let (descs, dirs) = segment_descs(&flat, &segs, &grads, 1e-2, wd);
+                let views: Vec<Tensor> =
+                    segs.iter().map(|s| flat.narrow(0, s.offset as i64, s.len as i64)).collect();
+                let us: Vec<SgdUpdate> = segs
+                    .iter()
+                    .map(|s| SgdUpdate {
+                        keys: s.keys.clone(),
+                        grads: grads.clone(),
+                        lr: 1e-2,
+                        weight_decay: wd,
+                        restore: None,
+                    })
+                    .collect();
+                let (vd, vdirs) =
+                    update_descs(&views.iter().collect::<Vec<_>>(), &us.iter().collect::<Vec<_>>(), None);
+                let bytes = |ds: &[Desc]| {
+                    let mut out = Vec::new();
+                    ds.iter().for_each(|d| d.write(&mut out));
+                    out
+                };
+                assert_eq!(bytes(&descs), bytes(&vd), "{n} directions, {wd:?}");
+                assert_eq!(dirs, vdirs);
+            }
+        }
     }
 
     /// The kernels compile with NVRTC, for the H100 (sm_90: NVRTC runs ptxas too, so register

@@ -31,8 +31,15 @@ pub struct SgdUpdate {
 
 impl SgdUpdate {
     pub(crate) fn inv_n(&self) -> Option<f32> {
-        (self.keys.len() > 1).then(|| (1.0 / self.keys.len() as f64) as f32)
+        mean_factor(self.keys.len())
     }
+}
+
+/// The mean over `directions` of an update's estimate, as a multiply by the f32 reciprocal
+/// (never a division: CUDA turns a division by a scalar into exactly this, the CPU would not);
+/// none for one direction.
+pub(crate) fn mean_factor(directions: usize) -> Option<f32> {
+    (directions > 1).then(|| (1.0 / directions as f64) as f32)
 }
 
 /// Whether the fused kernels handle this tensor (contiguous f32, f16 or bf16 on the CPU or CUDA).
@@ -279,7 +286,7 @@ pub fn sgd_update_segments_(
         return crate::cuda::sgd_update_segments(index, flat, segs, grads, lr, weight_decay, dist);
     }
     let t = host_gauss_table();
-    let inv_n = (grads.len() > 1).then(|| (1.0 / grads.len() as f64) as f32);
+    let inv_n = mean_factor(grads.len());
     for_each_chunk(flat, |i, theta| {
         let i = i as usize;
         let s = &segs[segs.partition_point(|s| s.offset <= i) - 1];
