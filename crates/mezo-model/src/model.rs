@@ -641,10 +641,7 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn lora_on_cuda_scores_as_on_cpu() {
-        if !tch::Cuda::is_available() {
-            eprintln!("lora_on_cuda_scores_as_on_cpu: skipped, no CUDA device");
-            return;
-        }
+        assert!(tch::Cuda::is_available(), "this test needs a CUDA GPU");
         let _g = tch::no_grad_guard();
         let gpu = Device::Cuda(0);
         for json in [opt_json(true, true), opt_json(false, false), llama_json("llama")] {
