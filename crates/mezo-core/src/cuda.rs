@@ -34,9 +34,12 @@ __device__ __forceinline__ u32 mix32(u32 x) {
 // exact f64 difference; tested on the host for every j). So z keeps the host's bits while the
 // gather stays on chip: reading a 512 KB table from L2 per element bounded these kernels.
 #define HALF 32768u
-__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
+// The distribution is a template parameter (DIST: 0 Gaussian, 1 Rademacher) in the sweeps, so
+// no draw tests it; each kernel branches on its `dist` argument once.
+template <int DIST>
+__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT) {
   u32 k = mix32(mix32(i ^ b) ^ a);
-  if (dist) return (k >> 31) ? -1.0f : 1.0f;
+  if (DIST) return (k >> 31) ? -1.0f : 1.0f;
   // lo 2^-16 as (128 + lo 2^-16) - 128: the first is lo under the exponent of 128, the
   // subtraction is exact, so these are the bits of (float)lo * 2^-16 at the cost of one logic op
   // and one add, without an int-to-float conversion (a quarter-rate instruction).
@@ -50,6 +53,9 @@ __device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int 
   float t = (k >> 31) ? -hi : lo;
   float d = __fsub_rn(hi, lo);
   return __fadd_rn(t, __fmul_rn(d, frac));
+}
+__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
+  return dist ? zval<1>(i, a, b, sT) : zval<0>(i, a, b, sT);
 }
 // 16-bit halves (f16 or bf16) to and from f32, round to nearest even.
 // (The host emulation in this file's tests defines these three itself: the rest of the source
@@ -70,40 +76,56 @@ __device__ __forceinline__ u32 cvt2(float lo, float hi, int dt) {
 #endif
 }
 #endif
-__device__ __forceinline__ float h2f(u32 h, int dt) {
-  if (dt == 1) return cvt_h2f((unsigned short)h);
+// The dtype code DT (0 f32, 1 f16, 2 bf16) is a template parameter inside the sweeps: each tensor's
+// units run in a loop compiled for its dtype, so no element tests it.
+template <int DT> __device__ __forceinline__ float h2f(u32 h) {
+  if (DT == 1) return cvt_h2f((unsigned short)h);
   return __uint_as_float(h << 16);
 }
-__device__ __forceinline__ u32 f2h(float v, int dt) {
-  return (u32)(dt == 1 ? cvt_f2h(v) : cvt_f2bf(v));
+template <int DT> __device__ __forceinline__ u32 f2h(float v) {
+  return (u32)(DT == 1 ? cvt_f2h(v) : cvt_f2bf(v));
 }
-__device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
-  if (dt == 0) return ((const float*)p)[i];
-  return h2f(((const unsigned short*)p)[i], dt);
+template <int DT> __device__ __forceinline__ float ld(const void* p, u64 i) {
+  if (DT == 0) return ((const float*)p)[i];
+  return h2f<DT>(((const unsigned short*)p)[i]);
 }
-// What storing v to a dt tensor and loading it back gives.
-__device__ __forceinline__ float rnd(float v, int dt) {
-  return dt == 0 ? v : h2f(f2h(v, dt), dt);
+// What storing v to a DT tensor and loading it back gives.
+template <int DT> __device__ __forceinline__ float rnd(float v) {
+  return DT == 0 ? v : h2f<DT>(f2h<DT>(v));
 }
-__device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
-  if (dt == 0) { ((float*)p)[i] = v; return; }
-  ((unsigned short*)p)[i] = (unsigned short)f2h(v, dt);
+template <int DT> __device__ __forceinline__ void st(void* p, u64 i, float v) {
+  if (DT == 0) { ((float*)p)[i] = v; return; }
+  ((unsigned short*)p)[i] = (unsigned short)f2h<DT>(v);
 }
 // Four consecutive elements with one vector load and one store (16 bytes of f32, 8 of f16/bf16):
 // fewer, wider memory operations, and four independent table reads per thread in flight. The
 // conversions round like the scalar ones, so the bits are the same. Used where the pointer is
 // aligned for it.
-__device__ __forceinline__ void ld4(const void* p, int dt, float* v) {
-  if (dt == 0) { float4 x = *(const float4*)p; v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w; return; }
+template <int DT> __device__ __forceinline__ void ld4(const void* p, float* v) {
+  if (DT == 0) { float4 x = *(const float4*)p; v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w; return; }
   uint2 w = *(const uint2*)p;
-  v[0] = h2f(w.x & 0xffffu, dt); v[1] = h2f(w.x >> 16, dt); v[2] = h2f(w.y & 0xffffu, dt); v[3] = h2f(w.y >> 16, dt);
+  v[0] = h2f<DT>(w.x & 0xffffu); v[1] = h2f<DT>(w.x >> 16); v[2] = h2f<DT>(w.y & 0xffffu); v[3] = h2f<DT>(w.y >> 16);
+}
+template <int DT> __device__ __forceinline__ void st4(void* p, const float* v) {
+  if (DT == 0) { *(float4*)p = make_float4(v[0], v[1], v[2], v[3]); return; }
+  uint2 w;
+  w.x = cvt2(v[0], v[1], DT);
+  w.y = cvt2(v[2], v[3], DT);
+  *(uint2*)p = w;
+}
+// The same with the dtype read at run time (the layer norm kernel).
+__device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
+  return dt == 0 ? ld<0>(p, i) : dt == 1 ? ld<1>(p, i) : ld<2>(p, i);
+}
+__device__ __forceinline__ float rnd(float v, int dt) { return dt == 0 ? v : dt == 1 ? rnd<1>(v) : rnd<2>(v); }
+__device__ __forceinline__ void st(void* p, u64 i, int dt, float v) {
+  if (dt == 0) st<0>(p, i, v); else if (dt == 1) st<1>(p, i, v); else st<2>(p, i, v);
+}
+__device__ __forceinline__ void ld4(const void* p, int dt, float* v) {
+  if (dt == 0) ld4<0>(p, v); else if (dt == 1) ld4<1>(p, v); else ld4<2>(p, v);
 }
 __device__ __forceinline__ void st4(void* p, int dt, const float* v) {
-  if (dt == 0) { *(float4*)p = make_float4(v[0], v[1], v[2], v[3]); return; }
-  uint2 w;
-  w.x = cvt2(v[0], v[1], dt);
-  w.y = cvt2(v[2], v[3], dt);
-  *(uint2*)p = w;
+  if (dt == 0) st4<0>(p, v); else if (dt == 1) st4<1>(p, v); else st4<2>(p, v);
 }
 // One tensor of a multi-tensor sweep (64 bytes; the host writes the same layout, cuda.rs `Desc`).
 // Everything a step changes (keys, scales, gradients, the learning rate) is read from here, device
@@ -133,70 +155,74 @@ __device__ __forceinline__ const u64* load_shared(const float* __restrict__ T, c
   __syncthreads();
   return sS;
 }
+// One tensor's share of a sweep for one thread: its units q, q + stride, ... below qe, the first
+// `full` of them by the vector path (every complete unit, none if unaligned), the rest (the 1-3
+// elements at the end, or an unaligned tensor) element by element. Returns the first q past the
+// tensor. Compiled per dtype and distribution, so the loop holds only the element arithmetic.
+template <int DT, int DIST, class Op>
+__device__ __forceinline__ u32 tensor_units(void* p, u64 n, u32 q, u32 qe, u32 full, u32 stride, const Op& op) {
+  for (; q < full; q += stride) {
+    float v[4];
+    void* pq = (char*)p + (u64)q * (DT == 0 ? 16 : 8);
+    ld4<DT>(pq, v);
+    op.template apply4<DT, DIST>(v, q << 2);
+    st4<DT>(pq, v);
+  }
+  for (; q < qe; q += stride) {
+    u64 i = (u64)q << 2, e = i + 4 < n ? i + 4 : n;
+    for (; i < e; i++) st<DT>(p, i, op.template apply<DT, DIST>(ld<DT>(p, i), (u32)i));
+  }
+  return q;
+}
 // One sweep over the concatenated units of nt tensors, grid-stride: th <- op(th, i) for every
 // element. A thread's units only grow, so after one binary search for its first unit it finds
-// each next unit's tensor by stepping forward (at most nt steps in all); a unit takes one vector
-// load and store where the tensor allows it, else (unaligned, or the 1-3 elements at the end) the
-// scalar path. Which thread does which element never changes an element's bits.
-template <class Op>
+// each next unit's tensor by stepping forward (at most nt steps in all). Which thread does which
+// element never changes an element's bits. The grid (blocks x threads) is below 2^31 and a tensor
+// has at most 2^32 elements (2^30 units), so a unit index within a tensor stays 32-bit.
+template <int DIST, class Op>
 __device__ __forceinline__ void sweep_many(const Desc* __restrict__ D, const u64* sS, int nt, u64 U, Op& op) {
-  u64 stride = (u64)gridDim.x * blockDim.x;
+  u32 stride = gridDim.x * blockDim.x;
   u64 u = blockIdx.x * (u64)blockDim.x + threadIdx.x;
   if (u >= U) return;
   int lo = 0, hi = nt;  // sS[lo] <= u < sS[hi]
   while (hi - lo > 1) { int mid = (lo + hi) >> 1; if (sS[mid] <= u) lo = mid; else hi = mid; }
-  int j = lo;
-  u64 start, end, n;
-  void* p;
-  int dt;
-  u32 full;  // the units the vector path takes: every complete one, none if unaligned
-  u32 ub;    // bytes in a unit
-  for (bool fresh = true;;) {
-    if (fresh) {
-      start = sS[j]; end = sS[j + 1];
-      p = (void*)D[j].ptr; n = D[j].n; dt = D[j].dt;
-      full = D[j].vec ? (u32)(n >> 2) : 0u;
-      ub = dt == 0 ? 16 : 8;
-      op.load(D[j]);
+  for (int j = lo;;) {
+    u64 start = sS[j];
+    void* p = (void*)D[j].ptr;
+    u64 n = D[j].n;
+    u32 full = D[j].vec ? (u32)(n >> 2) : 0u;
+    u32 q = (u32)(u - start), qe = (u32)(sS[j + 1] - start);
+    op.load(D[j]);
+    switch (D[j].dt) {
+      case 0: q = tensor_units<0, DIST>(p, n, q, qe, full, stride, op); break;
+      case 1: q = tensor_units<1, DIST>(p, n, q, qe, full, stride, op); break;
+      default: q = tensor_units<2, DIST>(p, n, q, qe, full, stride, op); break;
     }
-    u32 q = (u32)(u - start);  // < 2^30: a tensor has at most 2^32 elements
-    if (q < full) {
-      float v[4];
-      void* pq = (char*)p + (u64)q * ub;
-      ld4(pq, dt, v);
-      op.apply4(v, q << 2);
-      st4(pq, dt, v);
-    } else {
-      u64 i = (u64)q << 2, e = i + 4 < n ? i + 4 : n;
-      for (; i < e; i++) st(p, i, dt, op.apply(ld(p, i, dt), (u32)i));
-    }
-    u += stride;
-    fresh = u >= end;
-    if (fresh) {
-      if (u >= U) break;
-      do { j++; } while (u >= sS[j + 1]);
-    }
+    u = start + q;
+    if (u >= U) break;
+    do { j++; } while (u >= sS[j + 1]);
   }
 }
 struct PerturbOp {
-  const float* sT; int dist; u32 a, b; float s;
+  const float* sT; u32 a, b; float s;
   __device__ __forceinline__ void load(const Desc& d) { a = d.a; b = d.b; s = d.scale; }
-  __device__ __forceinline__ float apply(float th, u32 i) const {
-    return __fadd_rn(th, __fmul_rn(zval(i, a, b, sT, dist), s));
+  template <int DT, int DIST> __device__ __forceinline__ float apply(float th, u32 i) const {
+    return __fadd_rn(th, __fmul_rn(zval<DIST>(i, a, b, sT), s));
   }
-  __device__ __forceinline__ void apply4(float* v, u32 i) const {
+  template <int DT, int DIST> __device__ __forceinline__ void apply4(float* v, u32 i) const {
 #pragma unroll
-    for (int k = 0; k < 4; k++) v[k] = apply(v[k], i + k);
+    for (int k = 0; k < 4; k++) v[k] = apply<DT, DIST>(v[k], i + k);
   }
 };
 // The first direction's key and gradient sit in registers (one direction is the common case);
-// further ones are read once per four elements.
+// further ones are read once per four elements. The optional parts (a restore, weight decay, a
+// trailing perturbation) are tested once per unit of K elements, not per element.
 struct UpdateOp {
-  const float* sT; int dist; const Dir* __restrict__ K;
-  const Dir* dir; u32 m, flags, a0, b0, ra, rb, pa, pb; float g0, rs, inv, wd, lr, ps; int dt; bool reuse;
+  const float* sT; const Dir* __restrict__ K;
+  const Dir* dir; u32 m, flags, a0, b0, ra, rb, pa, pb; float g0, rs, inv, wd, lr, ps; bool reuse;
   __device__ __forceinline__ void load(const Desc& d) {
     dir = K + d.kofs; m = d.m; flags = d.flags; ra = d.a; rb = d.b;
-    rs = d.scale; inv = d.inv_n; wd = d.wd; lr = d.lr; dt = d.dt;
+    rs = d.scale; inv = d.inv_n; wd = d.wd; lr = d.lr;
     a0 = dir[0].a; b0 = dir[0].b; g0 = dir[0].g;
     // The restore undoes the last direction's perturbation: its z is the one the estimate has
     // just drawn for that direction, so it is reused rather than drawn again (z is a pure
@@ -204,52 +230,62 @@ struct UpdateOp {
     reuse = (flags & F_RESTORE) && ra == dir[m - 1].a && rb == dir[m - 1].b;
     if (flags & F_THEN) { pa = dir[m].a; pb = dir[m].b; ps = dir[m].g; }
   }
-  // th from the estimate acc = sum_j g_j z_j (direction order), as the per-tensor update does;
-  // zl: the last direction's z at this element.
-  __device__ __forceinline__ float finish(float th, float acc, u32 ii, float zl) const {
-    if (flags & F_INV) acc = __fmul_rn(acc, inv);
+  // th from the estimate acc = sum_j g_j z_j (direction order), as the per-tensor update does,
+  // for KN consecutive elements from i; zl: the last direction's z at each.
+  template <int KN, int DT, int DIST>
+  __device__ __forceinline__ void finish(float* th, float* acc, u32 i, const float* zl) const {
+    if (flags & F_INV) {
+#pragma unroll
+      for (int k = 0; k < KN; k++) acc[k] = __fmul_rn(acc[k], inv);
+    }
     // A pending restore (the last direction's -eps z undone) fused into this sweep, rounded as
     // the separate perturb kernel's store would round it: the same bits, one sweep fewer.
     if (flags & F_RESTORE) {
-      float zr = reuse ? zl : zval(ii, ra, rb, sT, dist);
-      th = rnd(__fadd_rn(th, __fmul_rn(zr, rs)), dt);
+      if (reuse) {
+#pragma unroll
+        for (int k = 0; k < KN; k++) th[k] = rnd<DT>(__fadd_rn(th[k], __fmul_rn(zl[k], rs)));
+      } else {
+#pragma unroll
+        for (int k = 0; k < KN; k++) th[k] = rnd<DT>(__fadd_rn(th[k], __fmul_rn(zval<DIST>(i + k, ra, rb, sT), rs)));
+      }
     }
-    if (flags & F_WD) acc = __fadd_rn(acc, __fmul_rn(th, wd));
-    th = __fsub_rn(th, __fmul_rn(acc, lr));
+    if (flags & F_WD) {
+#pragma unroll
+      for (int k = 0; k < KN; k++) acc[k] = __fadd_rn(acc[k], __fmul_rn(th[k], wd));
+    }
+#pragma unroll
+    for (int k = 0; k < KN; k++) th[k] = __fsub_rn(th[k], __fmul_rn(acc[k], lr));
     // The next step's first perturbation fused behind the update: the updated value rounded as
     // the update kernel's store rounds it, then the perturb kernel's arithmetic on it.
-    if (flags & F_THEN) th = __fadd_rn(rnd(th, dt), __fmul_rn(zval(ii, pa, pb, sT, dist), ps));
-    return th;
-  }
-  __device__ __forceinline__ float apply(float th, u32 ii) const {
-    float z = zval(ii, a0, b0, sT, dist);
-    float acc = __fmul_rn(z, g0);
-    for (u32 j = 1; j < m; j++) {
-      z = zval(ii, dir[j].a, dir[j].b, sT, dist);
-      acc = __fadd_rn(acc, __fmul_rn(z, dir[j].g));
-    }
-    return finish(th, acc, ii, z);
-  }
-  __device__ __forceinline__ void apply4(float* v, u32 i) const {
-    float acc[4], zl[4];
+    if (flags & F_THEN) {
 #pragma unroll
-    for (int k = 0; k < 4; k++) { zl[k] = zval(i + k, a0, b0, sT, dist); acc[k] = __fmul_rn(zl[k], g0); }
+      for (int k = 0; k < KN; k++) th[k] = __fadd_rn(rnd<DT>(th[k]), __fmul_rn(zval<DIST>(i + k, pa, pb, sT), ps));
+    }
+  }
+  template <int KN, int DT, int DIST> __device__ __forceinline__ void update(float* v, u32 i) const {
+    float acc[KN], zl[KN];
+#pragma unroll
+    for (int k = 0; k < KN; k++) { zl[k] = zval<DIST>(i + k, a0, b0, sT); acc[k] = __fmul_rn(zl[k], g0); }
     for (u32 j = 1; j < m; j++) {
       Dir e = dir[j];
 #pragma unroll
-      for (int k = 0; k < 4; k++) { zl[k] = zval(i + k, e.a, e.b, sT, dist); acc[k] = __fadd_rn(acc[k], __fmul_rn(zl[k], e.g)); }
+      for (int k = 0; k < KN; k++) { zl[k] = zval<DIST>(i + k, e.a, e.b, sT); acc[k] = __fadd_rn(acc[k], __fmul_rn(zl[k], e.g)); }
     }
-#pragma unroll
-    for (int k = 0; k < 4; k++) v[k] = finish(v[k], acc[k], i + k, zl[k]);
+    finish<KN, DT, DIST>(v, acc, i, zl);
   }
+  template <int DT, int DIST> __device__ __forceinline__ float apply(float th, u32 i) const {
+    update<1, DT, DIST>(&th, i);
+    return th;
+  }
+  template <int DT, int DIST> __device__ __forceinline__ void apply4(float* v, u32 i) const { update<4, DT, DIST>(v, i); }
 };
 // th += scale z for every element of nt tensors.
 extern "C" __global__ void __launch_bounds__(1024, 1)
 mezo_perturb_many(const Desc* __restrict__ D, const u64* __restrict__ S, int nt, u64 U,
                   const float* __restrict__ T, int dist) {
   const u64* sS = load_shared(T, S, nt);
-  PerturbOp op{sT, dist, 0, 0, 0.0f};
-  sweep_many(D, sS, nt, U, op);
+  PerturbOp op{sT, 0, 0, 0.0f};
+  if (dist) sweep_many<1>(D, sS, nt, U, op); else sweep_many<0>(D, sS, nt, U, op);
 }
 // The ZO-SGD update (with the optional fused restore before it and perturbation after it) of
 // every element of nt tensors.
@@ -257,8 +293,8 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
 mezo_sgd_update_many(const Desc* __restrict__ D, const u64* __restrict__ S, const Dir* __restrict__ K,
                      int nt, u64 U, const float* __restrict__ T, int dist) {
   const u64* sS = load_shared(T, S, nt);
-  UpdateOp op{sT, dist, K, K, 0, 0, 0, 0, 0, 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0, false};
-  sweep_many(D, sS, nt, U, op);
+  UpdateOp op{sT, K, K, 0, 0, 0, 0, 0, 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, false};
+  if (dist) sweep_many<1>(D, sS, nt, U, op); else sweep_many<0>(D, sS, nt, U, op);
 }
 // A flat state's perturbed variants for n directions (the adapter forward's input): with
 // z_r[j] = z(local[j]; key a[r, owner[j]], b[r, owner[j]]), out[2r] = th + eps z_r and
@@ -1424,6 +1460,10 @@ mod tests {
         let (cubin, log) = nv.compile("sm_90", &["--ptxas-options=-v"]).expect("CUBIN for sm_90");
         println!("ptxas (sm_90): {log}");
         assert!(cubin.len() > 1000, "a CUBIN of {} bytes", cubin.len());
+        // For reading the SASS (`nvdisasm` or `cuobjdump -sass`, e.g. from the venv's Triton).
+        if let Ok(path) = std::env::var("MEZO_WRITE_CUBIN") {
+            std::fs::write(&path, &cubin).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+        }
         // Every kernel (perturb, update, flat variants, add + layer norm) compiles without
         // spilling; the two sweeps fit the 64 registers a 1024-thread block allows.
         let spills: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
