@@ -25,25 +25,27 @@ use crate::rng::{host_gauss_table, Distribution, StreamKey};
 const SOURCE: &str = r#"
 typedef unsigned int u32;
 typedef unsigned long long u64;
-__device__ __forceinline__ u32 mix32(u32 x) {
-  x ^= x >> 16; x *= 0x21f0aaadu; x ^= x >> 15; x *= 0x735a2d97u; x ^= x >> 15; return x;
+// mix32 after its first xorshift (the rest of rng.rs `mix32`).
+__device__ __forceinline__ u32 mix32_rest(u32 x) {
+  x *= 0x21f0aaadu; x ^= x >> 15; x *= 0x735a2d97u; x ^= x >> 15; return x;
 }
+__device__ __forceinline__ u32 mix32(u32 x) { return mix32_rest(x ^ (x >> 16)); }
 // The Gaussian table lives in shared memory: its lower half only, T[0..=32768] (131 KB). The upper
 // half is its mirror image (t[65536 - j] = -t[j]) and each difference d[j] = t[j+1] - t[j] is one
 // correctly rounded f32 subtraction of two knots, which equals the host's d[j] (rounded from the
 // exact f64 difference; tested on the host for every j). So z keeps the host's bits while the
 // gather stays on chip: reading a 512 KB table from L2 per element bounded these kernels.
 #define HALF 32768u
-// The distribution is a template parameter (DIST: 0 Gaussian, 1 Rademacher) in the sweeps, so
-// no draw tests it; each kernel branches on its `dist` argument once.
+// z from an element's 32 random bits k. The distribution is a template parameter (DIST: 0
+// Gaussian, 1 Rademacher) in the sweeps, so no draw tests it; each kernel branches on its `dist`
+// argument once.
 template <int DIST>
-__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT) {
-  u32 k = mix32(mix32(i ^ b) ^ a);
+__device__ __forceinline__ float zbits(u32 k, const float* sT) {
   if (DIST) return (k >> 31) ? -1.0f : 1.0f;
-  // lo 2^-16 as (128 + lo 2^-16) - 128: the first is lo under the exponent of 128, the
-  // subtraction is exact, so these are the bits of (float)lo * 2^-16 at the cost of one logic op
-  // and one add, without an int-to-float conversion (a quarter-rate instruction).
-  float frac = __fsub_rn(__uint_as_float((k & 0xffffu) | 0x43000000u), 128.0f);
+  // lo 2^-16 as (128 + lo 2^-16) - 128: the first is lo under the exponent of 128 (k's low two
+  // bytes under 0x4300, one byte permute), the subtraction is exact, so these are the bits of
+  // (float)lo * 2^-16 without an int-to-float conversion (a quarter-rate instruction).
+  float frac = __fsub_rn(__uint_as_float(__byte_perm(k, 0x43000000u, 0x7610)), 128.0f);
   // Lower half (k's top bit clear, hi < HALF): t = T[hi], d = T[hi+1] - T[hi]. Upper half, by the
   // mirror with m = 65536 - hi: t = -T[m], d = T[m] - T[m-1]. Either way two adjacent knots
   // T[j], T[j+1], j = hi or m - 1 = 65535 - hi (hi with its bits flipped, from the sign-extended
@@ -53,6 +55,25 @@ __device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT) {
   float t = (k >> 31) ? -hi : lo;
   float d = __fsub_rn(hi, lo);
   return __fadd_rn(t, __fmul_rn(d, frac));
+}
+// Z[i] of the stream (a, b): zbits(mix32(mix32(i ^ b) ^ a)), as rng.rs `StreamKey::bits`.
+template <int DIST>
+__device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT) {
+  return zbits<DIST>(mix32(mix32(i ^ b) ^ a), sT);
+}
+// Z at KN consecutive elements from i. For four, i is a multiple of 4: then i + k = i | k, so
+// (i + k) ^ b = (i ^ b) ^ k, whose >> 16 is that of i ^ b, and the inner mix32's first xorshift
+// is computed once for the four (the same bits, fewer instructions a draw).
+template <int KN, int DIST>
+__device__ __forceinline__ void zvals(u32 i, u32 a, u32 b, const float* sT, float* z) {
+  if (KN == 4) {
+    u32 y = i ^ b, s = y ^ (y >> 16);
+#pragma unroll
+    for (u32 k = 0; k < 4; k++) z[k] = zbits<DIST>(mix32(mix32_rest(s ^ k) ^ a), sT);
+  } else {
+#pragma unroll
+    for (u32 k = 0; k < KN; k++) z[k] = zval<DIST>(i + k, a, b, sT);
+  }
 }
 __device__ __forceinline__ float zval(u32 i, u32 a, u32 b, const float* sT, int dist) {
   return dist ? zval<1>(i, a, b, sT) : zval<0>(i, a, b, sT);
@@ -210,8 +231,10 @@ struct PerturbOp {
     return __fadd_rn(th, __fmul_rn(zval<DIST>(i, a, b, sT), s));
   }
   template <int DT, int DIST> __device__ __forceinline__ void apply4(float* v, u32 i) const {
+    float z[4];
+    zvals<4, DIST>(i, a, b, sT, z);
 #pragma unroll
-    for (int k = 0; k < 4; k++) v[k] = apply<DT, DIST>(v[k], i + k);
+    for (int k = 0; k < 4; k++) v[k] = __fadd_rn(v[k], __fmul_rn(z[k], s));
   }
 };
 // The first direction's key and gradient sit in registers (one direction is the common case);
@@ -246,7 +269,12 @@ struct UpdateOp {
         for (int k = 0; k < KN; k++) th[k] = rnd<DT>(__fadd_rn(th[k], __fmul_rn(zl[k], rs)));
       } else {
 #pragma unroll
-        for (int k = 0; k < KN; k++) th[k] = rnd<DT>(__fadd_rn(th[k], __fmul_rn(zval<DIST>(i + k, ra, rb, sT), rs)));
+        {
+          float zr[KN];
+          zvals<KN, DIST>(i, ra, rb, sT, zr);
+#pragma unroll
+          for (int k = 0; k < KN; k++) th[k] = rnd<DT>(__fadd_rn(th[k], __fmul_rn(zr[k], rs)));
+        }
       }
     }
     if (flags & F_WD) {
@@ -258,18 +286,22 @@ struct UpdateOp {
     // The next step's first perturbation fused behind the update: the updated value rounded as
     // the update kernel's store rounds it, then the perturb kernel's arithmetic on it.
     if (flags & F_THEN) {
+      float zp[KN];
+      zvals<KN, DIST>(i, pa, pb, sT, zp);
 #pragma unroll
-      for (int k = 0; k < KN; k++) th[k] = __fadd_rn(rnd<DT>(th[k]), __fmul_rn(zval<DIST>(i + k, pa, pb, sT), ps));
+      for (int k = 0; k < KN; k++) th[k] = __fadd_rn(rnd<DT>(th[k]), __fmul_rn(zp[k], ps));
     }
   }
   template <int KN, int DT, int DIST> __device__ __forceinline__ void update(float* v, u32 i) const {
     float acc[KN], zl[KN];
+    zvals<KN, DIST>(i, a0, b0, sT, zl);
 #pragma unroll
-    for (int k = 0; k < KN; k++) { zl[k] = zval<DIST>(i + k, a0, b0, sT); acc[k] = __fmul_rn(zl[k], g0); }
+    for (int k = 0; k < KN; k++) acc[k] = __fmul_rn(zl[k], g0);
     for (u32 j = 1; j < m; j++) {
       Dir e = dir[j];
+      zvals<KN, DIST>(i, e.a, e.b, sT, zl);
 #pragma unroll
-      for (int k = 0; k < KN; k++) { zl[k] = zval<DIST>(i + k, e.a, e.b, sT); acc[k] = __fadd_rn(acc[k], __fmul_rn(zl[k], e.g)); }
+      for (int k = 0; k < KN; k++) acc[k] = __fadd_rn(acc[k], __fmul_rn(zl[k], e.g));
     }
     finish<KN, DT, DIST>(v, acc, i, zl);
   }
@@ -1500,6 +1532,13 @@ static float __fsub_rn(float a, float b) { return a - b; }
 static float __fmul_rn(float a, float b) { return a * b; }
 static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+// Byte n of the result is byte (s >> 4n) & 7 of the eight bytes y:x.
+static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  unsigned long long v = ((unsigned long long)y << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; n++) r |= (unsigned)((v >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
+  return r;
+}
 struct float4 { float x, y, z, w; };
 struct uint2 { unsigned x, y; };
 static float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
@@ -1657,7 +1696,16 @@ extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, con
                     }
                     // Restore or not, then (the next step's first perturbation fused behind the
                     // update) or not.
-                    for (restore, then) in [(false, false), (true, false), (true, true), (false, true)] {
+                    // The restore's key: none, another stream's, or the last direction's (whose z
+                    // the kernel reuses instead of drawing it again).
+                    for (restore, then) in [
+                        (None, false),
+                        (Some(false), false),
+                        (Some(false), true),
+                        (None, true),
+                        (Some(true), true),
+                        (Some(true), false),
+                    ] {
                         let us: Vec<SgdUpdate> = (0..ps.len())
                             .map(|j| SgdUpdate {
                                 keys: (0..1 + j as u64 % 3)
@@ -1666,7 +1714,10 @@ extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, con
                                 grads: (0..1 + j % 3).map(|s| 1.25 - s as f32).collect(),
                                 lr: 1e-2,
                                 weight_decay: (j % 2 == 1).then_some(0.1),
-                                restore: restore.then(|| (StreamKey::new(41, &format!("p{j}")), -1e-3)),
+                                restore: restore.map(|last| {
+                                    let seed = if last { j as u64 % 3 } else { 41 };
+                                    (StreamKey::new(seed, &format!("p{j}")), -1e-3)
+                                }),
                             })
                             .collect();
                         let refs: Vec<&SgdUpdate> = us.iter().collect();
@@ -1682,7 +1733,7 @@ extern "C" void emu_update(int grid, int block, const Desc* D, const u64* S, con
                         for (j, (e, c)) in ps.iter().zip(&cpu).enumerate() {
                             assert!(
                                 e.equal(c),
-                                "{what}, restore {restore}, then {then}: update of tensor {j} ({:?} {:?}) differs",
+                                "{what}, restore {restore:?}, then {then}: update of tensor {j} ({:?} {:?}) differs",
                                 e.kind(),
                                 e.size()
                             );
