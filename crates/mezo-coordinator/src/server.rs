@@ -157,12 +157,14 @@ fn trace_clock() -> f64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3
 }
-/// Runs CPU-heavy work (the coordinator's own copy of the state, updated each step) on a thread
+/// Starts CPU-heavy work (the coordinator's own copy of the state, updated each step) on a thread
 /// of its own at a lower CPU priority, which the threads it fans out to inherit (Linux: nice is
 /// per thread). On a host shared with workers, and with this coordinator's runtime, the short
-/// jobs that keep the GPUs fed (dispatching tasks, taking results) then run first; the update
-/// still has a step's time to finish. A panic in `f` comes back as an error.
-async fn background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+/// jobs that keep the GPUs fed (dispatching tasks, taking results) then run first. Its result
+/// comes through the receiver; a panic in `f` drops the sender (a receive error).
+fn background<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<tokio::sync::oneshot::Receiver<T>, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("mezo-update".into())
@@ -176,7 +178,48 @@ async fn background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
             let _ = tx.send(f());
         })
         .map_err(|e| format!("starting the update thread: {e}"))?;
-    rx.await.map_err(|_| "the update thread panicked".to_string())
+    Ok(rx)
+}
+
+/// What an own update gives back: the engine, and the state's bytes after the update with their
+/// checksum where one is due, or the error; and when it finished, from the step's dispatch.
+type OwnDone = (Engine, Result<(Vec<u8>, Option<String>), String>, Duration);
+
+/// The coordinator's own copy of a run's trainable state (LoRA or prefix) and the update running
+/// on it. Step s's update runs while step s+1's tasks compute, and is awaited only when the state
+/// after it is needed: before step s+1's update starts, before an evaluation, or for the checksum
+/// that step s+2's tasks carry when s+1 is a snapshot version. So a slow update (a busy host)
+/// delays no dispatch unless it takes longer than a whole step.
+struct OwnState {
+    /// None while an update runs on it, and for full-parameter runs (no state kept).
+    engine: Option<Engine>,
+    running: Option<OwnUpdate>,
+    /// The checksum of the state at a snapshot version, for the tasks of the step after it.
+    verify: Option<(u64, String)>,
+}
+
+struct OwnUpdate {
+    /// The step's entry, published once the state after it (its bytes) is here.
+    pending: Pending,
+    done: tokio::sync::oneshot::Receiver<OwnDone>,
+    /// For the trace: when the step's results were in and logged, and whether the next step went out.
+    t_results: Duration,
+    t_logged: Duration,
+    next_sent: bool,
+}
+
+fn trace_step(id: &str, step: u64, t_results: Duration, t_logged: Duration, next_sent: bool, done: Duration) {
+    if trace_on() {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        eprintln!(
+            "coordinator trace {:.2}: run {id} step {step}: results {:.2} ms, logged {:.2}, next sent {}, own update done {:.2}",
+            trace_clock(),
+            ms(t_results),
+            ms(t_logged),
+            if next_sent { "yes" } else { "no (eval, check or stop)" },
+            ms(done)
+        );
+    }
 }
 
 fn step_update(r: &StepRecord) -> pb::StepUpdate {
@@ -516,7 +559,7 @@ impl RunActor {
         let store = &self.inner.store;
         store.set_status(&self.id, RunStatus::Running, "").map_err(|e| e.to_string())?;
         self.inner.count_runs();
-        let (mut engine, logged) = recover_state(store, &self.id, &cfg, initial)?;
+        let (engine, logged) = recover_state(store, &self.id, &cfg, initial)?;
         let mut batcher =
             Batcher::new(plan.train_lengths.clone(), cfg.batch_size, cfg.seed).map_err(|e| e.to_string())?;
         let evals: HashMap<u64, f64> =
@@ -535,17 +578,18 @@ impl RunActor {
             self.inner.opts.snapshot_every
         };
         self.snapshot_every = snapshot_every;
-        let mut bytes = bytes;
+        let mut own = OwnState { engine, running: None, verify: None };
         // The next step, dispatched before this one's bookkeeping (see below).
         let mut next: Option<(Instant, InFlight)> = None;
-        // The checksum of the state at a snapshot version, for the tasks of the step after it.
-        let mut verify_checksum: Option<(u64, String)> = None;
         // A step in flight always completes and is logged, as a step that was waited for does.
         while step < cfg.steps && (next.is_some() || !self.stop) {
             let (started, mut in_flight) = match next.take() {
                 Some(n) => n,
                 None => {
-                    let checksum = check_for(&mut verify_checksum, step);
+                    // Not pipelined (the first step, or after an evaluation or a stop): the state
+                    // before this step, and its checksum, are complete first.
+                    self.finish_own(&mut own).await?;
+                    let checksum = check_for(&mut own.verify, step);
                     let previous = last.as_ref().map(step_update);
                     (Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum))
                 }
@@ -576,58 +620,67 @@ impl RunActor {
             // workers compute. Not before an evaluation, which reads this state, nor after a stop.
             let eval_due = cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps);
             if step < cfg.steps && !eval_due && !self.stop {
+                // At snapshot versions the workers check their replicas against this state: the
+                // checksum of version step - 1 comes from the update before this step's, and goes
+                // out with this dispatch (a replica checks it before applying this step's update).
+                let version = step - 1;
+                if own.running.is_some() && snapshot_every > 0 && version.is_multiple_of(snapshot_every) {
+                    if let Some(p) = self.finish_own(&mut own).await? {
+                        self.pending.push_back(p);
+                    }
+                }
                 let previous = Some(step_update(&rec));
-                let checksum = check_for(&mut verify_checksum, step);
+                let checksum = check_for(&mut own.verify, step);
                 next =
                     Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum)));
             }
-            // At snapshot versions the workers check their replicas against this state: its
-            // checksum is computed with the update, below, and goes out with the next step's tasks
-            // (a replica checks it before applying that step's update: no wait for it).
-            let verify_due = snapshot_every > 0 && step.is_multiple_of(snapshot_every) && !bytes.is_empty();
+            // Updates apply in order to the one engine: the previous one ends before this one starts.
+            if let Some(p) = self.finish_own(&mut own).await? {
+                self.pending.push_back(p);
+            }
+            let context = StepContext { previous: Some(step_update(&rec)), ..Default::default() };
+            last = Some(rec.clone());
+            let mut p = Pending {
+                seq,
+                rec,
+                version: step,
+                bytes: Arc::new(Vec::new()),
+                dev: None,
+                duration: Duration::ZERO,
+            };
             // The update and the state's bytes are CPU work (a fused pass on every core, ~10 ms
             // for 1.3B's LoRA with 8 directions): off the runtime's threads, at a lower priority
-            // (see `background`). Run inline, they held up the tasks of the next step just spawned
-            // above (a task woken by this thread waits in its unstealable LIFO slot until this
-            // thread yields), and every worker sat idle for them at each step's start.
-            if let Some(mut e) = engine.take() {
+            // (see `background`), and not awaited here (see `OwnState`). Run inline, they held up
+            // the tasks of the next step just spawned above (a task woken by this thread waits in
+            // its unstealable LIFO slot until this thread yields), and every worker sat idle for
+            // them at each step's start; awaited here, an update longer than the next step's
+            // forwards (a busy host) still did.
+            let next_sent = next.is_some();
+            if let Some(mut e) = own.engine.take() {
+                let verify_due = snapshot_every > 0 && step.is_multiple_of(snapshot_every);
                 let (seeds, g) = (agg.seeds.clone(), grads.clone());
-                let work = background(move || {
+                let done = background(move || {
                     let applied = match &g {
                         Some(g) => e.apply_update(None, &seeds, g, lr).map_err(|e| e.to_string()),
                         None => Ok(()),
                     };
                     let bytes = flat_state_bytes(&e.trainable);
-                    let checksum = verify_due.then(|| state_checksum(&bytes));
-                    (e, applied.map(|()| (bytes, checksum)))
-                });
-                let (e, done) =
-                    self.serving(work).await.map_err(|e| format!("step {}'s update: {e}", step - 1))?;
-                let (b, checksum) = done?;
-                bytes = Arc::new(b);
-                verify_checksum = checksum.map(|c| (step, c));
-                engine = Some(e);
+                    let checksum = (verify_due && !bytes.is_empty()).then(|| state_checksum(&bytes));
+                    (e, applied.map(|()| (bytes, checksum)), started.elapsed())
+                })?;
+                own.running = Some(OwnUpdate { pending: p, done, t_results, t_logged, next_sent });
+                if next.is_some() {
+                    let keep = if self.inner.opts.strict_durability { 0 } else { MAX_UNDURABLE };
+                    self.publish_durable(keep).await?;
+                    continue;
+                }
+                // An evaluation, the last step or a stop: nothing to overlap.
+                p = self.finish_own(&mut own).await?.expect("an update was running");
             } else {
-                bytes = Arc::new(Vec::new());
+                p.duration = started.elapsed();
+                trace_step(&self.id, p.rec.step, t_results, t_logged, next_sent, p.duration);
             }
-            let duration = started.elapsed();
-            if trace_on() {
-                let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                eprintln!(
-                    "coordinator trace {:.2}: run {} step {}: results {:.2} ms, logged {:.2}, next sent {}, own update done {:.2}",
-                    trace_clock(),
-                    self.id,
-                    step - 1,
-                    ms(t_results),
-                    ms(t_logged),
-                    if next.is_some() { "yes" } else { "no (eval, check or stop)" },
-                    ms(duration)
-                );
-            }
-            let context = StepContext { previous: Some(step_update(&rec)), ..Default::default() };
-            last = Some(rec.clone());
-            let mut p = Pending { seq, rec, version: step, bytes: bytes.clone(), dev: None, duration };
-            if cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps) {
+            if eval_due {
                 let acc = self.evaluate(step, step, TaskKind::EvalDev, plan.n_dev, context).await?;
                 // Kept so a client charting the run later (`mezo report`) sees it after a restart.
                 self.inner.store.append_eval(&self.id, p.rec.step, acc).map_err(|e| e.to_string())?;
@@ -636,6 +689,9 @@ impl RunActor {
             self.pending.push_back(p);
             let keep = if self.inner.opts.strict_durability { 0 } else { MAX_UNDURABLE };
             self.publish_durable(keep).await?;
+        }
+        if let Some(p) = self.finish_own(&mut own).await? {
+            self.pending.push_back(p);
         }
         self.publish_durable(0).await?;
         if self.stop && step < cfg.steps {
@@ -649,6 +705,23 @@ impl RunActor {
             None
         };
         Ok((RunStatus::Completed, test))
+    }
+
+    /// Waits for the own update in flight, if any (see [`OwnState`]): the engine comes back, the
+    /// checksum it computed is kept for the next dispatch, and the step's entry, now with the
+    /// state's bytes, is returned for publishing.
+    async fn finish_own(&mut self, own: &mut OwnState) -> Result<Option<Pending>, String> {
+        let Some(u) = own.running.take() else { return Ok(None) };
+        let step = u.pending.rec.step;
+        let (e, done, took) = self
+            .serving(u.done)
+            .await
+            .map_err(|_| format!("step {step}'s update: the update thread panicked"))?;
+        own.engine = Some(e);
+        let (bytes, checksum) = done.map_err(|e| format!("step {step}'s update: {e}"))?;
+        own.verify = checksum.map(|c| (u.pending.version, c));
+        trace_step(&self.id, step, u.t_results, u.t_logged, u.next_sent, took);
+        Ok(Some(Pending { bytes: Arc::new(bytes), duration: took, ..u.pending }))
     }
 
     /// Publishes the pending steps that are durable, in order, waiting for the oldest ones while
