@@ -33,6 +33,7 @@ pub(crate) const MIX_S: [u32; 3] = [16, 15, 15];
 /// 32-bit bijective integer mixer (xorshift-multiply, a "hash prospector" finalizer with low bias),
 /// constants < 2^31 so a product of a value < 2^32 and a constant fits int64 on the device without
 /// overflow. Bijective: xorshift and multiplication by an odd constant are both invertible mod 2^32.
+#[inline]
 pub fn mix32(x: u32) -> u32 {
     let mut x = x;
     x ^= x >> MIX_S[0];
@@ -68,6 +69,7 @@ impl StreamKey {
 
     /// The element's 32 random bits: mix32(mix32(i ^ b) ^ a). Bijective in i, so the 2^32
     /// elements of one stream never repeat a bit pattern.
+    #[inline]
     pub fn bits(self, i: u32) -> u32 {
         mix32(mix32(i ^ self.b) ^ self.a)
     }
@@ -155,6 +157,7 @@ pub fn uniform_of_bits(bits: u32) -> f32 {
 }
 
 /// +-1 from the top bit.
+#[inline]
 pub fn rademacher_of_bits(bits: u32) -> f32 {
     if bits >> 31 == 1 {
         -1.0
