@@ -52,6 +52,11 @@ pub struct BenchArgs {
     /// same forward rows as the default, and a line with it shows what scoring them costs.
     #[arg(long, default_value_t = 0)]
     pub candidates: usize,
+    /// train: the first N tokens of every row are one prompt the whole batch shares (an
+    /// instruction or demonstrations in a custom template). mezo reads a shared prompt once per
+    /// pass, as a tree row's trunk; `MEZO_SHARED_PROMPT=0` reads it in every row (for comparison).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prompt: usize,
     /// train: every forward eager, no CUDA graphs (for comparison; the same as
     /// MEZO_CUDA_GRAPHS=0).
     #[arg(long)]
@@ -273,11 +278,20 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     if args.candidates == 1 || (args.candidates > 0 && seq < 2) {
         bail!("--candidates takes 0 (the peer's loss) or at least 2, with --seq of at least 2");
     }
+    let own = if args.candidates == 0 { 2 } else { 1 };
+    if args.shared_prompt + own > seq {
+        bail!("--shared-prompt {} leaves no room for the answer in --seq {seq}", args.shared_prompt);
+    }
+    let shared: Vec<i64> = (0..args.shared_prompt).map(|_| token()).collect();
     let rows: Vec<Vec<ScoringRow>> = (0..args.batch)
         .map(|_| match args.candidates {
-            0 => vec![ScoringRow { tokens: (0..seq).map(|_| token()).collect(), answer_start: seq - 2 }],
+            0 => {
+                let tokens = shared.iter().copied().chain((shared.len()..seq).map(|_| token())).collect();
+                vec![ScoringRow { tokens, answer_start: seq - 2 }]
+            }
             n => {
-                let prompt: Vec<i64> = (0..seq - 1).map(|_| token()).collect();
+                let prompt: Vec<i64> =
+                    shared.iter().copied().chain((shared.len()..seq - 1).map(|_| token())).collect();
                 (0..n)
                     .map(|c| ScoringRow {
                         tokens: [prompt.as_slice(), &[4 + c as i64]].concat(),
@@ -375,7 +389,7 @@ fn train_steps(args: &BenchArgs, config: ModelConfig, devices: &[Device], kind: 
     let mut v = json!({
         "bench": "train", "impl": "mezo", "shape": args.shape, "mode": args.mode, "dtype": args.dtype,
         "device": args.device, "cuda_graphs": graphs, "deferred_update": !args.undeferred, "phases": phases, "batch": args.batch, "seq": args.seq, "directions": args.directions,
-        "candidates": args.candidates,
+        "candidates": args.candidates, "shared_prompt": args.shared_prompt, "input_tokens": micro[0].tokens,
         "ms_per_step": (dt * 1e6).round() / 1e3, "steps_per_s": (1.0 / dt * 100.0).round() / 100.0,
         "tokens_per_s": ((2 * args.batch * args.seq * args.directions as i64) as f64 / dt).round(),
     });

@@ -32,8 +32,10 @@ pub trait CausalLm {
 
     /// Candidate rows (answers from `answer_start[i]` on) prepared for scoring on the model's
     /// device: candidates that share their inputs share a row, and, where the model supports
-    /// trees, candidates of several tokens after one prompt ride in one tree row. A tree is at most
-    /// half the model's positions long, so any prefix (at most 1024 of OPT's 2048) still fits.
+    /// trees, candidates of several tokens after one prompt ride in one tree row, and rows that all
+    /// begin with one long prompt ride in one tree row that reads it once. A candidate tree is at
+    /// most half the model's positions long, so any prefix (at most 1024 of OPT's 2048) still
+    /// fits; a shared-prompt tree at most the model's positions (its positions are its rows').
     fn score_batch(&self, rows: &[Vec<i64>], answer_start: &[usize]) -> Result<ScoreBatch> {
         let (pad, device) = (self.pad_token_id(), self.device());
         if self.supports_trees() {

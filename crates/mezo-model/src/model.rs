@@ -592,6 +592,47 @@ mod tests {
         assert!(!mistral.supports_trees());
     }
 
+    /// Rows that all begin with one long prompt ride in one tree row (the prompt once, each
+    /// distinct input's own tokens as a branch) and score as each row alone: OPT (pre- and
+    /// post-LN) and Llama, with and without LoRA variants and prefixes; rows whose answers start
+    /// right after the prompt, and candidates sharing an input, included. A prompt shorter than
+    /// `MIN_SHARED_PROMPT` is not shared.
+    #[test]
+    fn rows_sharing_a_long_prompt_score_as_if_each_ran_alone() {
+        let _g = tch::no_grad_guard();
+        let prompt: Vec<i64> = (0..crate::opt::MIN_SHARED_PROMPT as i64).map(|i| 2 + (i * 7) % 50).collect();
+        let with = |tail: &[i64]| prompt.iter().chain(tail).copied().collect::<Vec<i64>>();
+        let rows = vec![
+            with(&[20, 21, 22, 30]),
+            with(&[20, 21, 22, 31]), // the same input as the row before
+            with(&[23, 24, 32, 33]),
+            with(&[25]), // answered right after the prompt
+            with(&[26, 27, 28, 29, 34]),
+        ];
+        let p = prompt.len();
+        let starts = [p + 3, p + 3, p + 2, p, p + 4];
+        let mut configs: Vec<serde_json::Value> = vec![opt_json(true, true), opt_json(false, false)];
+        configs.push(llama_json("llama"));
+        for json in configs {
+            let cfg = parse(&json.to_string()).unwrap();
+            let m = Model::random(cfg.clone(), Device::Cpu, Kind::Double, 3).unwrap();
+            let b = ScoreBatch::with_trees(&rows, &starts, m.pad_token_id(), Device::Cpu, 64).unwrap();
+            // The prompt once, then 4 + 4 + 1 + 5 tokens of the four distinct inputs.
+            assert!(b.tree, "{json}");
+            assert_eq!(b.ids.size(), [1, p as i64 + 14], "{json}");
+            assert_eq!(b.input_tokens, p as u64 + 14);
+            assert_scores_as_alone(&m, &b, &rows, &starts, &tunings(&cfg, Kind::Double), &json);
+        }
+        // One token fewer in common: rows of their own (the two candidates still share one).
+        let mut short = rows.clone();
+        short[2][crate::opt::MIN_SHARED_PROMPT - 1] = 60;
+        let b = ScoreBatch::with_trees(&short, &starts, 1, Device::Cpu, 64).unwrap();
+        assert!(!b.tree && b.ids.size()[0] == 4);
+        // Too wide for the tree (twice the candidate trees' width): rows of their own.
+        let b = ScoreBatch::with_trees(&rows, &starts, 1, Device::Cpu, (p + 13) / 2).unwrap();
+        assert!(!b.tree && b.ids.size()[0] == 4);
+    }
+
     /// A model split over `[Cpu, Cpu]` runs the split's code path (per-layer devices, masks,
     /// adapters and rotary tables moved per device, the head back on the first device) and must
     /// give the unsplit model's bits: no pass, no tensor is lost or reordered by the split.
@@ -678,6 +719,26 @@ mod tests {
                 let diff = (&c - &g).abs().max().double_value(&[]);
                 assert!(diff < 1e-4, "{json} with LoRA on {targets:?}: CUDA scores differ by {diff}");
                 assert!(c.abs().max().double_value(&[]) > 0.1, "scores too small to compare");
+                // Rows sharing a long prompt, read once as a tree row's trunk on the GPU (the
+                // explicit-mask attention), against the same rows each on its own on the CPU.
+                let prompt: Vec<i64> =
+                    (0..crate::opt::MIN_SHARED_PROMPT as i64).map(|i| 2 + (i * 7) % 50).collect();
+                let with = |tail: &[i64]| prompt.iter().chain(tail).copied().collect::<Vec<i64>>();
+                let shared_rows = vec![with(&[20, 21, 30]), with(&[22, 31, 32]), with(&[23])];
+                let p = prompt.len();
+                let shared_starts = [p + 2, p + 1, p];
+                let lora = |dev: Device| {
+                    Tuning::Lora(
+                        LoraBatch::from_flat(&flat.to_device(dev), &lc, &tensors, Kind::Float).unwrap(),
+                    )
+                };
+                let b = ScoreBatch::with_trees(&shared_rows, &shared_starts, 1, gpu, 64).unwrap();
+                assert!(b.tree, "{json}: the shared prompt is not read once");
+                let g = gpu_model.answer_logprob_sums(&b, Some(&lora(gpu))).unwrap().to_device(Device::Cpu);
+                let b = ScoreBatch::new(&shared_rows, &shared_starts, 1, Device::Cpu).unwrap();
+                let c = cpu_model.answer_logprob_sums(&b, Some(&lora(Device::Cpu))).unwrap();
+                let diff = (&c - &g).abs().max().double_value(&[]);
+                assert!(diff < 1e-4, "{json} with LoRA on {targets:?}: a shared prompt scores {diff} apart");
             }
         }
     }

@@ -691,6 +691,38 @@ impl OnDevices {
     }
 }
 
+/// Tokens a shared prompt must have before a batch shares it (fewer save too little to pay for
+/// the tree's explicit attention mask).
+pub const MIN_SHARED_PROMPT: usize = 16;
+
+/// The length of the prompt every row of a batch begins with, where reading it once pays: at
+/// least [`MIN_SHARED_PROMPT`] tokens, two or more distinct inputs,
+/// and a tree row (the prompt, then each distinct input's remaining tokens) that fits
+/// `max_width` and is at most 3/4 of the padded batch it replaces. `MEZO_SHARED_PROMPT=0`
+/// turns it off (for comparison).
+pub fn shared_prompt(rows: &[Vec<i64>], max_width: usize) -> Option<usize> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var_os("MEZO_SHARED_PROMPT").is_some_and(|v| v == "0")) {
+        return None;
+    }
+    let first = rows.first()?;
+    // The common prefix of the rows' reads (a row is read at all its tokens but the last).
+    let mut p = first.len() - 1;
+    for row in &rows[1..] {
+        p = p.min(row.len() - 1);
+        p = first[..p].iter().zip(&row[..p]).take_while(|(a, b)| a == b).count();
+    }
+    if p < MIN_SHARED_PROMPT {
+        return None;
+    }
+    // The lengths of the distinct inputs (rows read at the same tokens share one).
+    let mut seen = std::collections::HashSet::new();
+    let lens: Vec<usize> = rows.iter().filter(|r| seen.insert(&r[..r.len() - 1])).map(Vec::len).collect();
+    let width = p + lens.iter().map(|n| n - p).sum::<usize>();
+    let padded = lens.len() * lens.iter().max().copied().unwrap_or(0);
+    (lens.len() >= 2 && width <= max_width && 4 * width <= 3 * padded).then_some(p)
+}
+
 /// Applies a linear layer plus its LoRA delta, if any.
 pub(crate) fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
     let y = lin.forward(x);
@@ -786,6 +818,19 @@ impl ScoreBatch {
                 }
             }
         }
+        // Rows that all begin with one long prompt (an instruction or few-shot demonstrations in a
+        // custom template) ride in one tree row instead: the prompt once as the trunk, each
+        // distinct input's own tokens as a branch (RadixAttention's idea, for the prefix a whole
+        // batch shares). Not together with candidate trees (a tree has one level of branches).
+        // Its positions are its rows' (each fits already), so only the mask's cost bounds its
+        // width: twice a candidate tree's (the model's positions, for `score_batch`).
+        let shared = match max_tree_width {
+            Some(max_width) if tree_of.iter().all(Option::is_none) => shared_prompt(rows, 2 * max_width),
+            _ => None,
+        };
+        if let Some(p) = shared {
+            return Self::shared_tree(rows, answer_start, p, pad, device);
+        }
         let mut src_row = Vec::new();
         let mut row_idx = Vec::new();
         let mut pos_idx = Vec::new();
@@ -849,6 +894,56 @@ impl ScoreBatch {
             rows: rows.len() as i64,
             input_tokens: tokens.iter().map(|t| t.len() as u64).sum(),
             tree,
+        })
+    }
+
+    /// One tree row for rows that share their first `p` tokens (see [`shared_prompt`]): those
+    /// tokens once as the trunk, then for each distinct input (the tokens a row is read at, all
+    /// but its last) its tokens after the trunk as a branch. A row's token `j` sits at `j` in the
+    /// trunk or at its branch's start plus `j - p`, and its position is `j` either way.
+    fn shared_tree(
+        rows: &[Vec<i64>],
+        answer_start: &[usize],
+        p: usize,
+        pad: i64,
+        device: Device,
+    ) -> Result<Self> {
+        let mut tokens: Vec<i64> = rows[0][..p].to_vec();
+        let mut parts: Vec<i64> = vec![1; p];
+        let mut branches: HashMap<&[i64], usize> = HashMap::new();
+        let (mut src_row, mut row_idx, mut pos_idx, mut targets) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut counts = Vec::with_capacity(rows.len());
+        for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
+            let begin = *branches.entry(&row[..row.len() - 1]).or_insert_with(|| {
+                let (begin, branch) = (tokens.len(), parts.last().map_or(2, |&k| k.max(1) + 1));
+                tokens.extend_from_slice(&row[p..]);
+                parts.extend(std::iter::repeat_n(branch, row.len() - p));
+                begin
+            });
+            for q in start..row.len() {
+                let j = q - 1;
+                src_row.push(0);
+                row_idx.push(r as i64);
+                pos_idx.push(if j < p { j } else { begin + j - p } as i64);
+                targets.push(row[q]);
+            }
+            counts.push((row.len() - start) as f32);
+        }
+        let ids = pad_right(&[tokens.as_slice()], pad, device)?.0;
+        let mask = pad_right(&[parts.as_slice()], 0, device)?.0;
+        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        Ok(ScoreBatch {
+            ids,
+            mask,
+            src_row: dev(&src_row),
+            row_idx: dev(&row_idx),
+            pos_idx: dev(&pos_idx),
+            targets: dev(&targets),
+            counts: Tensor::from_slice(&counts).to_device(device),
+            rows: rows.len() as i64,
+            input_tokens: tokens.len() as u64,
+            tree: true,
         })
     }
 
