@@ -135,6 +135,7 @@ template <int DT> __device__ __forceinline__ void st4(void* p, const float* v) {
   *(uint2*)p = w;
 }
 // The same with the dtype read at run time (the layer norm kernel).
+__device__ __forceinline__ float h2f(u32 h, int dt) { return dt == 1 ? h2f<1>(h) : h2f<2>(h); }
 __device__ __forceinline__ float ld(const void* p, u64 i, int dt) {
   return dt == 0 ? ld<0>(p, i) : dt == 1 ? ld<1>(p, i) : ld<2>(p, i);
 }
@@ -377,6 +378,18 @@ extern "C" __global__ void mezo_add_layer_norm(void* __restrict__ sum, void* __r
   u64 base = (u64)blockIdx.x * n;
   u32 t = threadIdx.x, T = blockDim.x;
   float v[LN_MAX];
+  // A 16-bit weight and bias, loaded (packed, as they lie) before the reductions: they do not
+  // depend on the row, so their latency overlaps the row's loads and the two block sums instead
+  // of following them.
+  uint2 gw[LN_MAX / 4], hb[LN_MAX / 4];
+  bool early = vec && dt != 0;
+  if (early) {
+#pragma unroll
+    for (int c = 0; c < LN_MAX / 4; c++) {
+      u32 i = (t + c * T) * 4;
+      if (i < n) { gw[c] = *(const uint2*)elt(w, i, dt); hb[c] = *(const uint2*)elt(b, i, dt); }
+    }
+  }
   float acc = 0.0f;
   // Element j of this thread: index (t + c T) 4 + k on the vector path (chunk c, lane k of
   // four), t + j T on the scalar one.
@@ -422,8 +435,13 @@ extern "C" __global__ void mezo_add_layer_norm(void* __restrict__ sum, void* __r
       u32 i = (t + c * T) * 4;
       if (i < n) {
         float g[4], h[4], o[4];
-        ld4(elt(w, i, dt), dt, g);
-        ld4(elt(b, i, dt), dt, h);
+        if (early) {
+          g[0] = h2f(gw[c].x & 0xffffu, dt); g[1] = h2f(gw[c].x >> 16, dt); g[2] = h2f(gw[c].y & 0xffffu, dt); g[3] = h2f(gw[c].y >> 16, dt);
+          h[0] = h2f(hb[c].x & 0xffffu, dt); h[1] = h2f(hb[c].x >> 16, dt); h[2] = h2f(hb[c].y & 0xffffu, dt); h[3] = h2f(hb[c].y >> 16, dt);
+        } else {
+          ld4(elt(w, i, dt), dt, g);
+          ld4(elt(b, i, dt), dt, h);
+        }
 #pragma unroll
         for (int k = 0; k < 4; k++) o[k] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(v[c * 4 + k], mean), rstd), g[k]), h[k]);
         st4(elt(out, base + i, dt), dt, o);

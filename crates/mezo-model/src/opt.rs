@@ -563,8 +563,7 @@ impl Opt {
             v = Tensor::cat(&[pv, v], 1);
         }
         let (q, k, v) = (split(q), split(k), split(v));
-        let o =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None::<f64>, false);
+        let o = mezo_core::ops::sdpa(&q, &k, &v, mask, mask.is_none());
         let o = if skip > 0 { o.narrow(2, skip, t) } else { o };
         let o = o.transpose(1, 2).reshape([b, t, a.heads * a.head_dim]);
         proj(i, Target::Out, &a.out_proj, &o, lora)
