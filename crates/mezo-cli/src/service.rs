@@ -296,6 +296,8 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                 if replaying {
                     bar.set_draw_target(ProgressDrawTarget::hidden());
                 }
+                // When the last message came: the replay ends at a step that arrives on its own.
+                let mut last_message = std::time::Instant::now();
                 let mut s = c
                     .stream_metrics(pb::StreamMetricsRequest { run_id: a.run_id.clone(), from_step: 0 })
                     .await
@@ -311,7 +313,14 @@ pub fn run(cmd: RunCommand) -> Result<()> {
                         );
                     } else if !m.done {
                         bar.set_position(m.step + 1);
-                        if replaying && m.step + 1 >= run.steps_done {
+                        let gap = last_message.elapsed();
+                        last_message = std::time::Instant::now();
+                        // The replay is over once the steps done when we asked have come and a
+                        // step arrives after a pause. Steps published in one burst with the
+                        // replay's tail (the committer makes several durable in one flush, and
+                        // more can be published between our two calls) arrive microseconds
+                        // apart: counted, they read as thousands of steps a second.
+                        if replaying && m.step + 1 >= run.steps_done && gap >= std::time::Duration::from_millis(1) {
                             replaying = false;
                             // set_position defers the estimator's update to the next draw: make it
                             // take the jump now, then forget it.
