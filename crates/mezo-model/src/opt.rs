@@ -722,6 +722,26 @@ pub fn shared_prompt(rows: &[Vec<i64>], max_width: usize) -> Option<usize> {
     (lens.len() >= 2 && width <= max_width && 4 * width <= 3 * padded).then_some(p)
 }
 
+/// Where a batch's answer tokens are read: for each, the input row and position whose hidden
+/// state predicts it, the scored row it counts for and its token; and each scored row's count.
+#[derive(Default)]
+struct Answers {
+    src_row: Vec<i64>,
+    row_idx: Vec<i64>,
+    pos_idx: Vec<i64>,
+    targets: Vec<i64>,
+    counts: Vec<f32>,
+}
+
+impl Answers {
+    fn push(&mut self, src: usize, row: usize, at: usize, target: i64) {
+        self.src_row.push(src as i64);
+        self.row_idx.push(row as i64);
+        self.pos_idx.push(at as i64);
+        self.targets.push(target);
+    }
+}
+
 /// Applies a linear layer plus its LoRA delta, if any.
 pub(crate) fn proj(i: usize, t: Target, lin: &Linear, x: &Tensor, lora: Option<&LoraBatch>) -> Tensor {
     let y = lin.forward(x);
@@ -830,11 +850,7 @@ impl ScoreBatch {
         if let Some(p) = shared {
             return Self::shared_tree(rows, answer_start, p, pad, device);
         }
-        let mut src_row = Vec::new();
-        let mut row_idx = Vec::new();
-        let mut pos_idx = Vec::new();
-        let mut targets = Vec::new();
-        let mut counts = Vec::with_capacity(rows.len());
+        let mut answers = Answers::default();
         // Input rows as (tokens, parts): parts 1 on a plain row or a tree's trunk, k >= 2 on a
         // tree's branch k. A plain row is the first row read at its tokens (all but the last),
         // and every row read at the same tokens takes it; a tree is made by its first member.
@@ -866,16 +882,24 @@ impl ScoreBatch {
                 }
             };
             for (p, at) in (start..row.len()).zip(predicted_at) {
-                src_row.push(src as i64);
-                row_idx.push(r as i64);
-                pos_idx.push(at as i64);
-                targets.push(row[p]);
+                answers.push(src, r, at, row[p]);
             }
-            counts.push((row.len() - start) as f32);
+            answers.counts.push((row.len() - start) as f32);
         }
+        let tree = !trees.is_empty();
+        Self::assemble(&inputs, tree, &answers, pad, device)
+    }
+
+    /// The batch on `device` from its input rows (tokens, parts) and where its answers are read.
+    fn assemble(
+        inputs: &[(Vec<i64>, Vec<i64>)],
+        tree: bool,
+        answers: &Answers,
+        pad: i64,
+        device: Device,
+    ) -> Result<Self> {
         let tokens: Vec<&[i64]> = inputs.iter().map(|(t, _)| t.as_slice()).collect();
         let (ids, mut mask) = pad_right(&tokens, pad, device)?;
-        let tree = !trees.is_empty();
         if tree {
             let parts: Vec<&[i64]> = inputs.iter().map(|(_, p)| p.as_slice()).collect();
             // The same padding with the parts' labels in place of the ones.
@@ -885,12 +909,12 @@ impl ScoreBatch {
         Ok(ScoreBatch {
             ids,
             mask,
-            src_row: dev(&src_row),
-            row_idx: dev(&row_idx),
-            pos_idx: dev(&pos_idx),
-            targets: dev(&targets),
-            counts: Tensor::from_slice(&counts).to_device(device),
-            rows: rows.len() as i64,
+            src_row: dev(&answers.src_row),
+            row_idx: dev(&answers.row_idx),
+            pos_idx: dev(&answers.pos_idx),
+            targets: dev(&answers.targets),
+            counts: Tensor::from_slice(&answers.counts).to_device(device),
+            rows: answers.counts.len() as i64,
             input_tokens: tokens.iter().map(|t| t.len() as u64).sum(),
             tree,
         })
@@ -910,9 +934,7 @@ impl ScoreBatch {
         let mut tokens: Vec<i64> = rows[0][..p].to_vec();
         let mut parts: Vec<i64> = vec![1; p];
         let mut branches: HashMap<&[i64], usize> = HashMap::new();
-        let (mut src_row, mut row_idx, mut pos_idx, mut targets) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut counts = Vec::with_capacity(rows.len());
+        let mut answers = Answers::default();
         for (r, (row, &start)) in rows.iter().zip(answer_start).enumerate() {
             let begin = *branches.entry(&row[..row.len() - 1]).or_insert_with(|| {
                 let (begin, branch) = (tokens.len(), parts.last().map_or(2, |&k| k.max(1) + 1));
@@ -922,28 +944,11 @@ impl ScoreBatch {
             });
             for q in start..row.len() {
                 let j = q - 1;
-                src_row.push(0);
-                row_idx.push(r as i64);
-                pos_idx.push(if j < p { j } else { begin + j - p } as i64);
-                targets.push(row[q]);
+                answers.push(0, r, if j < p { j } else { begin + j - p }, row[q]);
             }
-            counts.push((row.len() - start) as f32);
+            answers.counts.push((row.len() - start) as f32);
         }
-        let ids = pad_right(&[tokens.as_slice()], pad, device)?.0;
-        let mask = pad_right(&[parts.as_slice()], 0, device)?.0;
-        let dev = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        Ok(ScoreBatch {
-            ids,
-            mask,
-            src_row: dev(&src_row),
-            row_idx: dev(&row_idx),
-            pos_idx: dev(&pos_idx),
-            targets: dev(&targets),
-            counts: Tensor::from_slice(&counts).to_device(device),
-            rows: rows.len() as i64,
-            input_tokens: tokens.len() as u64,
-            tree: true,
-        })
+        Self::assemble(&[(tokens, parts)], true, &answers, pad, device)
     }
 
     /// Pads `ids` and `mask` on the right to `width` columns (nothing when they are that wide
