@@ -588,7 +588,7 @@ impl RunActor {
                 None => {
                     // Not pipelined (the first step, or after an evaluation or a stop): the state
                     // before this step, and its checksum, are complete first.
-                    self.finish_own(&mut own).await?;
+                    self.settle_own(&mut own).await?;
                     let checksum = check_for(&mut own.verify, step);
                     let previous = last.as_ref().map(step_update);
                     (Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum))
@@ -625,9 +625,7 @@ impl RunActor {
                 // out with this dispatch (a replica checks it before applying this step's update).
                 let version = step - 1;
                 if own.running.is_some() && snapshot_every > 0 && version.is_multiple_of(snapshot_every) {
-                    if let Some(p) = self.finish_own(&mut own).await? {
-                        self.pending.push_back(p);
-                    }
+                    self.settle_own(&mut own).await?;
                 }
                 let previous = Some(step_update(&rec));
                 let checksum = check_for(&mut own.verify, step);
@@ -635,9 +633,7 @@ impl RunActor {
                     Some((Instant::now(), self.dispatch_step(&cfg, step, &mut batcher, previous, checksum)));
             }
             // Updates apply in order to the one engine: the previous one ends before this one starts.
-            if let Some(p) = self.finish_own(&mut own).await? {
-                self.pending.push_back(p);
-            }
+            self.settle_own(&mut own).await?;
             let context = StepContext { previous: Some(step_update(&rec)), ..Default::default() };
             last = Some(rec.clone());
             let mut p = Pending {
@@ -690,9 +686,7 @@ impl RunActor {
             let keep = if self.inner.opts.strict_durability { 0 } else { MAX_UNDURABLE };
             self.publish_durable(keep).await?;
         }
-        if let Some(p) = self.finish_own(&mut own).await? {
-            self.pending.push_back(p);
-        }
+        self.settle_own(&mut own).await?;
         self.publish_durable(0).await?;
         if self.stop && step < cfg.steps {
             return Ok((RunStatus::Stopped, None));
@@ -722,6 +716,14 @@ impl RunActor {
         own.verify = checksum.map(|c| (u.pending.version, c));
         trace_step(&self.id, step, u.t_results, u.t_logged, u.next_sent, took);
         Ok(Some(Pending { bytes: Arc::new(bytes), duration: took, ..u.pending }))
+    }
+
+    /// [`Self::finish_own`], its step's entry queued for publishing.
+    async fn settle_own(&mut self, own: &mut OwnState) -> Result<(), String> {
+        if let Some(p) = self.finish_own(own).await? {
+            self.pending.push_back(p);
+        }
+        Ok(())
     }
 
     /// Publishes the pending steps that are durable, in order, waiting for the oldest ones while
