@@ -152,7 +152,7 @@ mod tests {
 
     /// On the GPU, attention with the memory-efficient kernel tried first (64 keys) and with
     /// libtorch's own order (more keys) agrees with the CPU's within fp16 rounding, causal and
-    /// with an explicit mask, and a short call leaves later long ones as they were.
+    /// with an explicit mask; short and long calls alternate.
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn sdpa_on_cuda_matches_the_cpu() {
